@@ -1,0 +1,291 @@
+"""Plain records for the six-panel run dashboard, built from expdb reads.
+
+``build_run_data`` is pure (a run record and DataFrames in, NamedTuples of tuples out), so it
+is tested by equality without a database; ``fetch_run_data`` reads those frames from expdb.
+Renderers (``dashboards.training``, ``dashboards.compare``) draw the records and decide
+nothing about the data: every note, fallback and reduction is decided here.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from dashboards.series import (MAX_POINTS, column, finite_xy, moving_average, reduce_minmax,
+                               smoothing_window)
+
+MARKER_KINDS = ("resume", "oom", "nonfinite")   # events drawn as vertical lines on step panels
+GPU_MEMORY = (("mem_gpu_allocated_mb", "allocated"), ("mem_gpu_reserved_mb", "reserved"),
+              ("mem_gpu_peak_mb", "peak"))
+NO_STEPS = "no step metrics recorded"
+NO_VALIDATION = "no validation yet"
+NO_EPOCHS = "no epoch completed yet"
+
+
+class Series(NamedTuple):
+    role: str                    # what it is; the renderer maps it to a style (line, points, bars...)
+    label: str                   # legend entry
+    x: tuple[float, ...]
+    y: tuple[float, ...]         # role "clip": one value, drawn as a horizontal line
+
+
+class Panel(NamedTuple):
+    title: str
+    xlabel: str
+    ylabel: str
+    series: tuple[Series, ...] = ()
+    notes: tuple[str, ...] = ()  # shown on the panel: missing data, dropped points
+    log_y: bool = False
+    by_step: bool = True         # x is the optimizer step, so event markers belong on it
+    from_zero: bool = False      # y axis starts at 0 (sizes such as memory read against zero)
+
+
+class Marker(NamedTuple):
+    kind: str                    # resume, oom, nonfinite or best (the best checkpoint)
+    step: float
+
+
+class Title(NamedTuple):
+    run_id: int
+    name: str
+    status: str
+    study: str | None
+    trial: int | None
+    hparams: tuple[tuple[str, str], ...]
+
+
+class RunDashboardData(NamedTuple):
+    title: Title
+    loss: Panel
+    perplexity: Panel
+    lr: Panel
+    grad_norm: Panel
+    epoch_time: Panel
+    memory: Panel
+    markers: tuple[Marker, ...]
+
+    @property
+    def panels(self) -> tuple[Panel, ...]:
+        return (self.loss, self.perplexity, self.lr, self.grad_norm, self.epoch_time, self.memory)
+
+    @property
+    def validation(self) -> Series | None:
+        return next((s for s in self.loss.series if s.role == "val"), None)
+
+
+def fetch_run_data(db: Any, run_id: int, max_points: int = MAX_POINTS) -> RunDashboardData:
+    """Read one run from an open expdb database and build its dashboard records."""
+    return build_run_data(db.run(run_id), db.steps(run_id), db.evals(run_id), db.epochs(run_id),
+                          db.checkpoints(run_id), db.events(run_id), max_points=max_points)
+
+
+def build_run_data(run: Any, steps: pd.DataFrame | None = None, evals: pd.DataFrame | None = None,
+                   epochs: pd.DataFrame | None = None, checkpoints: pd.DataFrame | None = None,
+                   events: pd.DataFrame | None = None, *, max_points: int = MAX_POINTS
+                   ) -> RunDashboardData:
+    """The dashboard of ``run`` (an expdb RunRecord or anything with its attributes)."""
+    config = run_config(run)
+    val = validation_points(evals, epochs)
+    return RunDashboardData(
+        title=build_title(run, config),
+        loss=loss_panel(steps, epochs, val, max_points),
+        perplexity=perplexity_panel(steps, val, max_points),
+        lr=lr_panel(steps, max_points),
+        grad_norm=grad_norm_panel(steps, float(config.get("grad_clip") or 0), max_points),
+        epoch_time=epoch_time_panel(epochs),
+        memory=memory_panel(epochs),
+        markers=build_markers(run, checkpoints, events),
+    )
+
+
+# -- title ----------------------------------------------------------------------------------
+def run_config(run: Any) -> dict[str, Any]:
+    config = getattr(run, "config", None) or {}
+    return json.loads(config) if isinstance(config, str) else dict(config)
+
+
+def build_title(run: Any, config: dict[str, Any]) -> Title:
+    trial = getattr(run, "trial_number", None)
+    return Title(run_id=int(run.id), name=str(getattr(run, "name", "") or f"run {run.id}"),
+                 status=str(getattr(run, "status", "") or "unknown"),
+                 study=getattr(run, "study_name", None) or None,
+                 trial=None if _missing(trial) else int(trial),
+                 hparams=hyperparameters(run, config))
+
+
+def hyperparameters(run: Any, config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The settings that identify a run at a glance, as (name, text); absent ones are left out."""
+    items = [(k, _fmt(config.get(k))) for k in ("n_layer", "n_embd", "n_head", "block_size", "lr")]
+    if config.get("micro_batch") is not None:
+        items.append(("batch", f"{config['micro_batch']}x{config.get('grad_accum', 1)}"))
+    items.append(("precision", _fmt(getattr(run, "precision", None) or config.get("precision"))))
+    n_params = getattr(run, "n_params", None)
+    items.append(("params", None if _missing(n_params) else human_count(n_params)))
+    return tuple((k, v) for k, v in items if v is not None)
+
+
+def human_count(n: float) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(int(n))
+
+
+def _fmt(value: Any) -> str | None:
+    if _missing(value):
+        return None
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+# -- step panels -----------------------------------------------------------------------------
+def validation_points(evals: pd.DataFrame | None, epochs: pd.DataFrame | None
+                      ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(step, val_loss, dropped) from the evaluations, or from the epoch rows when there are none.
+
+    An eval row exists only because an evaluation ran, so its nan is a non-finite loss (dropped);
+    an epoch row's nan may just mean "not evaluated", so the fallback counts nothing as dropped.
+    """
+    if evals is not None and len(evals):
+        return finite_xy(column(evals, "step"), column(evals, "val_loss"))
+    x, y, _ = finite_xy(column(epochs, "step"), column(epochs, "val_loss"))
+    return x, y, 0
+
+
+def loss_panel(steps, epochs, val, max_points: int) -> Panel:
+    sx, sy, s_drop = finite_xy(column(steps, "step"), column(steps, "loss"))
+    ex, ey, e_drop = finite_xy(column(epochs, "step"), column(epochs, "train_loss"))
+    vx, vy, v_drop = val
+    series = (_series("train_step", "train (per step)", sx, sy, max_points),
+              _series("train_epoch", "train (epoch mean)", ex, ey),
+              _series("val", "validation", vx, vy, max_points))
+    notes = (_absent_note(steps, sx, NO_STEPS, "no finite training loss"),
+             _validation_note(vx, v_drop),
+             _dropped_note(s_drop + e_drop, "training loss"), _dropped_note(v_drop, "validation loss"))
+    return Panel("Loss", "step", "loss (nats)", _present(series), _present(notes))
+
+
+def perplexity_panel(steps, val, max_points: int) -> Panel:
+    sx, sy, _ = finite_xy(column(steps, "step"), column(steps, "loss"))
+    window = smoothing_window(sy.size)
+    with np.errstate(over="ignore"):        # exp of a huge loss is inf, then dropped below
+        tx, ty, t_drop = finite_xy(sx, np.exp(moving_average(sy, window)))
+        vx, vy, v_drop = finite_xy(val[0], np.exp(val[1]))
+    label = "train, exp(mean loss" + (f" over {window} steps)" if window > 1 else ")")
+    series = (_series("train_smooth", label, tx, ty, max_points),
+              _series("val", "validation", vx, vy, max_points))
+    notes = (_absent_note(steps, sx, NO_STEPS, None), _validation_note(vx, val[2]),
+             _dropped_note(t_drop + v_drop, "perplexity"))
+    return Panel("Perplexity", "step", "perplexity (exp of loss)", _present(series),
+                 _present(notes), log_y=True)
+
+
+def lr_panel(steps, max_points: int) -> Panel:
+    x, y, dropped = finite_xy(column(steps, "step"), column(steps, "lr"))
+    notes = (_absent_note(steps, x, NO_STEPS, "learning rate not recorded"),
+             _dropped_note(dropped, "learning rate"))
+    return Panel("Learning rate", "step", "learning rate",
+                 _present((_series("lr", "learning rate", x, y, max_points),)), _present(notes))
+
+
+def grad_norm_panel(steps, grad_clip: float, max_points: int) -> Panel:
+    x, y, dropped = finite_xy(column(steps, "step"), column(steps, "grad_norm"))
+    series = (_series("grad", "gradient norm", x, y, max_points),
+              Series("clip", f"clip = {grad_clip:g}", (), (grad_clip,)) if grad_clip > 0 else None)
+    notes = (_absent_note(steps, x, NO_STEPS, "gradient norm not recorded"),
+             _dropped_note(dropped, "gradient norm"))
+    # a few huge spikes flatten a linear axis; a log axis shows them and the bulk
+    spiky = y.size and np.median(y) > 0 and y.max() / np.median(y) > 50
+    return Panel("Gradient norm", "step", "gradient norm (L2)", _present(series), _present(notes),
+                 log_y=bool(spiky))
+
+
+# -- epoch panels ----------------------------------------------------------------------------
+def epoch_time_panel(epochs) -> Panel:
+    x, y, dropped = finite_xy(column(epochs, "epoch"), column(epochs, "epoch_seconds"))
+    notes = (_absent_note(epochs, x, NO_EPOCHS, "epoch duration not recorded"),
+             _dropped_note(dropped, "epoch duration"))
+    return Panel("Epoch duration", "epoch", "seconds",
+                 _present((_series("epoch_seconds", "wall time", x, y),)), _present(notes),
+                 by_step=False)
+
+
+def memory_panel(epochs) -> Panel:
+    """GPU allocated/reserved/peak when the run recorded any (it ran on a GPU), else process RSS."""
+    epoch = column(epochs, "epoch")
+    gpu = _present(tuple(_series(f"mem_{name}", f"GPU {name}", *finite_xy(epoch, column(epochs, col))[:2])
+                         for col, name in GPU_MEMORY))
+    if gpu:
+        return Panel("GPU memory per epoch", "epoch", "MB", gpu, by_step=False,
+                     from_zero=True)
+    x, y, _ = finite_xy(epoch, column(epochs, "mem_process_mb"))
+    note = _absent_note(epochs, x, NO_EPOCHS, "memory not recorded")
+    return Panel("Process memory (RSS) per epoch", "epoch", "MB",
+                 _present((_series("mem_process", "process RSS", x, y),)), _present((note,)),
+                 by_step=False, from_zero=True)
+
+
+# -- markers ---------------------------------------------------------------------------------
+def build_markers(run: Any, checkpoints: pd.DataFrame | None, events: pd.DataFrame | None
+                  ) -> tuple[Marker, ...]:
+    """Resume / OOM / non-finite events and the best checkpoint's step, sorted by step."""
+    markers = []
+    if events is not None and len(events):
+        steps = column(events, "step")
+        markers += [Marker(str(k), float(s)) for k, s in zip(events["kind"], steps)
+                    if k in MARKER_KINDS and np.isfinite(s)]
+    best = best_step(run, checkpoints)
+    if best is not None:
+        markers.append(Marker("best", best))
+    return tuple(sorted(markers, key=lambda m: (m.step, m.kind)))
+
+
+def best_step(run: Any, checkpoints: pd.DataFrame | None) -> float | None:
+    """run.best_step, else the lowest-val_loss checkpoint (kind "best" preferred)."""
+    step = getattr(run, "best_step", None)
+    if not _missing(step):
+        return float(step)
+    if checkpoints is None or not len(checkpoints):
+        return None
+    rows = checkpoints.assign(_v=column(checkpoints, "val_loss"), _s=column(checkpoints, "step"))
+    rows = rows[np.isfinite(rows["_v"]) & np.isfinite(rows["_s"])]
+    best_kind = rows[rows["kind"] == "best"] if "kind" in rows else rows.iloc[:0]
+    rows = best_kind if len(best_kind) else rows
+    return float(rows.sort_values(["_v", "_s"]).iloc[0]["_s"]) if len(rows) else None
+
+
+# -- small helpers ---------------------------------------------------------------------------
+def _series(role: str, label: str, x: np.ndarray, y: np.ndarray, max_points: int | None = None
+            ) -> Series | None:
+    if not y.size:
+        return None
+    if max_points:
+        x, y = reduce_minmax(x, y, max_points)
+    return Series(role, label, tuple(x.tolist()), tuple(y.tolist()))
+
+
+def _absent_note(df: pd.DataFrame | None, x: np.ndarray, empty: str, unrecorded: str | None
+                 ) -> str | None:
+    if df is None or not len(df):
+        return empty
+    return None if x.size else unrecorded
+
+
+def _validation_note(x: np.ndarray, dropped: int) -> str | None:
+    if x.size:
+        return None
+    return "no finite validation loss" if dropped else NO_VALIDATION
+
+
+def _dropped_note(n: int, what: str) -> str | None:
+    return f"{n} non-finite {what} value{'s' if n != 1 else ''} not drawn" if n else None
+
+
+def _present(items: tuple) -> tuple:
+    return tuple(i for i in items if i is not None)

@@ -1,0 +1,179 @@
+"""The experiment database's tables (SQLAlchemy 2.x declarative).
+
+These ORM classes stay inside expdb: callers get DataFrames or frozen records.
+
+Schema choices:
+- Optuna keeps its own tables (studies, trials, alembic_version, version_info, ...) in
+  the same SQLite file, so no name here may collide with them; our schema version lives
+  in ``expdb_schema_version``.
+- Every table with a natural key has an explicit, named UniqueConstraint; its index leads
+  with ``run_id`` (or ``study_name``) and so also serves lookups by that column.
+- Non-finite floats: +inf and -inf are stored as they are (SQLite REAL and PostgreSQL
+  double precision both hold them), but SQLite turns NaN into NULL. So NaN is stored as
+  NULL and the column's name is listed in the row's ``nan_columns`` (comma-separated),
+  which keeps "NaN" apart from "not reported" (see docs/schema.md).
+- Times are naive UTC datetimes, so SQLite and PostgreSQL store the same thing.
+- JSON (config, dataset, tokenizer, detail) is stored as text, readable from any SQL tool.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index,
+                        Integer, String, Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Bump when a table or view changes, and teach expdb.schema to upgrade the older version.
+SCHEMA_VERSION = 1
+VERSION_TABLE = "expdb_schema_version"
+
+RUN_STATUSES = ("running", "completed", "pruned", "failed", "interrupted")
+CHECKPOINT_KINDS = ("periodic", "best", "emergency", "final")   # documented, not enforced
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _run_fk() -> Mapped[int]:
+    # Deleting a run deletes its history; on SQLite only with PRAGMA foreign_keys=ON,
+    # which the engine sets on every connection.
+    return mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), nullable=False)
+
+
+def _nan_columns() -> Mapped[str | None]:
+    return mapped_column(String, nullable=True)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (
+        # NULLs never collide, so runs outside a study are not constrained.
+        UniqueConstraint("study_name", "trial_number", name="uq_runs_study_trial"),
+        CheckConstraint("status IN (%s)" % ", ".join(f"'{s}'" for s in RUN_STATUSES),
+                        name="ck_runs_status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, nullable=False)
+    status: Mapped[str] = mapped_column(String, nullable=False, default="running")
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    study_name: Mapped[str | None] = mapped_column(String)
+    trial_number: Mapped[int | None] = mapped_column(Integer)
+    config: Mapped[str] = mapped_column(Text, nullable=False)       # JSON object
+    dataset: Mapped[str] = mapped_column(Text, nullable=False)      # JSON object
+    tokenizer: Mapped[str] = mapped_column(Text, nullable=False)    # JSON object
+    n_params: Mapped[int | None] = mapped_column(BigInteger)
+    device: Mapped[str | None] = mapped_column(String)
+    precision: Mapped[str | None] = mapped_column(String)
+    host: Mapped[str | None] = mapped_column(String)
+    out_dir: Mapped[str | None] = mapped_column(Text)               # config["out_dir"]
+    started_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Touched by every flush of the buffered writer: a "running" run whose updated_at is
+    # old has most likely died without calling finish().
+    updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    resume_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    best_val_loss: Mapped[float | None] = mapped_column(Float)      # lowest val_loss logged
+    best_step: Mapped[int | None] = mapped_column(Integer)          # the step of that val_loss
+
+
+class StepMetric(Base):
+    __tablename__ = "step_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_step_metrics_run_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = _run_fk()
+    step: Mapped[int] = mapped_column(Integer, nullable=False)
+    epoch: Mapped[int | None] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    lr: Mapped[float | None] = mapped_column(Float)
+    grad_norm: Mapped[float | None] = mapped_column(Float)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float)
+    tokens_seen: Mapped[int | None] = mapped_column(BigInteger)
+    nan_columns: Mapped[str | None] = _nan_columns()
+
+
+class EvalMetric(Base):
+    __tablename__ = "eval_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_eval_metrics_run_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = _run_fk()
+    step: Mapped[int] = mapped_column(Integer, nullable=False)
+    epoch: Mapped[int | None] = mapped_column(Integer)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    val_ppl: Mapped[float | None] = mapped_column(Float)
+    nan_columns: Mapped[str | None] = _nan_columns()
+
+
+class EpochMetric(Base):
+    __tablename__ = "epoch_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "epoch", name="uq_epoch_metrics_run_epoch"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = _run_fk()
+    epoch: Mapped[int] = mapped_column(Integer, nullable=False)
+    step: Mapped[int | None] = mapped_column(Integer)     # the last optimizer step of the epoch
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    val_ppl: Mapped[float | None] = mapped_column(Float)
+    lr: Mapped[float | None] = mapped_column(Float)
+    grad_norm: Mapped[float | None] = mapped_column(Float)
+    epoch_seconds: Mapped[float | None] = mapped_column(Float)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float)
+    mem_process_mb: Mapped[float | None] = mapped_column(Float)
+    mem_gpu_allocated_mb: Mapped[float | None] = mapped_column(Float)
+    mem_gpu_reserved_mb: Mapped[float | None] = mapped_column(Float)
+    mem_gpu_peak_mb: Mapped[float | None] = mapped_column(Float)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    nan_columns: Mapped[str | None] = _nan_columns()
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    # No natural key: the same path is rewritten (e.g. "best.pt") at several steps.
+    __table_args__ = (Index("ix_checkpoints_run_id", "run_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = _run_fk()
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    kind: Mapped[str] = mapped_column(String, nullable=False)   # periodic, best, emergency, final
+    step: Mapped[int | None] = mapped_column(Integer)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    # Set when the file is rotated away; the row stays as history.
+    deleted: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    nan_columns: Mapped[str | None] = _nan_columns()
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_run_id", "run_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = _run_fk()
+    kind: Mapped[str] = mapped_column(String, nullable=False)   # resume, oom, nonfinite, signal, ...
+    step: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str] = mapped_column(Text, nullable=False)   # JSON object
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+
+class SchemaVersion(Base):
+    """One row: the schema version this database was created with or upgraded to."""
+
+    __tablename__ = VERSION_TABLE
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    applied_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+
+# The tables whose float columns follow the NaN convention, and those columns.
+FLOAT_COLUMNS = {
+    model: tuple(c.name for c in model.__table__.columns
+                 if isinstance(c.type, Float) and c.name != "id")
+    for model in (StepMetric, EvalMetric, EpochMetric, Checkpoint)
+}

@@ -1,0 +1,66 @@
+"""PostgreSQL-only checks. The recorder and read tests of test_expdb.py also run on
+PostgreSQL through their parametrized ``db_url`` fixture."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+import expdb
+from test_expdb import make_info, record_run
+
+pytestmark = pytest.mark.postgres
+
+
+def test_server_is_private_postgres_15(postgres_url: str):
+    engine = create_engine(postgres_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW listen_addresses")).scalar() == ""
+        assert conn.execute(text("SHOW server_version")).scalar().startswith("15")
+    engine.dispose()
+
+
+def test_schema_has_named_constraints_and_the_view(postgres_db_url: str):
+    expdb.open(postgres_db_url).close()
+    engine = create_engine(postgres_db_url)
+    inspector = inspect(engine)
+    assert {"runs", "step_metrics", "eval_metrics", "epoch_metrics", "checkpoints", "events",
+            "expdb_schema_version"} <= set(inspector.get_table_names())
+    assert inspector.get_view_names() == ["run_summary"]
+    uniques = {u["name"]: u["column_names"] for u in inspector.get_unique_constraints("step_metrics")}
+    assert uniques == {"uq_step_metrics_run_step": ["run_id", "step"]}
+    assert [fk["options"].get("ondelete") for fk in inspector.get_foreign_keys("events")] == ["CASCADE"]
+    engine.dispose()
+
+
+def test_concurrent_opens_create_the_schema_once(postgres_db_url: str):
+    errors: list[BaseException] = []
+
+    def open_and_record(i: int) -> None:
+        try:
+            with expdb.open(postgres_db_url) as db:
+                record_run(db, make_info(f"p{i}"), steps=range(1, 31))
+        except BaseException as exc:    # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_and_record, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with expdb.open(postgres_db_url) as db:
+        runs = db.runs()
+        assert sorted(runs["name"]) == ["p0", "p1", "p2"] and runs["n_steps"].tolist() == [30] * 3
+        assert runs["duration_s"].dtype == "float64"
+
+
+def test_deleting_a_run_cascades(postgres_db_url: str):
+    with expdb.open(postgres_db_url) as db:
+        run_id = record_run(db, make_info(), steps=range(1, 11))
+        engine = create_engine(postgres_db_url)
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM runs WHERE id = :id"), {"id": run_id})
+        engine.dispose()
+        assert db.runs().empty and db.epochs().empty and db.events().empty

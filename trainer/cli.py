@@ -1,0 +1,69 @@
+"""Command-line flags generated from TrainConfig, shared by ``python -m trainer`` and the studies.
+
+Precedence: TrainConfig defaults < --preset < --config FILE < explicit flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, NoReturn
+
+from trainer.config import TrainConfig, flag, load_config_file
+from trainer.errors import ConfigError
+from trainer.presets import PRESETS, preset_values
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no page-long usage dump) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": parse_bool, "str | None": str}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help=f"Starting point: {', '.join(PRESETS)} (default: quick without a GPU, kaggle-t4 with one).")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML or JSON file of settings; flags given here override it.")
+    group = parser.add_argument_group("training settings (override the preset and --config)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        kwargs: dict[str, Any] = {"dest": f"cfg_{f.name}", "default": argparse.SUPPRESS,
+                                  "help": f.metadata["help"]}
+        if f.type == "list[str]":
+            kwargs.update(nargs="+", metavar="PATH")
+        else:
+            kwargs.update(type=_TYPES[f.type], metavar=f.name.upper())
+        group.add_argument(flag(f.name), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
+    """Build and check the run's config from --preset, --config and the flags."""
+    values = preset_values(args.preset)
+    if args.config:
+        values.update(load_config_file(args.config))
+    values.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")})
+    values.update(overrides)
+    return TrainConfig.from_dict(values).check()
+
+
+def fail(prog: str, error: Exception, code: int = 2) -> NoReturn:
+    """Print every problem of a user error on its own line and exit non-zero."""
+    problems = error.problems if isinstance(error, ConfigError) else [str(error)]
+    for problem in problems:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+    sys.exit(code)

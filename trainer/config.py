@@ -1,0 +1,193 @@
+"""The one configuration object of a training run: defined, checked once, passed down.
+
+Every field carries its help text in ``metadata["help"]``; the command line of
+``python -m trainer`` and ``python -m studies.search`` is generated from it, so a
+field, its flag and its documentation cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its command-line help attached."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- data -------------------------------------------------------------------------
+    dataset: str | None = _f(None, "Hugging Face dataset name for datasets.load_dataset "
+                             "(e.g. wikitext), or a local dataset directory. Default: the "
+                             "Python standard library's own sources, which need no download.")
+    dataset_config: str | None = _f(None, "Configuration of --dataset (e.g. wikitext-103-raw-v1).")
+    data_files: list[str] = _f([], "Local .txt, .jsonl or .parquet files to train on "
+                               "(instead of the default corpus).")
+    text_column: str = _f("text", "Column that holds the text in --dataset / .jsonl / .parquet.")
+    val_fraction: float = _f(0.05, "Fraction of documents held out for validation when the "
+                             "source has no validation split (chosen by a hash of each document).")
+    subset: float = _f(1.0, "Deterministic fraction of the training documents to use (0 < x <= 1).")
+    # --- tokenizer --------------------------------------------------------------------
+    tokenizer: str = _f("bpe", "'bpe' trains a byte-level BPE on the training split; anything "
+                        "else is a pretrained tokenizer name (gpt2) or local directory.")
+    vocab_size: int = _f(4096, "Vocabulary size of the trained byte-level BPE.")
+    # --- model ------------------------------------------------------------------------
+    n_layer: int = _f(4, "Transformer blocks.")
+    n_embd: int = _f(128, "Width of the residual stream.")
+    n_head: int = _f(4, "Attention heads (must divide --n-embd).")
+    block_size: int = _f(128, "Context length in tokens (one training sequence).")
+    dropout: float = _f(0.0, "Dropout on embeddings, attention and residuals.")
+    # --- optimisation -----------------------------------------------------------------
+    lr: float = _f(1e-3, "Peak learning rate of AdamW.")
+    min_lr_ratio: float = _f(0.1, "Final learning rate as a fraction of --lr.")
+    warmup_steps: int = _f(50, "Optimizer steps of linear warmup.")
+    schedule: str = _f("cosine", "Decay after warmup: cosine, linear or constant.", choices=SCHEDULES)
+    weight_decay: float = _f(0.1, "AdamW weight decay, applied to matrices only.")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.99, "AdamW beta2.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
+    micro_batch: int = _f(16, "Sequences per forward/backward pass.")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    epochs: int = _f(1, "Passes over the training tokens.")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0: run all epochs).")
+    precision: str = _f("auto", "auto (bf16 where supported, fp16+scaler on older GPUs), "
+                        "fp32, bf16 or fp16.", choices=PRECISIONS)
+    # --- evaluation, logging, saving ---------------------------------------------------
+    eval_every: int = _f(100, "Evaluate every N optimizer steps (and at each epoch end).")
+    eval_batches: int = _f(20, "Validation micro-batches per evaluation (0: the whole split).")
+    log_every: int = _f(1, "Record step metrics every N optimizer steps.")
+    save_every: int = _f(0, "Save a periodic checkpoint every N optimizer steps (0: only at the end).")
+    seed: int = _f(1337, "Seed for data order, initialisation and dropout.")
+    device: str = _f("auto", "auto, cpu or cuda.", choices=DEVICES)
+    progress: bool = _f(True, "Show a tqdm progress bar.")
+    # --- where things go --------------------------------------------------------------
+    out_dir: str = _f("runs/run", "Directory for this run's checkpoints and final model.")
+    cache_dir: str = _f(".cache/trainer", "Directory for the tokenizer and token caches.")
+    run_name: str = _f("", "Name of the run in the experiment database (default: from --out).")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data_files, str):
+            self.data_files = [self.data_files]
+
+    # -- checks ------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every problem with this config, each naming the flag, the value and the fix."""
+        p: list[str] = []
+
+        def need(ok: bool, name: str, fix: str) -> None:
+            if not ok:
+                p.append(f"{flag(name)} {getattr(self, name)!r}: {fix}")
+
+        for name in ("n_layer", "n_embd", "n_head", "block_size", "micro_batch", "grad_accum",
+                     "epochs", "eval_every", "log_every"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "use a positive integer")
+        for name in ("max_steps", "save_every", "warmup_steps", "eval_batches"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "use an integer >= 0")
+        need(_finite(self.lr) and self.lr > 0, "lr", "use a positive learning rate such as 3e-4")
+        need(_finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "use a value in [0, 1]")
+        need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "use a value >= 0")
+        need(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "use a value >= 0 (0 disables)")
+        need(_finite(self.dropout) and 0 <= self.dropout < 1, "dropout", "use a value in [0, 1)")
+        need(_finite(self.beta1) and 0 <= self.beta1 < 1, "beta1", "use a value in [0, 1)")
+        need(_finite(self.beta2) and 0 <= self.beta2 < 1, "beta2", "use a value in [0, 1)")
+        need(_finite(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction", "use a value in (0, 1)")
+        need(_finite(self.subset) and 0 < self.subset <= 1, "subset", "use a fraction in (0, 1]")
+        need(_is_int(self.vocab_size) and 256 < self.vocab_size <= 65535, "vocab_size",
+             "use 257..65535 (byte-level BPE needs the 256 bytes plus merges; tokens are stored as uint16)")
+        for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("device", DEVICES)):
+            need(getattr(self, name) in choices, name, f"choose one of {', '.join(choices)}")
+        if _is_int(self.n_embd) and _is_int(self.n_head) and self.n_head > 0 and self.n_embd % self.n_head:
+            p.append(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: "
+                     "pick a width that is a multiple of the number of heads")
+        for path in self.data_files:
+            if not Path(path).is_file():
+                p.append(f"--data-files {path!r}: no such file; check the path (or leave out --data-files "
+                         "to train on the default corpus)")
+            elif Path(path).suffix.lower() not in DATA_FILE_SUFFIXES:
+                p.append(f"--data-files {path!r}: unsupported file type; use {', '.join(DATA_FILE_SUFFIXES)}")
+        if self.dataset and self.data_files:
+            p.append("--dataset and --data-files both given: pass only one data source")
+        if self.dataset_config and not self.dataset:
+            p.append(f"--dataset-config {self.dataset_config!r} without --dataset: name the dataset too")
+        return p
+
+    def check(self) -> "TrainConfig":
+        """Raise one ConfigError listing every problem; return self when there are none."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    # -- conversions -------------------------------------------------------------------
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        unknown = set(changes) - field_names()
+        if unknown:
+            raise ConfigError([f"unknown setting {k!r}: known settings are {', '.join(sorted(field_names()))}"
+                               for k in sorted(unknown)])
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base: "TrainConfig | None" = None) -> "TrainConfig":
+        return (base or cls()).replace(**values)
+
+
+def field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: n_embd -> --n-embd."""
+    return "--" + name.replace("_", "-")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict of settings (checked by the caller)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"--config {str(path)!r}: no such file; pass the path of a YAML or JSON config"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+            values = yaml.safe_load(text)
+    except Exception as exc:  # the parser's own message says where
+        raise ConfigError([f"--config {str(path)!r}: cannot be parsed ({exc}); fix the file's syntax"]) from exc
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError([f"--config {str(path)!r}: expected a mapping of setting: value at the top level"])
+    # Files written by studies.report and training_config.json nest settings under "config".
+    if "config" in values and isinstance(values["config"], dict):
+        values = values["config"]
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,72 @@
+"""python -m trainer.generate MODEL_DIR --prompt TEXT: sample text from an exported model."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from trainer.cli import Parser, fail
+from trainer.errors import CheckpointError
+
+PROG = "python -m trainer.generate"
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description="Generate text with a model directory written by the trainer (final_model/).")
+    p.add_argument("model_dir", help="A Hugging Face model directory, e.g. runs/my-model/final_model.")
+    p.add_argument("--prompt", default="", help="Text to continue.")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy).")
+    p.add_argument("--top-k", type=int, default=50, help="Sample among the k most likely tokens (0: all).")
+    p.add_argument("--top-p", type=float, default=0.95, help="Nucleus sampling: the smallest set with this mass.")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def generate(model_dir: str, prompt: str, *, max_new_tokens: int = 100, temperature: float = 0.8,
+             top_k: int = 50, top_p: float = 0.95, num_samples: int = 1, seed: int = 0) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise CheckpointError(f"MODEL_DIR {model_dir!r}: no config.json there; pass a final_model/ directory "
+                              "written by python -m trainer")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(seed)
+    ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").input_ids
+    sampling = temperature > 0
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=sampling,
+                         temperature=temperature if sampling else None, top_k=top_k if sampling else None,
+                         top_p=top_p if sampling else None, num_return_sequences=num_samples,
+                         pad_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(seq, skip_special_tokens=True) for seq in out]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    problems = [m for ok, m in (
+        (args.max_new_tokens > 0, f"--max-new-tokens {args.max_new_tokens}: use a positive number"),
+        (args.temperature >= 0, f"--temperature {args.temperature}: use 0 (greedy) or a positive value"),
+        (args.top_k >= 0, f"--top-k {args.top_k}: use 0 (off) or a positive number"),
+        (0 < args.top_p <= 1, f"--top-p {args.top_p}: use a value in (0, 1]"),
+        (args.num_samples > 0, f"--num-samples {args.num_samples}: use a positive number"),
+    ) if not ok]
+    if problems:
+        from trainer.errors import ConfigError
+        fail(PROG, ConfigError(problems))
+    try:
+        texts = generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         num_samples=args.num_samples, seed=args.seed)
+    except CheckpointError as exc:
+        fail(PROG, exc)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i}")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

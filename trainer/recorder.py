@@ -1,0 +1,72 @@
+"""What the trainer tells the outside world, and nothing more.
+
+The trainer talks to a ``Recorder``; ``expdb`` implements it on a database, ``studies``
+wraps it to report to Optuna. The trainer never imports either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Everything known about a run before its first step."""
+
+    name: str
+    config: dict[str, Any]
+    dataset: dict[str, Any]        # source, documents, bytes, sha256 of each split
+    tokenizer: dict[str, Any]      # kind, name or path, vocab size, hash
+    n_params: int
+    device: str                    # e.g. "cpu", "cuda:0 (Tesla T4)"
+    precision: str                 # resolved: fp32, bf16 or fp16
+    host: str
+    study_name: str | None = None
+    trial_number: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Recorder(Protocol):
+    """Receives a run's life. Methods must be cheap: they are called from the training loop."""
+
+    def start_run(self, info: RunInfo) -> int:
+        """Create (or continue) the run; return its id."""
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Per-optimizer-step metrics: loss, lr, grad_norm, tokens_per_s, ..."""
+
+    def log_eval(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        """A validation result (val_loss, val_ppl). May raise trainer.errors.StopTraining."""
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """End-of-epoch summary: train_loss, val_loss, val_ppl, lr, grad_norm, epoch_seconds, ..."""
+
+    def log_checkpoint(self, path: str, kind: str, step: int, val_loss: float | None,
+                       size_bytes: int, sha256: str) -> None:
+        """A checkpoint was written (kind: periodic, best, emergency, final)."""
+
+    def log_event(self, kind: str, step: int, detail: dict[str, Any]) -> None:
+        """Something that happened: resume, oom, nonfinite, signal, corrupt_checkpoint..."""
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        """The run ended: completed, pruned, failed or interrupted."""
+
+
+class NullRecorder:
+    """Records nothing: for runs without a database and for tests of the loop alone."""
+
+    def start_run(self, info: RunInfo) -> int:
+        return 0
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def log_eval(self, step: int, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def log_checkpoint(self, path: str, kind: str, step: int, val_loss: float | None,
+                       size_bytes: int, sha256: str) -> None: ...
+
+    def log_event(self, kind: str, step: int, detail: dict[str, Any]) -> None: ...
+
+    def finish(self, status: str, reason: str | None = None) -> None: ...
