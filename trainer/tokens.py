@@ -21,7 +21,7 @@ from trainer.sources import Split, sha256_hex
 
 FORMAT_VERSION = 1
 DTYPE = np.uint16
-CHUNK_BYTES = 4 << 20   # text per encode_batch call: bounds the memory held by Encoding objects
+CHUNK_CHARS = 4 << 20   # text per encode_batch call: bounds the memory held by Encoding objects
 
 Log = Callable[[str], None]
 
@@ -67,7 +67,7 @@ def write_stream(texts: list[str], tokenizer, path: Path) -> int:
     eos = np.asarray([tokenizer.eos_token_id], dtype=DTYPE)
     count = 0
     with _atomic_file(path) as f, _specials_as_text(backend):
-        for chunk in _chunks(texts, CHUNK_BYTES):
+        for chunk in _chunks(texts, CHUNK_CHARS):
             parts = []
             for enc in backend.encode_batch_fast(chunk, add_special_tokens=False):   # parallel, in Rust
                 parts += [np.asarray(enc.ids, dtype=DTYPE), eos]   # numpy refuses ids that do not fit
