@@ -1,28 +1,82 @@
-"""Training dashboards rendered from the experiment database (expdb).
+"""Training dashboards drawn from the experiment database (expdb) alone.
 
-``data`` builds plain records (NamedTuples) from expdb reads, ``training`` draws the six-panel
-run dashboard, ``compare`` overlays validation curves; ``python -m dashboards`` is the CLI.
+Each picture is built first as plain records (NamedTuples) from expdb reads, then rendered:
+``data`` + ``training`` (PNG) / ``run_html`` (HTML) for one run's six panels,
+``compare_data`` + ``compare`` / ``compare_html`` for runs and studies side by side,
+``report`` for a study's Optuna report, ``tables`` for CSV/JSON, ``live`` and ``notebook``
+for re-rendering while a run trains. ``python -m dashboards`` is the CLI.
+
+plotly and optuna are imported only by the functions that need them.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from dashboards.compare import ComparisonData, Curve, build_comparison, render_comparison
-from dashboards.data import RunDashboardData, build_run_data, fetch_run_data
+from dashboards.compare import render_comparison
+from dashboards.compare_data import ComparisonData, build_comparison, fetch_comparison
+from dashboards.data import build_run_data, fetch_run_data
+from dashboards.records import RunDashboardData
 from dashboards.series import reduce_minmax
 from dashboards.training import build_figure, render_run_dashboard
 
-__all__ = ["ComparisonData", "Curve", "RunDashboardData", "build_comparison", "build_figure",
-           "build_run_data", "fetch_run_data", "reduce_minmax", "render_comparison",
-           "render_run_dashboard", "write_run_dashboard"]
+__all__ = ["ComparisonData", "RunDashboardData", "build_comparison", "build_figure",
+           "build_run_data", "fetch_comparison", "fetch_run_data", "reduce_minmax",
+           "render_comparison", "render_run", "render_run_dashboard", "write_comparison",
+           "write_run_dashboard", "write_study_report", "write_table"]
+
+RUN_FORMATS = (".png", ".html")
 
 
-def write_run_dashboard(db: Any, run_id: int, out_path: str | os.PathLike) -> Path:
-    """Render run ``run_id`` of the open expdb database ``db`` to a PNG at ``out_path``."""
+def render_run(data: RunDashboardData, out: str | os.PathLike, plotlyjs: str = "directory") -> Path:
+    """Write a run's records as PNG or HTML, by the suffix of ``out``."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in RUN_FORMATS:
+        raise ValueError(f"{out}: a run dashboard is a .png or .html file")
+    if suffix == ".html":
+        from dashboards.run_html import render_run_html
+
+        render_run_html(data, out, plotlyjs)
+    else:
+        render_run_dashboard(data, out)
+    return out
+
+
+def write_run_dashboard(db: Any, run_id: int, out_path: str | os.PathLike,
+                        plotlyjs: str = "directory") -> Path:
+    """Render run ``run_id`` of the open expdb database ``db`` to ``out_path`` (.png or .html)."""
     out = Path(out_path)
     data = fetch_run_data(db, run_id)
     out.parent.mkdir(parents=True, exist_ok=True)
-    render_run_dashboard(data, out)
+    return render_run(data, out, plotlyjs)
+
+
+def write_comparison(db: Any, out_path: str | os.PathLike, run_ids: Sequence[int] | None = None,
+                     study: str | None = None, top: int = 10, plotlyjs: str = "directory") -> Path:
+    """Compare ``run_ids`` or the runs of ``study`` in a PNG or HTML file (by suffix)."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render_comparison(fetch_comparison(db, run_ids, study, top), out, plotlyjs=plotlyjs)
     return out
+
+
+def write_study_report(db_url: str | os.PathLike, study_name: str, out: str | os.PathLike,
+                       storage: str | None = None, plotlyjs: str = "directory") -> Path:
+    """The HTML report of a study: Optuna's plots next to the table of trials and their runs.
+
+    ``db_url``: the experiment database (path or URL); ``storage``: the Optuna storage URL,
+    by default the same database. Raises ``dashboards.errors.ReportError`` for an unknown study.
+    """
+    from dashboards.report import write_report
+
+    return write_report(db_url, study_name, out, storage, plotlyjs)
+
+
+def write_table(db: Any, out: str | os.PathLike, run_id: int | None = None,
+                study: str | None = None) -> Path:
+    """A run's epoch and evaluation metrics, or a study's per-trial summary, as .csv or .json."""
+    from dashboards.tables import write_metrics_table
+
+    return write_metrics_table(db, out, run_id=run_id, study=study)

@@ -1,6 +1,9 @@
-"""Validation-loss curves of several runs on one plot: PNG (matplotlib) or HTML (plotly).
+"""Draw a ``ComparisonData`` as a PNG (matplotlib) or an interactive HTML page (plotly).
 
-The HTML embeds plotly.js (about 5 MB) so it opens without a network connection.
+Top row: validation curves of the best runs (the rest thin and grey behind them) and the best
+perplexity of every run; below, one scatter per differing hyperparameter against the objective.
+A run's state picks its marker and colour everywhere: pruned trials are orange crosses, and a
+pruned curve is dashed and ends in a cross at the step where it was stopped.
 """
 from __future__ import annotations
 
@@ -8,124 +11,152 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import IO, Any, NamedTuple, Sequence
+from typing import IO, Any
 
-import plotly.graph_objects as go
+import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
-from dashboards.data import RunDashboardData, validation_points
-from dashboards.series import MAX_POINTS, reduce_minmax
+from dashboards.compare_data import OBJECTIVE, ComparisonData, Curve, ParamPoints
+from dashboards.output import emit
 
 DPI = 150
-FORMATS = ("png", "html")
-MAX_MARKERS = 150                        # more dots than this would hide the line
-LINESTYLES = ("-", "--", ":")
+PARAM_COLS = 4
+STATES: dict[str, dict[str, Any]] = {   # state -> colour, marker (matplotlib and plotly names)
+    "completed": dict(color="#1f77b4", marker="o", symbol="circle"),
+    "pruned": dict(color="#ff7f0e", marker="X", symbol="x"),
+    "failed": dict(color="#d62728", marker="v", symbol="triangle-down"),
+    "running": dict(color="#2ca02c", marker="^", symbol="triangle-up"),
+    "interrupted": dict(color="#7f7f7f", marker="s", symbol="square"),
+}
+OTHER_STATE = dict(color="#7f7f7f", marker="D", symbol="diamond")
+LINESTYLES = {"completed": "-", "pruned": "--"}
+NO_PARAMS = "no hyperparameter differs between these runs"
 
 
-class Curve(NamedTuple):
-    run_id: int
-    label: str
-    x: tuple[float, ...]            # step
-    y: tuple[float, ...]            # validation loss
-    best: float | None              # the run's best validation loss
+def state_style(state: str) -> dict[str, Any]:
+    return STATES.get(state, OTHER_STATE)
 
 
-class ComparisonData(NamedTuple):
-    title: str
-    curves: tuple[Curve, ...]       # with points, best first
-    notes: tuple[str, ...]          # runs left out, and why
-
-
-def fetch_curve(db: Any, run_id: int) -> Curve:
-    """One run's validation curve from an open expdb database (no step rows are read)."""
-    return build_curve(db.run(run_id), db.evals(run_id), db.epochs(run_id))
-
-
-def build_curve(run: Any, evals, epochs, max_points: int = MAX_POINTS) -> Curve:
-    x, y, _ = validation_points(evals, epochs)
-    x, y = reduce_minmax(x, y, max_points)
-    best = getattr(run, "best_val_loss", None)
-    if best is None or not math.isfinite(best):
-        best = float(y.min()) if y.size else None
-    return Curve(int(run.id), curve_label(run.id, run.name, getattr(run, "trial_number", None)),
-                 tuple(x.tolist()), tuple(y.tolist()), best)
-
-
-def curve_from_dashboard(data: RunDashboardData) -> Curve:
-    val = data.validation
-    x, y = (val.x, val.y) if val else ((), ())
-    t = data.title
-    return Curve(t.run_id, curve_label(t.run_id, t.name, t.trial), x, y, min(y) if y else None)
-
-
-def curve_label(run_id: int, name: str, trial: int | None) -> str:
-    return f"run {run_id} {name}" + (f" (trial {trial})" if trial is not None else "")
-
-
-def build_comparison(items: Sequence[RunDashboardData | Curve], title: str = "Validation loss"
-                     ) -> ComparisonData:
-    """Curves sorted best first; runs without validation become notes."""
-    curves = [curve_from_dashboard(i) if isinstance(i, RunDashboardData) else i for i in items]
-    shown = sorted((c for c in curves if c.x), key=lambda c: (c.best is None, c.best, c.run_id))
-    notes = tuple(f"{c.label}: no validation yet" for c in curves if not c.x)
-    return ComparisonData(title, tuple(shown), notes)
-
-
-def render_comparison(items: ComparisonData | Sequence[RunDashboardData | Curve],
-                      out: str | os.PathLike | IO[bytes], fmt: str | None = None) -> None:
+def render_comparison(data: ComparisonData, out: str | os.PathLike | IO[bytes],
+                      fmt: str | None = None, plotlyjs: str = "directory") -> None:
     """Write PNG or HTML (``fmt``, else the suffix of ``out``; file objects default to PNG)."""
-    data = items if isinstance(items, ComparisonData) else build_comparison(items)
     fmt = fmt or (Path(out).suffix.lstrip(".").lower() if isinstance(out, (str, os.PathLike)) else "png")
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r}: use one of {', '.join(FORMATS)}")
-    payload = _html_bytes(data) if fmt == "html" else _png_bytes(data)
-    if isinstance(out, (str, os.PathLike)):
-        Path(out).write_bytes(payload)        # rendered in full first: no half-written file
+    if fmt == "html":
+        from dashboards.compare_html import render_comparison_html
+
+        render_comparison_html(data, out, plotlyjs)
+    elif fmt == "png":
+        buf = io.BytesIO()
+        comparison_figure(data).savefig(buf, format="png", dpi=DPI)
+        emit(out, buf.getvalue())
     else:
-        out.write(payload)
+        raise ValueError(f"format {fmt!r}: use png or html")
 
 
 def comparison_figure(data: ComparisonData) -> Figure:
-    fig = Figure(figsize=(12, 6.5), layout="constrained")
-    ax = fig.subplots()
+    rows = math.ceil(len(data.params) / PARAM_COLS)
+    fig = Figure(figsize=(18, 6.5 + 3.6 * rows), layout="constrained")
+    grid = fig.add_gridspec(1 + rows, PARAM_COLS, height_ratios=[1.8] + [1] * rows)
+    draw_curves(fig.add_subplot(grid[0, :3]), data)
+    draw_bests(fig.add_subplot(grid[0, 3]), data)
+    for i, p in enumerate(data.params):
+        draw_param(fig.add_subplot(grid[1 + i // PARAM_COLS, i % PARAM_COLS]), p)
+    notes = data.notes + (() if data.params or not data.trials else (NO_PARAMS,))
+    fig.suptitle(data.title, fontsize=14)
+    if notes:
+        fig.supxlabel("\n".join(notes), fontsize=9, color="dimgray", ha="left", x=0.01)
+    return fig
+
+
+def draw_curves(ax: Axes, data: ComparisonData) -> None:
+    for c in data.background:
+        ax.plot(c.x, c.y, color="0.6", lw=0.8, alpha=0.6, zorder=1)
+        _end_mark(ax, c, color="0.6", size=5)
     for i, c in enumerate(data.curves):
-        ax.plot(c.x, c.y, marker="o" if len(c.x) <= MAX_MARKERS else None, ms=3, lw=1.4,
-                ls=LINESTYLES[i // 10 % len(LINESTYLES)], label=_legend_label(c))  # 10 colours
-    ax.set(title=data.title, xlabel="step", ylabel="validation loss (nats)")
-    ax.xaxis.set_major_formatter(EngFormatter(sep=""))         # 200k, 1M
+        line, = ax.plot(c.x, c.y, lw=1.6, ls=LINESTYLES.get(c.state, ":"), zorder=3,
+                        color=f"C{i % 10}", marker="o" if len(c.x) <= 60 else None, ms=3,
+                        label=f"{c.label}  best {c.best:.4g}" if c.best is not None else c.label)
+        _end_mark(ax, c, color=line.get_color(), size=9)
+    more = f", {len(data.background)} more in grey" if data.background else ""
+    ax.set_title(f"Validation loss of the best {len(data.curves)} runs{more}", fontweight="bold")
+    ax.set(xlabel="step", ylabel="validation loss (nats)")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.grid(True, alpha=0.3)
     if data.curves:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="best first")
+        ax.legend(loc="upper right", fontsize=8, title="best first; pruned: dashed, \u2716 where stopped",
+                  title_fontsize=8, framealpha=0.9)
     else:
-        ax.text(0.5, 0.5, "no run has validation results yet", transform=ax.transAxes,
-                ha="center", va="center", fontsize=12, color="dimgray", style="italic")
-    if data.notes:                       # under the legend, outside the plot
-        ax.text(1.01, 0.0, "\n".join(data.notes), transform=ax.transAxes, ha="left",
-                va="bottom", fontsize=8, color="dimgray")
-    return fig
+        _centred(ax, "no run has validation results yet")
 
 
-def comparison_plotly(data: ComparisonData) -> go.Figure:
-    fig = go.Figure([go.Scatter(x=c.x, y=c.y, mode="lines+markers", name=_legend_label(c))
-                     for c in data.curves])
-    fig.update_layout(title=data.title, xaxis_title="step", yaxis_title="validation loss (nats)",
-                      template="plotly_white", legend_title_text="best first")
-    for i, note in enumerate(data.notes or (() if data.curves else ("no run has validation results yet",))):
-        fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.12 - 0.05 * i,
-                           showarrow=False, font=dict(color="gray"))
-    return fig
+def _end_mark(ax: Axes, c: Curve, color: str, size: float) -> None:
+    if c.state == "pruned" and c.x:
+        ax.plot(c.x[-1], c.y[-1], marker="X", ms=size, color=color, ls="none", zorder=4)
 
 
-def _legend_label(c: Curve) -> str:
-    return c.label + (f"  best {c.best:.4g}" if c.best is not None else "")
+def draw_bests(ax: Axes, data: ComparisonData) -> None:
+    ax.set_title("Best perplexity per run", fontweight="bold")
+    ax.set(xlabel="trial" if data.trials and data.trials[0].label.startswith("t") else "run",
+           ylabel="best validation perplexity")
+    have = {t.run_id: t.best_ppl for t in data.trials
+            if t.best_ppl is not None and math.isfinite(t.best_ppl)}
+    if not have:
+        _centred(ax, "no run has validation results yet")
+        return
+    x = np.arange(len(data.trials))
+    heights = [have.get(t.run_id, 0.0) for t in data.trials]
+    ax.bar(x, heights, color=[state_style(t.state)["color"] for t in data.trials],
+           edgecolor="black", lw=0.4)
+    for xi, t in zip(x, data.trials):
+        if t.run_id not in have:
+            ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="dimgray")
+    ax.set_xticks(x, [t.label for t in data.trials], rotation=90 if len(x) > 12 else 0,
+                  fontsize=8 if len(x) > 12 else 9)
+    values = list(have.values())
+    if max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(0, max(values) * 1.12)
+    _state_legend(ax, {t.state for t in data.trials}, kind="bar")
+    ax.grid(True, axis="y", alpha=0.3)
 
 
-def _png_bytes(data: ComparisonData) -> bytes:
-    buf = io.BytesIO()
-    comparison_figure(data).savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
+def draw_param(ax: Axes, p: ParamPoints) -> None:
+    positions, ticks = _x_positions(p)
+    for state in dict.fromkeys(p.states):
+        idx = [i for i, s in enumerate(p.states) if s == state]
+        st = state_style(state)
+        ax.scatter([positions[i] for i in idx], [p.objective[i] for i in idx], c=st["color"],
+                   marker=st["marker"], s=36, label=state, edgecolors="black", linewidths=0.3)
+    if ticks:
+        ax.set_xticks(range(len(ticks)), ticks)
+        ax.set_xlim(-0.6, len(ticks) - 0.4)
+    elif p.log_x:
+        ax.set_xscale("log")
+    ax.set_title(p.name, fontweight="bold")
+    ax.set(xlabel=f"{p.name}{' (log scale)' if p.log_x else ''}", ylabel=OBJECTIVE)
+    ax.grid(True, alpha=0.3)
+    if len(set(p.states)) > 1:
+        ax.legend(fontsize=7, loc="best")
 
 
-def _html_bytes(data: ComparisonData) -> bytes:
-    return comparison_plotly(data).to_html(include_plotlyjs=True, full_html=True).encode("utf-8")
+def _x_positions(p: ParamPoints) -> tuple[list[float], list[str]]:
+    if not p.categorical:
+        return list(p.values), []
+    ticks = sorted(set(p.values))
+    return [float(ticks.index(v)) for v in p.values], ticks
+
+
+def _state_legend(ax: Axes, states: set[str], kind: str) -> None:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=state_style(s)["color"], label=s) for s in STATES if s in states]
+    handles += [Patch(color=OTHER_STATE["color"], label=s) for s in sorted(states - set(STATES))]
+    ax.legend(handles=handles, fontsize=8, loc="upper right", framealpha=0.9)
+
+
+def _centred(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=12,
+            color="dimgray", style="italic")

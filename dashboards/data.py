@@ -9,92 +9,69 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from dashboards.records import Marker, Panel, RunDashboardData, Series, Title
 from dashboards.series import (MAX_POINTS, column, finite_xy, moving_average, reduce_minmax,
                                smoothing_window)
+
+__all__ = ["Marker", "Panel", "RunDashboardData", "Series", "Title", "build_run_data",
+           "fetch_run_data"]
 
 MARKER_KINDS = ("resume", "oom", "nonfinite")   # events drawn as vertical lines on step panels
 GPU_MEMORY = (("mem_gpu_allocated_mb", "allocated"), ("mem_gpu_reserved_mb", "reserved"),
               ("mem_gpu_peak_mb", "peak"))
+STEP_COLUMNS = ("loss", "lr", "grad_norm")    # the step metrics the dashboard draws
+STEP_ROWS_PER_POINT = 2
 NO_STEPS = "no step metrics recorded"
 NO_VALIDATION = "no validation yet"
 NO_EPOCHS = "no epoch completed yet"
 
 
-class Series(NamedTuple):
-    role: str                    # what it is; the renderer maps it to a style (line, points, bars...)
-    label: str                   # legend entry
-    x: tuple[float, ...]
-    y: tuple[float, ...]         # role "clip": one value, drawn as a horizontal line
-
-
-class Panel(NamedTuple):
-    title: str
-    xlabel: str
-    ylabel: str
-    series: tuple[Series, ...] = ()
-    notes: tuple[str, ...] = ()  # shown on the panel: missing data, dropped points
-    log_y: bool = False
-    by_step: bool = True         # x is the optimizer step, so event markers belong on it
-    from_zero: bool = False      # y axis starts at 0 (sizes such as memory read against zero)
-
-
-class Marker(NamedTuple):
-    kind: str                    # resume, oom, nonfinite or best (the best checkpoint)
-    step: float
-
-
-class Title(NamedTuple):
-    run_id: int
-    name: str
-    status: str
-    study: str | None
-    trial: int | None
-    hparams: tuple[tuple[str, str], ...]
-
-
-class RunDashboardData(NamedTuple):
-    title: Title
-    loss: Panel
-    perplexity: Panel
-    lr: Panel
-    grad_norm: Panel
-    epoch_time: Panel
-    memory: Panel
-    markers: tuple[Marker, ...]
-
-    @property
-    def panels(self) -> tuple[Panel, ...]:
-        return (self.loss, self.perplexity, self.lr, self.grad_norm, self.epoch_time, self.memory)
-
-    @property
-    def validation(self) -> Series | None:
-        return next((s for s in self.loss.series if s.role == "val"), None)
-
-
 def fetch_run_data(db: Any, run_id: int, max_points: int = MAX_POINTS) -> RunDashboardData:
     """Read one run from an open expdb database and build its dashboard records."""
-    return build_run_data(db.run(run_id), db.steps(run_id), db.evals(run_id), db.epochs(run_id),
-                          db.checkpoints(run_id), db.events(run_id), max_points=max_points)
+    run = db.run(run_id)                    # first: a run that says it finished has all its rows
+    reduced = hasattr(db, "step_series")
+    return build_run_data(run, read_steps(db, run_id, max_points), db.evals(run_id),
+                          db.epochs(run_id), db.checkpoints(run_id), db.events(run_id),
+                          max_points=max_points, steps_reduced=reduced)
+
+
+def read_steps(db: Any, run_id: int, max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """The run's step rows for drawing: reduced by the database when expdb can.
+
+    ``db.step_series`` keeps, per bucket of steps, the rows holding each column's minimum and
+    maximum (from per-64-step summaries, so a 1M-step run is not read row by row); its buckets
+    are shared by the columns, so it gets STEP_ROWS_PER_POINT rows per drawn point and
+    ``reduce_minmax`` then thins each column to ``max_points``. An expdb without it: every row.
+    """
+    series = getattr(db, "step_series", None)
+    if series is None:
+        return db.steps(run_id)
+    return series(run_id, columns=STEP_COLUMNS, max_points=STEP_ROWS_PER_POINT * max_points)
 
 
 def build_run_data(run: Any, steps: pd.DataFrame | None = None, evals: pd.DataFrame | None = None,
                    epochs: pd.DataFrame | None = None, checkpoints: pd.DataFrame | None = None,
-                   events: pd.DataFrame | None = None, *, max_points: int = MAX_POINTS
-                   ) -> RunDashboardData:
-    """The dashboard of ``run`` (an expdb RunRecord or anything with its attributes)."""
+                   events: pd.DataFrame | None = None, *, max_points: int = MAX_POINTS,
+                   steps_reduced: bool = False) -> RunDashboardData:
+    """The dashboard of ``run`` (an expdb RunRecord or anything with its attributes).
+
+    ``steps_reduced``: ``steps`` may be a reduction (db.step_series), so a count of its
+    non-finite values would be a count of the rows read, not of the run: notes give none.
+    """
+    exact = not steps_reduced
     config = run_config(run)
     val = validation_points(evals, epochs)
     return RunDashboardData(
         title=build_title(run, config),
-        loss=loss_panel(steps, epochs, val, max_points),
-        perplexity=perplexity_panel(steps, val, max_points),
-        lr=lr_panel(steps, max_points),
-        grad_norm=grad_norm_panel(steps, float(config.get("grad_clip") or 0), max_points),
+        loss=loss_panel(steps, epochs, val, max_points, exact),
+        perplexity=perplexity_panel(steps, val, max_points, exact),
+        lr=lr_panel(steps, max_points, exact),
+        grad_norm=grad_norm_panel(steps, float(config.get("grad_clip") or 0), max_points, exact),
         epoch_time=epoch_time_panel(epochs),
         memory=memory_panel(epochs),
         markers=build_markers(run, checkpoints, events),
@@ -131,7 +108,7 @@ def human_count(n: float) -> str:
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= scale:
             return f"{n / scale:.3g}{suffix}"
-    return str(int(n))
+    return str(int(round(n)))
 
 
 def _fmt(value: Any) -> str | None:
@@ -158,48 +135,66 @@ def validation_points(evals: pd.DataFrame | None, epochs: pd.DataFrame | None
     return x, y, 0
 
 
-def loss_panel(steps, epochs, val, max_points: int) -> Panel:
+def loss_panel(steps, epochs, val, max_points: int, exact: bool = True) -> Panel:
     sx, sy, s_drop = finite_xy(column(steps, "step"), column(steps, "loss"))
-    ex, ey, e_drop = finite_xy(column(epochs, "step"), column(epochs, "train_loss"))
+    ex, ey, e_drop = finite_xy(mid_epoch_steps(epochs), column(epochs, "train_loss"))
     vx, vy, v_drop = val
     series = (_series("train_step", "train (per step)", sx, sy, max_points),
-              _series("train_epoch", "train (epoch mean)", ex, ey),
+              _series("train_epoch", "train (epoch mean, mid-epoch)", ex, ey),
               _series("val", "validation", vx, vy, max_points))
     notes = (_absent_note(steps, sx, NO_STEPS, "no finite training loss"),
              _validation_note(vx, v_drop),
-             _dropped_note(s_drop + e_drop, "training loss"), _dropped_note(v_drop, "validation loss"))
+             _dropped_note(s_drop, "training loss", exact), _dropped_note(e_drop, "epoch mean loss"),
+             _dropped_note(v_drop, "validation loss"))
     return Panel("Loss", "step", "loss (nats)", _present(series), _present(notes))
 
 
-def perplexity_panel(steps, val, max_points: int) -> Panel:
+def mid_epoch_steps(epochs: pd.DataFrame | None) -> np.ndarray:
+    """The step halfway through each epoch (an epoch's mean belongs there, not at its end).
+
+    An epoch row's ``step`` is the epoch's last step; the first epoch starts at step 0.
+    """
+    last = column(epochs, "step")
+    if not last.size:
+        return last
+    order = np.argsort(column(epochs, "epoch"), kind="stable")
+    first = np.empty_like(last)
+    first[order] = np.concatenate(([0.0], last[order][:-1]))
+    first[~np.isfinite(first)] = last[~np.isfinite(first)]    # unknown start: the end itself
+    return (first + last) / 2
+
+
+def perplexity_panel(steps, val, max_points: int, exact: bool = True) -> Panel:
     sx, sy, _ = finite_xy(column(steps, "step"), column(steps, "loss"))
     window = smoothing_window(sy.size)
     with np.errstate(over="ignore"):        # exp of a huge loss is inf, then dropped below
         tx, ty, t_drop = finite_xy(sx, np.exp(moving_average(sy, window)))
         vx, vy, v_drop = finite_xy(val[0], np.exp(val[1]))
-    label = "train, exp(mean loss" + (f" over {window} steps)" if window > 1 else ")")
+    span = window * (sx[-1] - sx[0] + 1) / sx.size if sx.size else 0   # rows may be reduced
+    label = "train, exp(mean loss" + (f" over ~{human_count(span)} steps)" if window > 1 else ")")
     series = (_series("train_smooth", label, tx, ty, max_points),
               _series("val", "validation", vx, vy, max_points))
     notes = (_absent_note(steps, sx, NO_STEPS, None), _validation_note(vx, val[2]),
-             _dropped_note(t_drop + v_drop, "perplexity"))
+             _dropped_note(t_drop, "training perplexity", exact),
+             _dropped_note(v_drop, "validation perplexity"))
     return Panel("Perplexity", "step", "perplexity (exp of loss)", _present(series),
                  _present(notes), log_y=True)
 
 
-def lr_panel(steps, max_points: int) -> Panel:
+def lr_panel(steps, max_points: int, exact: bool = True) -> Panel:
     x, y, dropped = finite_xy(column(steps, "step"), column(steps, "lr"))
     notes = (_absent_note(steps, x, NO_STEPS, "learning rate not recorded"),
-             _dropped_note(dropped, "learning rate"))
+             _dropped_note(dropped, "learning rate", exact))
     return Panel("Learning rate", "step", "learning rate",
                  _present((_series("lr", "learning rate", x, y, max_points),)), _present(notes))
 
 
-def grad_norm_panel(steps, grad_clip: float, max_points: int) -> Panel:
+def grad_norm_panel(steps, grad_clip: float, max_points: int, exact: bool = True) -> Panel:
     x, y, dropped = finite_xy(column(steps, "step"), column(steps, "grad_norm"))
     series = (_series("grad", "gradient norm", x, y, max_points),
               Series("clip", f"clip = {grad_clip:g}", (), (grad_clip,)) if grad_clip > 0 else None)
     notes = (_absent_note(steps, x, NO_STEPS, "gradient norm not recorded"),
-             _dropped_note(dropped, "gradient norm"))
+             _dropped_note(dropped, "gradient norm", exact))
     # a few huge spikes flatten a linear axis; a log axis shows them and the bulk
     spiky = y.size and np.median(y) > 0 and y.max() / np.median(y) > 50
     return Panel("Gradient norm", "step", "gradient norm (L2)", _present(series), _present(notes),
@@ -207,13 +202,18 @@ def grad_norm_panel(steps, grad_clip: float, max_points: int) -> Panel:
 
 
 # -- epoch panels ----------------------------------------------------------------------------
+DURATION_UNITS = ((7200.0, 3600.0, "hours"), (120.0, 60.0, "minutes"), (0.0, 1.0, "seconds"))
+
+
 def epoch_time_panel(epochs) -> Panel:
     x, y, dropped = finite_xy(column(epochs, "epoch"), column(epochs, "epoch_seconds"))
     notes = (_absent_note(epochs, x, NO_EPOCHS, "epoch duration not recorded"),
              _dropped_note(dropped, "epoch duration"))
-    return Panel("Epoch duration", "epoch", "seconds",
-                 _present((_series("epoch_seconds", "wall time", x, y),)), _present(notes),
-                 by_step=False)
+    longest = float(y.max()) if y.size else 0.0
+    scale, unit = next((s, u) for limit, s, u in DURATION_UNITS if longest >= limit)
+    return Panel("Epoch duration", "epoch", unit,
+                 _present((_series("epoch_seconds", "wall time", x, y / scale),)), _present(notes),
+                 by_step=False, from_zero=True)
 
 
 def memory_panel(epochs) -> Panel:
@@ -283,8 +283,11 @@ def _validation_note(x: np.ndarray, dropped: int) -> str | None:
     return "no finite validation loss" if dropped else NO_VALIDATION
 
 
-def _dropped_note(n: int, what: str) -> str | None:
-    return f"{n} non-finite {what} value{'s' if n != 1 else ''} not drawn" if n else None
+def _dropped_note(n: int, what: str, exact: bool = True) -> str | None:
+    if not n:
+        return None
+    return f"{n} non-finite {what} value{'s' if n != 1 else ''} not drawn" if exact else \
+        f"non-finite {what} values not drawn"
 
 
 def _present(items: tuple) -> tuple:

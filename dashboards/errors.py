@@ -8,3 +8,7 @@ class DashboardError(Exception):
 
 class UsageError(DashboardError):
     """A command-line value cannot be used; the message names the flag, the value and the fix."""
+
+
+class ReportError(DashboardError):
+    """A study report cannot be made (unknown study, not an Optuna storage)."""

@@ -1,0 +1,51 @@
+"""Re-render a run's dashboard while it trains (``python -m dashboards --run ID --watch S``).
+
+The database is read while the trainer writes it: SQLite runs in WAL mode, so a read sees the
+last committed rows and never blocks the writer. Each render replaces the file atomically, so
+an image viewer or browser that reloads it never sees half a file. The loop ends by itself once
+the run is no longer ``running`` (after one last render of the finished run).
+"""
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from dashboards import render_run
+from dashboards.data import fetch_run_data
+from dashboards.records import RunDashboardData
+
+
+def watch(db: Any, run_id: int, out: str | os.PathLike, every: float,
+          iterations: int | None = None, plotlyjs: str = "directory",
+          log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep
+          ) -> RunDashboardData:
+    """Render run ``run_id`` to ``out`` every ``every`` seconds until it stops running.
+
+    ``iterations`` bounds the number of renders (for tests and scripts). Returns the records
+    of the last render. Ctrl-C (KeyboardInterrupt) propagates to the caller.
+    """
+    n = 0
+    while True:
+        data = fetch_run_data(db, run_id)       # the status is read first: a finished run's
+        render_run(data, Path(out), plotlyjs)   # rows are all there when it says so
+        n += 1
+        status = data.title.status
+        if status != "running":
+            log(f"run {run_id} is {status}: wrote the final dashboard to {out}")
+            return data
+        log(f"{datetime.now():%H:%M:%S} run {run_id} running, {progress(data)}: wrote {out}"
+            f"{'' if iterations is not None and n >= iterations else f'; next in {every:g} s'}")
+        if iterations is not None and n >= iterations:
+            return data
+        sleep(every)
+
+
+def progress(data: RunDashboardData) -> str:
+    """'step 1,200, val loss 3.21' from the records (the last step drawn, the last validation)."""
+    steps = next((s for s in data.loss.series if s.role == "train_step"), None)
+    text = f"step {int(steps.x[-1]):,}" if steps and steps.x else "no step yet"
+    val = data.validation
+    return text + (f", val loss {val.y[-1]:.4g}" if val else "")

@@ -1,0 +1,74 @@
+"""The plain records a run dashboard is drawn from (NamedTuples of tuples, comparable by ==).
+
+Builders (``dashboards.data``) decide everything about the data: what is drawn, which notes
+a panel shows, how long series are reduced. Renderers (``training`` for PNG, ``run_html`` for
+HTML) only map roles to styles.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Series(NamedTuple):
+    role: str                    # what it is; the renderer maps it to a style (line, points, bars...)
+    label: str                   # legend entry
+    x: tuple[float, ...]
+    y: tuple[float, ...]         # role "clip": one value, drawn as a horizontal line
+
+
+class Panel(NamedTuple):
+    title: str
+    xlabel: str
+    ylabel: str
+    series: tuple[Series, ...] = ()
+    notes: tuple[str, ...] = ()  # shown on the panel: missing data, dropped points
+    log_y: bool = False
+    by_step: bool = True         # x is the optimizer step, so event markers belong on it
+    from_zero: bool = False      # y axis starts at 0 (sizes such as memory read against zero)
+
+    @property
+    def has_data(self) -> bool:
+        return any(s.y for s in self.series if s.role != "clip")
+
+
+class Marker(NamedTuple):
+    kind: str                    # resume, oom, nonfinite or best (the best checkpoint)
+    step: float
+
+
+class Title(NamedTuple):
+    run_id: int
+    name: str
+    status: str
+    study: str | None
+    trial: int | None
+    hparams: tuple[tuple[str, str], ...]
+
+    @property
+    def text(self) -> str:
+        """Two lines: who the run is, then its key hyperparameters."""
+        line = f"{self.name}  \u00b7  run {self.run_id}  \u00b7  {self.status}"
+        if self.study:
+            line += f"  \u00b7  study {self.study}"
+            line += f", trial {self.trial}" if self.trial is not None else ""
+        params = "   ".join(f"{k} {v}" for k, v in self.hparams)
+        return f"{line}\n{params}" if params else line
+
+
+class RunDashboardData(NamedTuple):
+    title: Title
+    loss: Panel
+    perplexity: Panel
+    lr: Panel
+    grad_norm: Panel
+    epoch_time: Panel
+    memory: Panel
+    markers: tuple[Marker, ...]
+
+    @property
+    def panels(self) -> tuple[Panel, ...]:
+        return (self.loss, self.perplexity, self.lr, self.grad_norm, self.epoch_time, self.memory)
+
+    @property
+    def validation(self) -> Series | None:
+        return next((s for s in self.loss.series if s.role == "val"), None)

@@ -1,0 +1,114 @@
+"""Draw a ``RunDashboardData`` as an interactive HTML page with plotly (zoom, hover, toggle).
+
+Same records and panels as the PNG (``dashboards.training``); long step series arrive already
+reduced (min/max per bucket), and are handed to plotly as numpy arrays, which it stores as
+base64 binary instead of decimal text, so a 1,000,000-step run is a page of about 100 kB
+(plus plotly.js, see ``dashboards.output``).
+"""
+from __future__ import annotations
+
+import os
+from typing import IO, Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from dashboards.output import html_page, write_html
+from dashboards.records import Marker, Panel, RunDashboardData, Series
+
+ROWS, COLS = 2, 3
+LINE = dict(mode="lines")
+STYLES: dict[str, dict[str, Any]] = {
+    "train_step": dict(LINE, line=dict(color="#1f77b4", width=1), opacity=0.5),
+    "train_smooth": dict(LINE, line=dict(color="#1f77b4", width=2)),
+    "train_epoch": dict(mode="markers", marker=dict(color="navy", size=9)),
+    "val": dict(mode="lines+markers", line=dict(color="#ff7f0e", width=2), marker=dict(size=5)),
+    "lr": dict(LINE, line=dict(color="#2ca02c", width=2)),
+    "grad": dict(LINE, line=dict(color="#9467bd", width=1)),
+    "mem_allocated": dict(mode="lines+markers", line=dict(color="#1f77b4"), marker=dict(symbol="circle")),
+    "mem_reserved": dict(mode="lines+markers", line=dict(color="#ff7f0e"), marker=dict(symbol="square")),
+    "mem_peak": dict(mode="lines+markers", line=dict(color="#d62728"), marker=dict(symbol="triangle-up")),
+    "mem_process": dict(mode="lines+markers", line=dict(color="#8c564b")),
+}
+MARKER_STYLES = {"resume": ("#2ca02c", "dot", "resume"), "oom": ("#d62728", "dash", "out of memory"),
+                 "nonfinite": ("magenta", "dashdot", "non-finite"),
+                 "best": ("goldenrod", "solid", "best checkpoint")}
+
+
+def render_run_html(data: RunDashboardData, out: str | os.PathLike | IO[bytes],
+                    plotlyjs: str = "directory") -> None:
+    """Write the dashboard as an HTML page (see ``dashboards.output`` for ``plotlyjs``)."""
+    body = run_figure(data).to_html(full_html=False, include_plotlyjs=False)
+    write_html(out, html_page(data.title.text.splitlines()[0], [body], plotlyjs), plotlyjs)
+
+
+def run_figure(data: RunDashboardData) -> go.Figure:
+    """The six panels as one plotly figure."""
+    fig = make_subplots(rows=ROWS, cols=COLS, subplot_titles=[p.title for p in data.panels],
+                        horizontal_spacing=0.07, vertical_spacing=0.13)
+    shown: set[str] = set()
+    for i, panel in enumerate(data.panels):
+        row, col = divmod(i, COLS)
+        xs = [x for s in panel.series for x in (s.x[:1] + s.x[-1:])]
+        for s in panel.series:
+            add_series(fig, s, row + 1, col + 1, shown, (min(xs), max(xs)) if xs else (0, 1))
+        if panel.by_step:
+            add_markers(fig, data.markers, row + 1, col + 1, shown)
+        finish_axes(fig, panel, i + 1, row + 1, col + 1)
+    title = data.title.text.replace("\n", "<br><sup>") + "</sup>" * ("\n" in data.title.text)
+    fig.update_layout(title=dict(text=title, x=0.5), template="plotly_white", height=900,
+                      hovermode="closest", legend=dict(orientation="h", y=-0.08),
+                      margin=dict(t=110))
+    return fig
+
+
+def add_series(fig: go.Figure, s: Series, row: int, col: int, shown: set[str],
+               x_span: tuple[float, float] = (0.0, 1.0)) -> None:
+    common = dict(name=s.label, legendgroup=s.label, showlegend=s.label not in shown)
+    shown.add(s.label)
+    if s.role == "clip":                   # a trace, not a shape: it gets a legend entry and hover
+        fig.add_trace(go.Scatter(x=list(x_span), y=[s.y[0]] * 2, mode="lines",
+                                 line=dict(color="red", dash="dash", width=1), **common),
+                      row=row, col=col)
+        return
+    x, y = np.asarray(s.x, dtype=float), np.asarray(s.y, dtype=float)
+    if s.role == "epoch_seconds":
+        fig.add_trace(go.Bar(x=x, y=y, marker_color="#17becf", **common), row=row, col=col)
+    else:
+        fig.add_trace(go.Scatter(x=x, y=y, **STYLES[s.role], **common), row=row, col=col)
+
+
+def add_markers(fig: go.Figure, markers: tuple[Marker, ...], row: int, col: int,
+                shown: set[str]) -> None:
+    """Vertical lines at event steps, each kind named once in the legend."""
+    for m in markers:
+        color, dash, name = MARKER_STYLES.get(m.kind, ("gray", "dot", m.kind))
+        line = dict(color=color, dash=dash, width=1.5)
+        fig.add_vline(x=m.step, line=line, row=row, col=col)
+        if name not in shown:              # shapes have no legend entry: an empty trace does
+            shown.add(name)
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=line, name=name),
+                          row=row, col=col)
+
+
+def finish_axes(fig: go.Figure, panel: Panel, index: int, row: int, col: int) -> None:
+    fig.update_xaxes(title_text=panel.xlabel, row=row, col=col,
+                     dtick=None if panel.by_step else 1)
+    small = panel.has_data and max(abs(v) for s in panel.series for v in s.y) < 0.01
+    fig.update_yaxes(title_text=panel.ylabel, row=row, col=col,
+                     type="log" if panel.log_y and panel.has_data else None,
+                     exponentformat="e" if small else None)          # 5e-4, not 500µ
+    if panel.from_zero and panel.has_data:
+        top = max(max(s.y) for s in panel.series if s.role != "clip")
+        fig.update_yaxes(range=[0, top * 1.12 if top > 0 else 1], row=row, col=col)
+    if panel.notes:
+        ref = "" if index == 1 else str(index)
+        centred = not panel.has_data
+        fig.add_annotation(text="<br>".join(panel.notes), showarrow=False,
+                           xref=f"x{ref} domain", yref=f"y{ref} domain",
+                           x=0.5 if centred else 0.02, y=0.5 if centred else 0.03,
+                           xanchor="center" if centred else "left",
+                           yanchor="middle" if centred else "bottom",
+                           font=dict(color="dimgray", size=14 if centred else 11),
+                           bgcolor="rgba(255,255,255,0.85)")
