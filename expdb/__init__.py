@@ -4,21 +4,25 @@
     db = expdb.open("experiments.db")     # or a SQLAlchemy URL (postgresql+psycopg://...)
     rec = db.recorder()                   # a trainer.recorder.Recorder
     db.runs(); db.steps(run_id); db.epochs(run_id); db.study("my-study")
+    db.step_series(run_id)                # <= 2000 rows for plotting, spikes kept
+    expdb.merge(["kaggle-1.db", "kaggle-2.db"], into="all.db")
 
 Tables, views and conventions: docs/schema.md.
 """
 from expdb.db import ExperimentDB, open
 from expdb.errors import (ConflictError, CorruptDatabaseError, DatabaseLockedError, DatabaseNotFoundError,
-                          DuplicateRunError, ExpdbError, InvalidValueError, NotADatabaseError,
-                          RecorderStateError, SchemaError, SchemaTooNewError, StorageError,
-                          UnknownRunError, WriteError)
+                          DuplicateRunError, ExpdbError, InvalidValueError, MergeError, NotADatabaseError,
+                          ReadOnlyDatabaseError, RecorderStateError, SchemaError, SchemaTooNewError,
+                          StorageError, UnknownRunError, WriteError)
+from expdb.merge import MergeReport, merge
 from expdb.models import SCHEMA_VERSION
 from expdb.recorder import DBRecorder
 from expdb.records import RunRecord
 
 __all__ = [
-    "open", "ExperimentDB", "DBRecorder", "RunRecord", "SCHEMA_VERSION",
+    "open", "merge", "ExperimentDB", "DBRecorder", "RunRecord", "MergeReport", "SCHEMA_VERSION",
     "ExpdbError", "DatabaseNotFoundError", "CorruptDatabaseError", "NotADatabaseError", "SchemaTooNewError", "SchemaError",
     "UnknownRunError", "DuplicateRunError", "InvalidValueError", "RecorderStateError",
-    "StorageError", "DatabaseLockedError", "ConflictError", "WriteError",
+    "StorageError", "DatabaseLockedError", "ConflictError", "WriteError", "ReadOnlyDatabaseError",
+    "MergeError",
 ]

@@ -1,10 +1,15 @@
-"""Command line: look at an experiment database without writing Python.
+"""Command line: look after an experiment database without writing Python.
 
     python -m expdb --db experiments.db runs [--study NAME]
+    python -m expdb --db experiments.db studies
     python -m expdb --db experiments.db show RUN
     python -m expdb --db experiments.db export RUN --format csv|json [--table T] [--out FILE]
+    python -m expdb merge SRC.db... --into DST.db
+    python -m expdb --db experiments.db check [--root DIR] [--no-files] [--repair]
+    python -m expdb --db experiments.db gc [--root DIR] [--dry-run]
 
-Errors print one line to stderr and exit with status 2.
+Exit status: 0 done; 1 ``check`` found problems; 2 an error (one line on stderr), after
+which nothing was changed.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 import expdb
+from expdb import maintenance
 from expdb.errors import ExpdbError
 from expdb.values import jsonable
 
@@ -27,12 +33,13 @@ _EPOCH_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_ppl", "lr", "e
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m expdb", description="Read an experiment database.")
+    parser = argparse.ArgumentParser(prog="python -m expdb", description="Look after an experiment database.")
     parser.add_argument("--db", default="experiments.db",
                         help="SQLite file or SQLAlchemy URL (default: experiments.db)")
     sub = parser.add_subparsers(dest="command", required=True)
     runs = sub.add_parser("runs", help="list the runs")
     runs.add_argument("--study", help="only the runs of this study")
+    sub.add_parser("studies", help="list the studies: runs by status, best run")
     show = sub.add_parser("show", help="one run's record and its epochs")
     show.add_argument("run", type=int, help="run id")
     export = sub.add_parser("export", help="write a run's history as CSV or JSON")
@@ -41,66 +48,114 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--table", choices=TABLES,
                         help="which history (csv default: steps; json default: the record and all of them)")
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    merge = sub.add_parser("merge", help="copy the runs (and Optuna studies) of other databases into one")
+    merge.add_argument("sources", nargs="+", help="databases to merge from (never modified)")
+    merge.add_argument("--into", help="database to merge into, created if missing (default: --db)")
+    check = sub.add_parser("check", help="integrity, foreign keys, checkpoint files and their sha256")
+    check.add_argument("--root", type=Path, default=Path("."), help="directory of relative checkpoint paths")
+    check.add_argument("--no-files", action="store_true", help="skip the checkpoint files")
+    check.add_argument("--repair", action="store_true", help="rebuild the step rollups first")
+    gc = sub.add_parser("gc", help="remove rotated-away checkpoints: their rows and files")
+    gc.add_argument("--root", type=Path, default=Path("."), help="directory of relative checkpoint paths")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with expdb.open(args.db, create=False) as db:
-            text = COMMANDS[args.command](db, args)
+        status, text = COMMANDS[args.command](args)
         if getattr(args, "out", None):
             args.out.write_text(text, encoding="utf-8")
         else:
             sys.stdout.write(text)
-    except ExpdbError as exc:
+    except (ExpdbError, OSError) as exc:     # OSError: --out in a missing directory, a closed pipe
         print(f"expdb: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:      # --out in a missing directory, a closed pipe, ...
-        print(f"expdb: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return status
 
 
-def cmd_runs(db: expdb.ExperimentDB, args: argparse.Namespace) -> str:
-    df = db.runs(args.study)
-    if df.empty:
-        return f"no runs in {db.where}\n"
-    return df[_RUN_COLUMNS].to_string(index=False) + "\n"
+def _open(args: argparse.Namespace) -> expdb.ExperimentDB:
+    """An existing database; read-only by itself where its place is not writable."""
+    return expdb.open(args.db, create=False)
 
 
-def cmd_show(db: expdb.ExperimentDB, args: argparse.Namespace) -> str:
-    record = db.run(args.run)
-    lines = []
-    for name, value in record.as_dict().items():
-        if isinstance(value, dict):
-            value = json.dumps(value, indent=2, default=str).replace("\n", "\n  ")
-        lines.append(f"{name}: {value}")
-    epochs = db.epochs(args.run)
+def cmd_runs(args: argparse.Namespace) -> tuple[int, str]:
+    with _open(args) as db:
+        df = db.runs(args.study)
+        if df.empty:
+            return 0, f"no runs in {db.where}\n"
+        return 0, df[_RUN_COLUMNS].to_string(index=False) + "\n"
+
+
+def cmd_studies(args: argparse.Namespace) -> tuple[int, str]:
+    with _open(args) as db:
+        df = db.studies()
+        return 0, (df.to_string(index=False) + "\n") if len(df) else f"no studies in {db.where}\n"
+
+
+def cmd_show(args: argparse.Namespace) -> tuple[int, str]:
+    with _open(args) as db:
+        record = db.run(args.run)
+        lines = []
+        for name, value in record.as_dict().items():
+            if isinstance(value, dict):
+                value = json.dumps(value, indent=2, default=str).replace("\n", "\n  ")
+            lines.append(f"{name}: {value}")
+        epochs = db.epochs(args.run)
     lines.append("")
     lines.append(epochs[_EPOCH_COLUMNS].to_string(index=False) if len(epochs) else "(no epochs recorded)")
-    return "\n".join(lines) + "\n"
+    return 0, "\n".join(lines) + "\n"
 
 
-def cmd_export(db: expdb.ExperimentDB, args: argparse.Namespace) -> str:
-    if args.format == "csv":
-        df = _table(db, args.run, args.table or "steps")
-        if "detail" in df:
-            df["detail"] = [json.dumps(jsonable(d)) for d in df["detail"]]
-        return df.to_csv(index=False)
-    tables = [args.table] if args.table else list(TABLES)
-    document = {"run": db.run(args.run).as_dict()} if not args.table else {}
-    for name in tables:
-        document[name] = _table(db, args.run, name).to_dict(orient="records")
+def cmd_export(args: argparse.Namespace) -> tuple[int, str]:
+    with _open(args) as db:
+        if args.format == "csv":
+            df = _table(db, args.run, args.table or "steps")
+            if "detail" in df:
+                df["detail"] = [json.dumps(jsonable(d)) for d in df["detail"]]
+            return 0, df.to_csv(index=False)
+        tables = [args.table] if args.table else list(TABLES)
+        document = {"run": db.run(args.run).as_dict()} if not args.table else {}
+        for name in tables:
+            document[name] = _table(db, args.run, name).to_dict(orient="records")
     # Strict JSON: non-finite floats are written as the strings "nan", "inf", "-inf".
-    return json.dumps(jsonable(document), indent=2, allow_nan=False) + "\n"
+    return 0, json.dumps(jsonable(document), indent=2, allow_nan=False) + "\n"
 
 
 def _table(db: expdb.ExperimentDB, run_id: int, name: str) -> pd.DataFrame:
     return getattr(db, name)(run_id)
 
 
-COMMANDS = {"runs": cmd_runs, "show": cmd_show, "export": cmd_export}
+def cmd_merge(args: argparse.Namespace) -> tuple[int, str]:
+    reports = expdb.merge(args.sources, into=args.into or args.db)
+    return 0, "".join(report.summary() + "\n" for report in reports)
+
+
+def cmd_check(args: argparse.Namespace) -> tuple[int, str]:
+    with _open(args) as db:
+        lines = []
+        if args.repair:
+            lines.append(f"rebuilt the step rollups of {maintenance.repair_rollups(db)} runs")
+        report = maintenance.check(db, root=args.root, files=not args.no_files)
+        lines += [f"problem: {p}" for p in report.problems] + [f"note: {n}" for n in report.notes]
+        verdict = "ok" if report.ok else f"{len(report.problems)} problems"
+        lines.append(f"{db.where}: {verdict} ({report.checkpoints_ok} checkpoints verified)")
+    return (0 if report.ok else 1), "\n".join(lines) + "\n"
+
+
+def cmd_gc(args: argparse.Namespace) -> tuple[int, str]:
+    with _open(args) as db:
+        report = maintenance.gc(db, root=args.root, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    lines = [f"{verb} {path}" for path in report.removed] + [f"kept {why}" for why in report.kept]
+    lines.append(f"{verb} {len(report.rows)} checkpoint rows and {len(report.removed)} files "
+                 f"({report.bytes_freed / 1e6:.1f} MB)")
+    return 0, "\n".join(lines) + "\n"
+
+
+COMMANDS = {"runs": cmd_runs, "studies": cmd_studies, "show": cmd_show, "export": cmd_export,
+            "merge": cmd_merge, "check": cmd_check, "gc": cmd_gc}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,17 +8,17 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import pandas as pd
-from sqlalchemy import Select, column, make_url, select, table
+from sqlalchemy import Select, column, select, table
 from sqlalchemy.orm import Session, sessionmaker
 
+from expdb import reads
 from expdb import runs as run_rows
-from expdb.engine import (DEFAULT_BUSY_TIMEOUT_S, check_sqlite_file, describe, enable_wal,
-                          make_engines, normalize_url, session_scope, translated)
-from expdb.errors import UnknownRunError
-from expdb.models import FLOAT_COLUMNS, Checkpoint, EpochMetric, EvalMetric, Event, Run, StepMetric
+from expdb.engine import DEFAULT_BUSY_TIMEOUT_S, enable_wal, locate, make_engines, session_scope, translated
+from expdb.errors import ReadOnlyDatabaseError, UnknownRunError
+from expdb.models import FLOAT_COLUMNS, Checkpoint, EpochMetric, EvalMetric, Event, Run
 from expdb.records import RunRecord
 from expdb.recorder import DBRecorder
 from expdb.schema import ensure_schema
@@ -27,35 +27,36 @@ from expdb.values import from_json
 _HIDDEN = ("nan_columns",)      # storage detail: a DataFrame shows NaN itself
 _RUN_SUMMARY = table("run_summary", column("id"), column("n_steps"), column("last_step"),
                      column("n_epochs"), column("duration_s"))
+_COMPARE_COLUMNS = ["run_id", "name", "status", "status_reason", "study_name", "trial_number", "best_val_loss",
+                    "best_step", "n_steps", "n_epochs", "duration_s", "host", "started_at", "ended_at"]
 _STUDY_COLUMNS = ["trial_number", "run_id", "name", "status", "status_reason", "best_val_loss",
                   "best_step", "n_steps", "n_epochs", "duration_s", "started_at", "ended_at"]
 
 
-def open(url_or_path: str | os.PathLike = "experiments.db", *, create: bool = True,
+def open(url_or_path: str | os.PathLike = "experiments.db", *, create: bool = True, readonly: bool = False,
          busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> "ExperimentDB":
     """Open (and, for a new SQLite path, create) an experiment database."""
-    return ExperimentDB(url_or_path, create=create, busy_timeout_s=busy_timeout_s)
+    return ExperimentDB(url_or_path, create=create, readonly=readonly, busy_timeout_s=busy_timeout_s)
 
 
 class ExperimentDB:
     """An experiment database: a SQLite file path or a SQLAlchemy URL.
 
     ``create=False`` refuses a SQLite path that does not exist (for readers such as the
-    CLI). ``busy_timeout_s`` is how long a SQLite write waits for another writer's lock.
+    CLI). ``readonly=True`` never writes (no schema creation, no upgrade, no recorder);
+    a SQLite file in a place this process cannot write is opened that way by itself.
+    ``busy_timeout_s`` is how long a SQLite write waits for another writer's lock.
     """
 
     def __init__(self, url_or_path: str | os.PathLike = "experiments.db", *, create: bool = True,
-                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S):
-        self.url = normalize_url(url_or_path)
-        self.where = describe(self.url)
-        sqlite = make_url(self.url).get_backend_name() == "sqlite"
-        if sqlite:
-            check_sqlite_file(self.url, create)     # before any connection can touch the file
-        self._reader, self._writer = make_engines(self.url, busy_timeout_s)
+                 readonly: bool = False, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S):
+        self._location = location = locate(url_or_path, create, readonly)
+        self.url, self.where, self.readonly = location.url, location.where, location.readonly
+        self._reader, self._writer = make_engines(location, busy_timeout_s)
         try:
             with translated(self.where):
-                ensure_schema(self._reader, self._writer, self.where)
-                if sqlite:
+                ensure_schema(self._reader, self._writer, location)
+                if location.sqlite and not location.readonly:
                     enable_wal(self._reader)
         except BaseException:
             self._reader.dispose()
@@ -63,7 +64,7 @@ class ExperimentDB:
         self._sessions = sessionmaker(bind=self._writer, expire_on_commit=False)
 
     def __repr__(self) -> str:
-        return f"ExperimentDB({self.where!r})"
+        return f"ExperimentDB({self.where!r}{', readonly' if self.readonly else ''})"
 
     def __enter__(self) -> "ExperimentDB":
         return self
@@ -81,8 +82,10 @@ class ExperimentDB:
         """A trainer.recorder.Recorder writing one run into this database.
 
         RunInfo.study_name / trial_number, when set, take precedence over these.
-        ``options``: flush_interval_s, batch_rows, finish_timeout_s (see DBRecorder).
+        ``options``: flush_interval_s, batch_rows, sync_timeout_s, finish_timeout_s
+        (see DBRecorder).
         """
+        self.require_writable("record a run")
         return DBRecorder(self, study_name, trial_number, **options)
 
     def mark_checkpoint_deleted(self, run_id: int, path: str) -> int:
@@ -90,8 +93,16 @@ class ExperimentDB:
         with self._write_session() as session:
             return run_rows.mark_checkpoint_deleted(session, run_id, str(path))
 
+    def require_writable(self, action: str) -> None:
+        if self.readonly:
+            raise ReadOnlyDatabaseError(
+                f"cannot {action}: {self.where} is open read-only (its file or directory is not "
+                "writable, or readonly=True was passed); nothing was written. Copy it to a "
+                "writable directory and open the copy")
+
     @contextmanager
     def _write_session(self) -> Iterator[Session]:
+        self.require_writable("write")
         with session_scope(self._sessions, self.where) as session:
             yield session
 
@@ -118,7 +129,17 @@ class ExperimentDB:
         return df
 
     def steps(self, run_id: int) -> pd.DataFrame:
-        return self._history(StepMetric, run_id, "step")
+        """Every step of a run: run_id, step, epoch, loss, lr, grad_norm, tokens_per_s, tokens_seen."""
+        self.run(run_id)            # an unknown id is an error, not an empty frame
+        return reads.steps_frame(self._reader, self.where, run_id)
+
+    def step_series(self, run_id: int, columns: Sequence[str] = ("loss", "lr", "grad_norm"),
+                    max_points: int = 2000) -> pd.DataFrame:
+        """At most ``max_points`` step rows of a run for plotting, with every bucket's
+        minimum and maximum of each column (see expdb.reads): columns ``step`` and
+        ``columns``, one row per kept step, ordered by step."""
+        self.run(run_id)
+        return reads.step_series(self._reader, self.where, run_id, columns, max_points)
 
     def evals(self, run_id: int) -> pd.DataFrame:
         return self._history(EvalMetric, run_id, "step")
@@ -134,6 +155,13 @@ class ExperimentDB:
         df["detail"] = [from_json(text) for text in df["detail"]]
         return df
 
+    def studies(self) -> pd.DataFrame:
+        """One row per study (the study_summary view): run counts by status, best run."""
+        with translated(self.where), self._reader.connect() as conn:
+            df = pd.read_sql("SELECT * FROM study_summary ORDER BY study_name", conn)
+        df["best_val_loss"] = df["best_val_loss"].astype("float64")
+        return df
+
     def study(self, study_name: str, all_params: bool = False) -> pd.DataFrame:
         """One row per run of a study, by trial_number, with its best validation loss.
 
@@ -142,13 +170,18 @@ class ExperimentDB:
         An unknown study gives an empty frame.
         """
         runs = self.runs(study_name).rename(columns={"id": "run_id"})
-        params = pd.DataFrame([{k: _scalar(v) for k, v in cfg.items()} for cfg in runs["config"]],
-                              index=runs.index)
-        if not all_params and len(params.columns):
-            params = params.loc[:, params.nunique(dropna=False) > 1]
-        params.columns = [f"params_{name}" for name in params.columns]
-        df = pd.concat([runs[_STUDY_COLUMNS], params], axis=1)
+        df = _with_params(runs, _STUDY_COLUMNS, all_params)
         return df.sort_values(["trial_number", "run_id"], ignore_index=True)
+
+    def compare(self, run_ids: Iterable[int], all_params: bool = False) -> pd.DataFrame:
+        """Runs side by side, in the order given (from any studies or sessions): their
+        outcome and a ``params_<name>`` column for every config value that differs."""
+        run_ids = [int(i) for i in run_ids]
+        runs = self.runs().rename(columns={"id": "run_id"}).set_index("run_id", drop=False)
+        missing = [i for i in run_ids if i not in runs.index]
+        if missing:
+            raise UnknownRunError(missing[0])
+        return _with_params(runs.loc[run_ids].reset_index(drop=True), _COMPARE_COLUMNS, all_params)
 
     def _history(self, model: type, run_id: int | None, order: str) -> pd.DataFrame:
         table_ = model.__table__
@@ -167,6 +200,15 @@ class ExperimentDB:
         for name in floats:
             df[name] = df[name].astype("float64")
         return df
+
+
+def _with_params(runs: pd.DataFrame, columns: list[str], all_params: bool) -> pd.DataFrame:
+    params = pd.DataFrame([{k: _scalar(v) for k, v in cfg.items()} for cfg in runs["config"]],
+                          index=runs.index)
+    if not all_params and len(params.columns):
+        params = params.loc[:, params.nunique(dropna=False) > 1]
+    params.columns = [f"params_{name}" for name in params.columns]
+    return pd.concat([runs[columns], params], axis=1)
 
 
 def _scalar(value: Any) -> Any:

@@ -1,30 +1,49 @@
 """Engines, connections and sessions, with driver errors turned into expdb's own.
 
-SQLite details live here: every connection gets ``busy_timeout`` and
-``foreign_keys=ON`` (both are per connection, not per file), and expdb emits BEGIN
+SQLite details live here: every connection gets ``busy_timeout``, ``foreign_keys=ON``
+and ``synchronous=NORMAL`` (all per connection, not per file), and expdb emits BEGIN
 itself so that writes can take the write lock up front with ``BEGIN IMMEDIATE``.
 A deferred transaction that reads and then writes can fail at once with
 "database is locked" when another process wrote in between, without waiting for
-the busy timeout; an immediate one waits.
+the busy timeout; an immediate one waits. ``synchronous=NORMAL`` is SQLite's advice for
+WAL: a commit is not fsynced, so it survives a killed process (the operating system
+has it) but not a power cut, which may take the last transactions, never the file.
+
+A SQLite file in a place this process cannot write (a read-only mount such as Kaggle's
+/kaggle/input, a directory or file without write permission) is opened read-only:
+every read works, and every write raises ReadOnlyDatabaseError before touching it.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from expdb.errors import (ConflictError, CorruptDatabaseError, DatabaseLockedError, DatabaseNotFoundError, ExpdbError,
-                          NotADatabaseError, StorageError)
+from expdb.errors import (ConflictError, CorruptDatabaseError, DatabaseLockedError, DatabaseNotFoundError,
+                          ExpdbError, NotADatabaseError, ReadOnlyDatabaseError, StorageError)
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 # Execution option read by the "begin" hook: connections of a writer engine BEGIN IMMEDIATE.
 _WRITE_OPTION = "expdb_write"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a database is: the URL given, the URL to connect with, and whether we may write."""
+
+    url: str
+    connect_url: str
+    where: str              # for messages: the file path, or the URL without its password
+    sqlite: bool
+    readonly: bool = False
 
 
 def normalize_url(url_or_path: str | os.PathLike) -> str:
@@ -43,8 +62,26 @@ def describe(url: str) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
-def check_sqlite_file(url: str, create: bool) -> None:
-    """Refuse, before any connection touches it, a path that is not a SQLite database."""
+def locate(url_or_path: str | os.PathLike, create: bool, readonly: bool) -> Location:
+    """Check a SQLite path before any connection can touch it; decide read-only access."""
+    url = normalize_url(url_or_path)
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return Location(url, url, describe(url), sqlite=False, readonly=readonly)
+    path = _sqlite_path(url)
+    if not path.exists():
+        if not create or readonly:
+            raise DatabaseNotFoundError(f"no experiment database at {path}; check the path "
+                                        "(a training run creates it on its first start)")
+        _make_parent(path)
+        return Location(url, url, str(path), sqlite=True)
+    _check_sqlite_header(path)
+    if readonly or not _writable(path):
+        return Location(url, _readonly_url(path), str(path), sqlite=True, readonly=True)
+    return Location(url, url, str(path), sqlite=True)
+
+
+def _sqlite_path(url: str) -> Path:
     database = make_url(url).database
     if not database or database == ":memory:" or database.startswith("file:"):
         raise ExpdbError(f"{url!r}: expdb needs a SQLite file shared by its writer thread and "
@@ -53,14 +90,30 @@ def check_sqlite_file(url: str, create: bool) -> None:
     if path.is_dir():
         raise NotADatabaseError(f"{path} is a directory, not an experiment database; "
                                 f"pass a file path such as {path / 'experiments.db'}")
-    if not path.exists():
-        if not create:
-            raise DatabaseNotFoundError(f"no experiment database at {path}; check the path "
-                                        "(a training run creates it on its first start)")
+    return path
+
+
+def _make_parent(path: Path) -> None:
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return
-    with path.open("rb") as fh:
-        head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise ReadOnlyDatabaseError(
+            f"cannot create the experiment database {path}: its directory cannot be made "
+            f"({exc.strerror or exc}). Nothing was written. Pass a path in a writable "
+            "directory (on Kaggle: under /kaggle/working)") from exc
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ReadOnlyDatabaseError(
+            f"cannot create the experiment database {path}: {path.parent} is not writable "
+            "(a read-only file system, or no write permission). Nothing was written. Pass a "
+            "path in a writable directory (on Kaggle: under /kaggle/working)")
+
+
+def _check_sqlite_header(path: Path) -> None:
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise StorageError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from exc
     if head and head != SQLITE_MAGIC:   # an empty file is a valid, empty SQLite database
         raise NotADatabaseError(
             f"{path} is not an experiment database: it is not a SQLite file (it starts with "
@@ -68,14 +121,28 @@ def check_sqlite_file(url: str, create: bool) -> None:
             "or a path that does not exist yet to create a new one.")
 
 
-def make_engines(url: str, busy_timeout_s: float) -> tuple[Engine, Engine]:
+def _writable(path: Path) -> bool:
+    """Can SQLite write the file and create its -wal and -shm files beside it?"""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
+
+
+def _readonly_url(path: Path) -> str:
+    # immutable=1: read without -wal/-shm files, which a read-only directory cannot hold.
+    # Only when no -wal exists: a -wal holds committed rows that immutable mode would miss.
+    wal = Path(f"{path}-wal")
+    immutable = not wal.exists() or not os.access(path.parent, os.W_OK | os.X_OK)
+    query = "mode=ro" + ("&immutable=1" if immutable else "")
+    return f"sqlite:///file:{quote(str(path))}?{query}&uri=true"
+
+
+def make_engines(location: Location, busy_timeout_s: float) -> tuple[Engine, Engine]:
     """(reader, writer): one pool; the writer's transactions take the write lock first."""
-    if make_url(url).get_backend_name() == "sqlite":
-        engine = create_engine(url)
+    if location.sqlite:
+        engine = create_engine(location.connect_url)
         _install_sqlite_hooks(engine, busy_timeout_s)
     else:
         # pre_ping: a training run holds its engine for hours; servers drop idle connections.
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(location.connect_url, pool_pre_ping=True)
     return engine, engine.execution_options(**{_WRITE_OPTION: True})
 
 
@@ -86,6 +153,7 @@ def _install_sqlite_hooks(engine: Engine, busy_timeout_s: float) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -110,12 +178,27 @@ def enable_wal(engine: Engine) -> None:
 
 def translate(exc: SQLAlchemyError, where: str = "the experiment database") -> ExpdbError:
     """The expdb error for a driver error."""
-    detail = str(getattr(exc, "orig", None) or exc).strip()
-    if isinstance(exc, IntegrityError):
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return _classify(detail, where, integrity=isinstance(exc, IntegrityError),
+                     operational=isinstance(exc, OperationalError))
+
+
+def translate_dbapi(exc: Exception, where: str = "the experiment database") -> ExpdbError:
+    """The expdb error for an error of the DBAPI driver itself (bare cursors)."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    name = type(exc).__name__
+    return _classify(detail, where, integrity=name == "IntegrityError", operational=name == "OperationalError")
+
+
+def _classify(detail: str, where: str, integrity: bool, operational: bool) -> ExpdbError:
+    if integrity:
         return ConflictError(f"{where}: the write broke a constraint ({detail})")
-    if isinstance(exc, OperationalError) and ("locked" in detail or "busy" in detail):
+    if operational and ("locked" in detail or "busy" in detail):
         return DatabaseLockedError(f"{where} stayed locked by another connection past the busy "
                                    f"timeout ({detail}); the rows are kept and retried")
+    if "readonly" in detail or "read-only" in detail:
+        return ReadOnlyDatabaseError(f"{where} cannot be written ({detail}); copy it to a writable "
+                                     "location, or open a writable path")
     if "malformed" in detail:
         return CorruptDatabaseError(f"{where} is damaged ({detail}); restore a copy, or salvage it "
                                     "with `sqlite3 OLD.db .recover | sqlite3 NEW.db`")

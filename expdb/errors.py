@@ -24,6 +24,14 @@ class CorruptDatabaseError(ExpdbError):
     """The SQLite file is a database, but damaged."""
 
 
+class ReadOnlyDatabaseError(ExpdbError, PermissionError):
+    """The database is in a place this process cannot write; nothing was written."""
+
+
+class MergeError(ExpdbError):
+    """A merge was refused before anything was written (e.g. two studies that cannot be combined)."""
+
+
 class SchemaTooNewError(ExpdbError):
     """The database was written by a newer expdb; this one refuses to touch it."""
 

@@ -14,6 +14,15 @@ Schema choices:
   which keeps "NaN" apart from "not reported" (see docs/schema.md).
 - Times are naive UTC datetimes, so SQLite and PostgreSQL store the same thing.
 - JSON (config, dataset, tokenizer, detail) is stored as text, readable from any SQL tool.
+- ``runs.uid`` (a uuid4 hex) names a run across files: ``merge`` recognises a run it
+  has already copied by it, since ids are only unique within one database.
+- ``step_metrics`` is the one big table (a row per optimizer step): its primary key is
+  (run_id, step) and on SQLite it is a WITHOUT ROWID table, so a run's steps lie
+  together in key order (range reads are sequential) and no second index is kept.
+- ``step_rollups`` summarises every ROLLUP_BLOCK consecutive steps of a run (min and max
+  of each metric and the steps where they occur); the writer keeps it in step with
+  ``step_metrics`` in the same transaction, so ``step_series`` can reduce a
+  million-step run without reading a million rows.
 """
 from __future__ import annotations
 
@@ -23,12 +32,14 @@ from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, Float, F
                         Integer, String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# Bump when a table or view changes, and teach expdb.schema to upgrade the older version.
-SCHEMA_VERSION = 1
+# Bump when a table or view changes, and teach expdb.migrations to upgrade the older version.
+SCHEMA_VERSION = 2
 VERSION_TABLE = "expdb_schema_version"
 
 RUN_STATUSES = ("running", "completed", "pruned", "failed", "interrupted")
 CHECKPOINT_KINDS = ("periodic", "best", "emergency", "final")   # documented, not enforced
+ROLLUP_BLOCK = 64                   # steps per step_rollups row: block = step // ROLLUP_BLOCK
+ROLLUP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s")
 
 
 class Base(DeclarativeBase):
@@ -50,11 +61,13 @@ class Run(Base):
     __table_args__ = (
         # NULLs never collide, so runs outside a study are not constrained.
         UniqueConstraint("study_name", "trial_number", name="uq_runs_study_trial"),
+        UniqueConstraint("uid", name="uq_runs_uid"),
         CheckConstraint("status IN (%s)" % ", ".join(f"'{s}'" for s in RUN_STATUSES),
                         name="ck_runs_status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uid: Mapped[str] = mapped_column(String(32), nullable=False)   # uuid4 hex, unique across files
     name: Mapped[str] = mapped_column(String, nullable=False)
     status: Mapped[str] = mapped_column(String, nullable=False, default="running")
     status_reason: Mapped[str | None] = mapped_column(Text)
@@ -80,11 +93,11 @@ class Run(Base):
 
 class StepMetric(Base):
     __tablename__ = "step_metrics"
-    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_step_metrics_run_step"),)
+    # The key is the natural one, (run_id, step): no surrogate id, no extra unique index.
+    __table_args__ = ({"sqlite_with_rowid": False},)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[int] = _run_fk()
-    step: Mapped[int] = mapped_column(Integer, nullable=False)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
     epoch: Mapped[int | None] = mapped_column(Integer)
     loss: Mapped[float | None] = mapped_column(Float)
     lr: Mapped[float | None] = mapped_column(Float)
@@ -161,6 +174,27 @@ class Event(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
 
 
+class StepRollup(Base):
+    """Derived from step_metrics: one row per ROLLUP_BLOCK steps of a run (see expdb.rollups)."""
+
+    __tablename__ = "step_rollups"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    block: Mapped[int] = mapped_column(Integer, primary_key=True)   # step // ROLLUP_BLOCK
+    n_rows: Mapped[int] = mapped_column(Integer, nullable=False)
+    first_step: Mapped[int] = mapped_column(Integer, nullable=False)
+    last_step: Mapped[int] = mapped_column(Integer, nullable=False)
+    nan_step: Mapped[int | None] = mapped_column(Integer)    # first step with a NaN metric
+    # For each of ROLLUP_METRICS: <m>_min, <m>_min_step, <m>_max, <m>_max_step (added below).
+
+
+for _metric in ROLLUP_METRICS:
+    for _end in ("min", "max"):
+        setattr(StepRollup, f"{_metric}_{_end}", mapped_column(Float))
+        setattr(StepRollup, f"{_metric}_{_end}_step", mapped_column(Integer))
+
+
 class SchemaVersion(Base):
     """One row: the schema version this database was created with or upgraded to."""
 
@@ -177,3 +211,4 @@ FLOAT_COLUMNS = {
                  if isinstance(c.type, Float) and c.name != "id")
     for model in (StepMetric, EvalMetric, EpochMetric, Checkpoint)
 }
+ROLLUP_COLUMNS = tuple(c.name for c in StepRollup.__table__.columns)

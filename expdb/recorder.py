@@ -1,10 +1,12 @@
 """DBRecorder: ``trainer.recorder.Recorder`` on an experiment database.
 
-Step and eval rows go through the buffered writer and never wait for the database.
-Epoch ends, checkpoints and events are flushed at once: they are rare and they are
-what a crashed run's history must not lose. A database problem never stops training:
-those flushes log and keep the rows; ``finish`` raises WriteError if rows are still
-unwritten at the end.
+Every row goes through the buffered writer; the training thread never runs SQL after
+``start_run``. Epoch ends, checkpoints and events also ask the writer to flush and wait
+for it up to ``sync_timeout_s`` (0.25 s): they are rare and they are what a crashed
+run's history must not lose, but a database locked by another process must not hold
+up training, so after that moment the rows stay buffered and are written when the
+lock goes. A database problem never stops training; ``finish`` raises WriteError if
+rows are still unwritten at the end.
 """
 from __future__ import annotations
 
@@ -12,11 +14,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from expdb import runs as run_rows
-from expdb.errors import (ConflictError, DuplicateRunError, ExpdbError, InvalidValueError,
-                          RecorderStateError)
-from expdb.models import (FLOAT_COLUMNS, RUN_STATUSES, Checkpoint, EpochMetric, EvalMetric, Event,
-                          StepMetric)
-from expdb.values import as_float, as_int, encode_nan, to_json, utcnow
+from expdb.errors import ConflictError, DuplicateRunError, InvalidValueError, RecorderStateError
+from expdb.models import RUN_STATUSES
+from expdb.rows import CHECKPOINT, EPOCH, EVAL, EVENT, STEP, encode_step
+from expdb.values import as_int, to_json, utcnow
 from expdb.writer import BufferedWriter
 from trainer.recorder import RunInfo
 
@@ -27,15 +28,7 @@ log = logging.getLogger("expdb")
 
 # log_event kind by which the trainer reports a rotated checkpoint (detail: {"path": ...}).
 CHECKPOINT_DELETED = "checkpoint_deleted"
-
-
-def _metric_row(model: type, metrics: dict[str, Any], **fixed: Any) -> dict[str, Any]:
-    """A row of ``model``: the fixed columns plus every float column from ``metrics``.
-    Metric names the table has no column for are ignored."""
-    row = dict(fixed)
-    for column in FLOAT_COLUMNS[model]:
-        row.setdefault(column, as_float(metrics.get(column)))
-    return encode_nan(row, FLOAT_COLUMNS[model])
+_VAL_LOSS = EVAL.columns.index("val_loss")
 
 
 class DBRecorder:
@@ -43,11 +36,12 @@ class DBRecorder:
 
     def __init__(self, db: "ExperimentDB", study_name: str | None = None,
                  trial_number: int | None = None, *, flush_interval_s: float = 0.5,
-                 batch_rows: int = 1000, finish_timeout_s: float = 60.0):
+                 batch_rows: int = 5000, sync_timeout_s: float = 0.25, finish_timeout_s: float = 60.0):
         self._db = db
         self._study_name = study_name
         self._trial_number = trial_number
         self._writer_options = dict(interval_s=flush_interval_s, batch_rows=batch_rows)
+        self._sync_timeout_s = sync_timeout_s
         self._finish_timeout_s = finish_timeout_s
         self._writer: BufferedWriter | None = None
         self._finished = False
@@ -64,43 +58,44 @@ class DBRecorder:
         else:
             run_id = self._insert(info)
         self.run_id = run_id
-        self._writer = BufferedWriter(self._db._sessions, run_id, self._db.where, **self._writer_options)
+        self._writer = BufferedWriter(self._db._writer, run_id, self._db.where, **self._writer_options)
         return run_id
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        self._open_writer().add(StepMetric, _metric_row(
-            StepMetric, metrics, run_id=self.run_id, step=int(step), epoch=as_int(metrics.get("epoch")),
-            tokens_seen=as_int(metrics.get("tokens_seen"))))
+        # The hot path (once per optimizer step): a tuple appended to a deque, ~2 us.
+        writer = self._writer
+        if writer is None or self._finished:
+            writer = self._open_writer()        # raises the right RecorderStateError
+        writer.add(STEP, encode_step(self.run_id, step, metrics))
 
     def log_eval(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         writer = self._open_writer()
-        row = _metric_row(EvalMetric, metrics, run_id=self.run_id, step=int(step), epoch=as_int(epoch))
-        writer.add(EvalMetric, row)
-        val_loss = row["val_loss"]          # None for a missing or NaN loss: never "best"
+        row = EVAL.encode((self.run_id, int(step), as_int(epoch)), metrics)
+        writer.add(EVAL, row)
+        val_loss = row[_VAL_LOSS]           # None for a missing or NaN loss: never "best"
         if val_loss is not None and (self._best is None or val_loss < self._best):
             self._best = val_loss
             writer.set_run_fields(best_val_loss=val_loss, best_step=int(step))
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._open_writer().add(EpochMetric, _metric_row(
-            EpochMetric, metrics, run_id=self.run_id, epoch=int(epoch),
-            step=as_int(metrics.get("step")), recorded_at=utcnow()))
+        self._open_writer().add(EPOCH, EPOCH.encode(
+            (self.run_id, int(epoch), as_int(metrics.get("step")), utcnow()), metrics))
         self._flush_now()
 
     def log_checkpoint(self, path: str, kind: str, step: int, val_loss: float | None,
                        size_bytes: int, sha256: str) -> None:
-        self._open_writer().add(Checkpoint, _metric_row(
-            Checkpoint, {"val_loss": val_loss}, run_id=self.run_id, path=str(path), kind=kind,
-            step=as_int(step), size_bytes=as_int(size_bytes), sha256=sha256,
-            created_at=utcnow(), deleted=False))
+        self._open_writer().add(CHECKPOINT, CHECKPOINT.encode(
+            (self.run_id, str(path), kind, as_int(step), as_int(size_bytes), sha256, utcnow(), False),
+            {"val_loss": val_loss}))
         self._flush_now()
 
     def log_event(self, kind: str, step: int, detail: dict[str, Any]) -> None:
-        self._open_writer().add(Event, dict(run_id=self.run_id, kind=kind, step=as_int(step),
-                                            detail=to_json(detail), created_at=utcnow()))
-        self._flush_now()
+        self._open_writer().add(EVENT, EVENT.encode(
+            (self.run_id, kind, as_int(step), to_json(detail), utcnow()), {}))
         if kind == CHECKPOINT_DELETED and isinstance(detail, dict) and detail.get("path"):
-            self._mark_deleted(str(detail["path"]))
+            run_id, path = self.run_id, str(detail["path"])
+            self._writer.add_call(lambda conn: run_rows.mark_checkpoint_deleted(conn, run_id, path))
+        self._flush_now()
 
     def finish(self, status: str, reason: str | None = None) -> None:
         if status not in RUN_STATUSES:
@@ -144,16 +139,7 @@ class DBRecorder:
         return self._started_writer()
 
     def _flush_now(self) -> None:
-        try:
-            if not self._open_writer().flush():
-                log.warning("expdb: run %s: database busy, %d rows kept for the writer thread",
-                            self.run_id, self._open_writer().pending)
-        except ExpdbError as exc:
-            log.error("expdb: run %s: %s", self.run_id, exc)
-
-    def _mark_deleted(self, path: str) -> None:
-        try:
-            with self._db._write_session() as session:
-                run_rows.mark_checkpoint_deleted(session, self.run_id, path)
-        except ExpdbError as exc:
-            log.error("expdb: run %s: could not flag checkpoint %s as deleted: %s", self.run_id, path, exc)
+        writer = self._open_writer()
+        if not writer.flush(self._sync_timeout_s) and writer.last_error is not None:
+            log.warning("expdb: run %s: %s; %d rows kept for the writer thread",
+                        self.run_id, writer.last_error, writer.pending)

@@ -5,11 +5,13 @@ caller decides the transaction and errors are translated in one place.
 """
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.orm import Session
 
+from expdb import rollups
 from expdb.errors import UnknownRunError
 from expdb.models import Checkpoint, EpochMetric, EvalMetric, Event, Run, StepMetric
 from expdb.values import to_json, utcnow
@@ -26,7 +28,7 @@ def _described(info: RunInfo) -> dict[str, Any]:
 def insert_run(session: Session, info: RunInfo, study_name: str | None,
                trial_number: int | None) -> int:
     now = utcnow()
-    run = Run(name=info.name, status="running", study_name=study_name, trial_number=trial_number,
+    run = Run(uid=uuid.uuid4().hex, name=info.name, status="running", study_name=study_name, trial_number=trial_number,
               started_at=now, updated_at=now, resume_count=0, **_described(info))
     session.add(run)
     session.flush()         # assigns run.id
@@ -46,6 +48,8 @@ def resume_run(session: Session, run_id: int, info: RunInfo, resume_step: int) -
         raise UnknownRunError(run_id)
     deleted = {model.__tablename__: _delete_after(session, model, run_id, resume_step)
                for model in (StepMetric, EvalMetric, EpochMetric)}
+    conn = session.connection()
+    rollups.refresh_after(conn, run_id, resume_step, conn.dialect.paramstyle)
     best = session.execute(
         select(EvalMetric.val_loss, EvalMetric.step)
         .where(EvalMetric.run_id == run_id, EvalMetric.val_loss.is_not(None))
@@ -69,7 +73,7 @@ def _delete_after(session: Session, model: type, run_id: int, step: int) -> int:
     return result.rowcount
 
 
-def mark_checkpoint_deleted(session: Session, run_id: int, path: str) -> int:
+def mark_checkpoint_deleted(session: Session | Connection, run_id: int, path: str) -> int:
     """Flag the rows of a checkpoint file that was rotated away; returns how many."""
     table = Checkpoint.__table__
     result = session.execute(update(table).where(table.c.run_id == run_id, table.c.path == path,

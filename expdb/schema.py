@@ -1,55 +1,40 @@
-"""Creating the tables and views, and checking the schema version on every open.
+"""Creating, upgrading and checking the schema version on every open.
 
 Opening an up-to-date database only reads (no write lock), so dashboards can open a
-database that a run is writing to. Creation happens in one write transaction, so two
-processes opening a new file at once do not both create the tables.
+database that a run is writing to. Creation and upgrades happen in one write
+transaction that first reads the version again, so two processes opening a new or
+old file at once do not both create or upgrade it; on PostgreSQL an advisory lock
+serialises them.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from sqlalchemy import Connection, Engine, inspect, select
 
-from expdb.errors import SchemaError, SchemaTooNewError
+from expdb import migrations
+from expdb.engine import Location
+from expdb.errors import ReadOnlyDatabaseError, SchemaError, SchemaTooNewError
 from expdb.models import SCHEMA_VERSION, VERSION_TABLE, Base, SchemaVersion
 from expdb.values import utcnow
+from expdb.views import VIEWS, create_views, drop_views
 
 # Any 64-bit constant: serialises schema creation between processes on PostgreSQL.
 _PG_LOCK_KEY = 0x65787064625F7631
 
-VIEWS = ("run_summary",)
 
-# One row per run. Counts come from correlated subqueries: portable, and cheap thanks to
-# the (run_id, ...) unique indexes. duration_s runs to ended_at, or while a run is still
-# running (or died without finishing) to its last write, updated_at.
-_RUN_SUMMARY = """
-CREATE VIEW run_summary AS
-SELECT r.id, r.name, r.status, r.study_name, r.trial_number, r.n_params,
-       r.best_val_loss, r.best_step,
-       (SELECT COUNT(*) FROM step_metrics s WHERE s.run_id = r.id) AS n_steps,
-       (SELECT MAX(s.step) FROM step_metrics s WHERE s.run_id = r.id) AS last_step,
-       (SELECT COUNT(*) FROM epoch_metrics e WHERE e.run_id = r.id) AS n_epochs,
-       r.resume_count, r.started_at, r.ended_at,
-       {duration} AS duration_s
-FROM runs r
-"""
-
-_DURATION = {
-    "sqlite": "(julianday(COALESCE(r.ended_at, r.updated_at)) - julianday(r.started_at)) * 86400.0",
-    # EXTRACT returns numeric (Decimal in Python): cast so pandas gets floats.
-    "postgresql": "CAST(EXTRACT(EPOCH FROM (COALESCE(r.ended_at, r.updated_at) - r.started_at))"
-                  " AS DOUBLE PRECISION)",
-}
-
-
-def ensure_schema(reader: Engine, writer: Engine, where: str) -> None:
-    """Create a missing schema; refuse a newer one; leave a current one alone."""
+def ensure_schema(reader: Engine, writer: Engine, location: Location) -> None:
+    """Create a missing schema; upgrade an older one; refuse a newer one."""
+    where = location.where
     with reader.connect() as conn:
         found = read_version(conn)
     _refuse_newer(found, where)
     if found == SCHEMA_VERSION:
         return
-    with writer.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
+    if location.readonly:
+        raise _cannot_write(found, where)
+    with _schema_transaction(writer) as conn:
         found = read_version(conn)          # another process may have won the race
         _refuse_newer(found, where)
         if found is None:
@@ -64,12 +49,47 @@ def read_version(conn: Connection) -> int | None:
     return conn.execute(select(SchemaVersion.version).order_by(SchemaVersion.id.desc())).scalar()
 
 
+@contextmanager
+def _schema_transaction(writer: Engine) -> Iterator[Connection]:
+    """A write transaction; on SQLite with foreign keys off (so that rebuilding ``runs``
+    does not cascade) and checked before the commit."""
+    with writer.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        raw = conn.connection.driver_connection if sqlite else None
+        if sqlite:
+            raw.execute("PRAGMA foreign_keys = OFF")    # outside a transaction, or it is ignored
+        try:
+            with conn.begin():
+                if not sqlite:
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
+                yield conn
+                if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise SchemaError("the schema change left rows whose run does not exist; "
+                                      "nothing was changed")
+        finally:
+            if sqlite:
+                raw.execute("PRAGMA foreign_keys = ON")
+
+
 def _refuse_newer(found: int | None, where: str) -> None:
     if found is not None and found > SCHEMA_VERSION:
         raise SchemaTooNewError(
             f"{where} has expdb schema version {found}, but this expdb knows only versions up to "
             f"{SCHEMA_VERSION}. Nothing was changed. Upgrade smallgpt-lab (pip install -U "
             "smallgpt-lab) to use this database, or open another one.")
+
+
+def _cannot_write(found: int | None, where: str) -> ReadOnlyDatabaseError:
+    if found is None:
+        return ReadOnlyDatabaseError(
+            f"{where} holds no experiment database (no expdb tables) and is read-only, so none can "
+            "be created in it. Pass the path of an experiment database, or a new path in a "
+            "writable directory")
+    return ReadOnlyDatabaseError(
+        f"{where} has expdb schema version {found} and must be upgraded to version "
+        f"{SCHEMA_VERSION} before use, but it is read-only; nothing was changed. Copy it to a "
+        "writable directory and open the copy (it is upgraded in place), or merge it into "
+        "another database: python -m expdb --db NEW.db merge OLD.db --into NEW.db")
 
 
 def _create(conn: Connection, where: str) -> None:
@@ -81,12 +101,16 @@ def _create(conn: Connection, where: str) -> None:
         raise SchemaError(f"{where} already holds tables that expdb did not create ({', '.join(clash)}); "
                           "use a separate file or database for the experiment database")
     Base.metadata.create_all(conn)
-    duration = _DURATION.get(conn.dialect.name, "NULL")
-    conn.exec_driver_sql(_RUN_SUMMARY.format(duration=duration))
+    create_views(conn)
     conn.execute(SchemaVersion.__table__.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))
 
 
 def _upgrade(conn: Connection, found: int, where: str) -> None:
-    # Version 1 is the first schema; later versions add their steps here, in order.
-    raise SchemaError(f"{where} has expdb schema version {found}, which this expdb cannot upgrade "
-                      f"to {SCHEMA_VERSION}; open it with the smallgpt-lab release that created it")
+    if any(version not in migrations.STEPS for version in range(found, SCHEMA_VERSION)):
+        raise SchemaError(f"{where} has expdb schema version {found}, which this expdb cannot upgrade "
+                          f"to {SCHEMA_VERSION}; open it with the smallgpt-lab release that created it")
+    drop_views(conn)
+    for version in range(found, SCHEMA_VERSION):
+        migrations.STEPS[version](conn)
+        conn.execute(SchemaVersion.__table__.insert().values(version=version + 1, applied_at=utcnow()))
+    create_views(conn)

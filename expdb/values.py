@@ -1,14 +1,14 @@
 """Conversions between what the trainer hands us and what a row holds.
 
 Kept apart from the tables so the writer, the recorder and the reads share one
-definition of the NaN convention and of the JSON text format.
+definition of the JSON text format (the NaN convention of metric rows is in expdb.rows).
 """
 from __future__ import annotations
 
 import json
 import math
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 
 def utcnow() -> datetime:
@@ -28,30 +28,6 @@ def from_json(text: str | None) -> dict[str, Any]:
 
 def as_int(value: Any) -> int | None:
     return None if value is None else int(value)
-
-
-def as_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def encode_nan(row: dict[str, Any], float_columns: Iterable[str]) -> dict[str, Any]:
-    """Store NaN as NULL plus its column name in ``nan_columns`` (SQLite would store NULL alone).
-
-    +inf and -inf stay as they are: both backends hold them.
-    """
-    nan = [c for c in float_columns if isinstance(row.get(c), float) and math.isnan(row[c])]
-    for c in nan:
-        row[c] = None
-    row["nan_columns"] = ",".join(nan) or None
-    return row
-
-
-def decode_nan(row: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of encode_nan, for rows read one by one (DataFrames read NULL as NaN anyway)."""
-    for c in (row.pop("nan_columns", None) or "").split(","):
-        if c:
-            row[c] = math.nan
-    return row
 
 
 def jsonable(value: Any) -> Any:

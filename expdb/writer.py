@@ -1,12 +1,17 @@
 """The buffered background writer: the training thread appends, a daemon thread writes.
 
-``add`` only appends to a list under a lock held for microseconds, so a locked or slow
-database never stalls a training step. The thread writes everything buffered every
-``interval_s`` (or sooner once ``batch_rows`` are waiting) in one transaction, one
-executemany per table. When the database stays locked past the busy timeout (another
-process holds the write lock), the rows go back to the front of the buffer and are
-retried with a growing delay: nothing is dropped. ``flush`` writes synchronously, for
-moments worth a durable record (epoch ends, checkpoints, events, finish).
+``add`` appends a tuple to a deque (thread-safe, no lock) and returns, so a locked or
+slow database never stalls a training step: every SQL statement of a run's rows runs
+in the writer thread. It writes everything buffered every ``interval_s`` (or sooner
+once ``batch_rows`` are waiting, or when asked by ``flush``) in one transaction: one
+DBAPI executemany of plain tuples per table, the step rollups, and the run's
+``updated_at``. When the transaction fails (another process held the lock past the
+busy timeout, the server went away) the rows go back to the front of the buffer and
+are retried with a growing delay: nothing is dropped.
+
+``flush(timeout_s)`` asks the thread to write now and waits at most ``timeout_s`` for
+it: epoch ends and checkpoints wait a moment for a durable record, but never for a
+database that another process keeps locked.
 """
 from __future__ import annotations
 
@@ -14,180 +19,164 @@ import atexit
 import logging
 import threading
 import time
-from typing import Any
+from collections import deque
+from typing import Any, Callable
 
-from sqlalchemy import delete, insert, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine, update
 
-from expdb.engine import session_scope
+from expdb.engine import translated
 from expdb.errors import ConflictError, ExpdbError, WriteError
-from expdb.models import EpochMetric, EvalMetric, Run, StepMetric
+from expdb.models import Run
+from expdb.rollups import RollupTracker
+from expdb.rows import STEP, RowSpec
 from expdb.values import utcnow
 
 log = logging.getLogger("expdb")
 
-# The column that, with run_id, identifies a row: used only when a batch conflicts.
-_NATURAL_KEY = {StepMetric: "step", EvalMetric: "step", EpochMetric: "epoch"}
 _MAX_RETRY_DELAY_S = 5.0
-_DELETE_CHUNK = 500     # keeps IN lists far below SQLite's bound-parameter limit
 
 
 class BufferedWriter:
-    """Rows for one run: in memory at once, in the database within about ``interval_s``."""
+    """Rows of one run: in memory at once, in the database within about ``interval_s``."""
 
-    def __init__(self, sessions: sessionmaker, run_id: int, where: str, *,
-                 interval_s: float = 0.5, batch_rows: int = 1000):
+    def __init__(self, engine: Engine, run_id: int, where: str, *, interval_s: float = 0.5,
+                 batch_rows: int = 5000):
         self.run_id = run_id
-        self._sessions = sessions
-        self._where = where
-        self._interval_s = interval_s
-        self._batch_rows = batch_rows
-        self._lock = threading.Lock()           # guards the two buffers below; held briefly
-        self._write_lock = threading.Lock()     # one write at a time, so rows keep their order
-        self._pending: list[tuple[type, dict[str, Any]]] = []
-        self._run_fields: dict[str, Any] = {}   # columns of the runs row to set on next write
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._engine, self._where = engine, where
+        self._interval_s, self._batch_rows = interval_s, batch_rows
+        self._queues: dict[RowSpec, deque] = {}
+        self._calls: deque[Callable[[Connection], Any]] = deque()    # run after the inserts
+        self._run_fields: dict[str, Any] = {}   # columns of the runs row to set on the next write
+        self._fields_lock = threading.Lock()
+        self._rollups = RollupTracker(run_id)
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._done = threading.Condition()
+        self._requested = self._written = 0     # flush requests asked / served
+        self._deadline = float("inf")           # when close() gives up retrying
         self.last_error: ExpdbError | None = None
-        self._thread = threading.Thread(target=self._loop, name=f"expdb-writer-run{run_id}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"expdb-writer-run{run_id}", daemon=True)
         self._thread.start()
-        # A daemon thread dies with the interpreter: write what is left on a normal exit.
-        atexit.register(self._flush_at_exit)
+        atexit.register(self._close_at_exit)    # a daemon thread dies with the interpreter
 
     # -- called from the training thread ------------------------------------------------
-    def add(self, model: type, row: dict[str, Any]) -> None:
-        with self._lock:
-            self._pending.append((model, row))
-            full = len(self._pending) >= self._batch_rows
-        if full:
+    def add(self, spec: RowSpec, row: tuple) -> None:
+        queue = self._queues.get(spec)
+        if queue is None:
+            queue = self._queues.setdefault(spec, deque())
+        queue.append(row)
+        if len(queue) >= self._batch_rows and not self._wake.is_set():
             self._wake.set()
 
+    def add_call(self, call: Callable[[Connection], Any]) -> None:
+        """Run ``call(connection)`` in the next transaction, after its inserts."""
+        self._calls.append(call)
+
     def set_run_fields(self, **fields: Any) -> None:
-        with self._lock:
+        with self._fields_lock:
             self._run_fields.update(fields)
 
     @property
     def pending(self) -> int:
-        with self._lock:
-            return len(self._pending)
+        return sum(len(q) for q in list(self._queues.values())) + len(self._calls)
 
-    def flush(self, timeout_s: float = 0.0) -> bool:
-        """Write all buffered rows now; keep retrying a locked database for ``timeout_s``.
+    def flush(self, timeout_s: float) -> bool:
+        """Ask the thread to write everything added so far; wait up to ``timeout_s``.
+        True when it is written; False leaves it to the thread (still buffered)."""
+        with self._done:
+            self._requested += 1
+            wanted = self._requested
+        self._wake.set()
+        with self._done:
+            return self._done.wait_for(lambda: self._written >= wanted, timeout=timeout_s)
 
-        Returns False when rows remain (still buffered, retried by the thread). Raises
-        WriteError when the rows break a constraint even after replacing duplicates
-        (e.g. their run was deleted): retrying cannot help.
-        """
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self._write_pending()
-                return True
-            except ConflictError as exc:
-                raise WriteError(f"{self.pending} buffered rows of run {self.run_id} cannot be "
-                                 f"written to {self._where}: {exc}") from exc
-            except ExpdbError:
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-
-    def close(self, timeout_s: float = 60.0) -> None:
-        """Stop the thread and write everything; WriteError if rows are left over."""
+    def close(self, timeout_s: float) -> None:
+        """Write everything and stop the thread; WriteError if rows are left after ``timeout_s``."""
+        atexit.unregister(self._close_at_exit)
+        self._deadline = time.monotonic() + timeout_s
         self._stop.set()
         self._wake.set()
-        self._thread.join()
-        atexit.unregister(self._flush_at_exit)
-        if not self.flush(timeout_s):
+        self._thread.join(timeout_s + 1.0)
+        left = self.pending + bool(self._run_fields)
+        if left:
             raise WriteError(f"{self.pending} rows of run {self.run_id} could not be written to "
-                             f"{self._where} within {timeout_s:.0f} s: {self.last_error}")
+                             f"{self._where} within {timeout_s:.0f} s: {self.last_error}. The "
+                             "rows written before are kept; check that the database is writable "
+                             "and not locked by another process")
 
-    # -- the daemon thread -----------------------------------------------------------------
+    # -- the daemon thread ---------------------------------------------------------------
     def _loop(self) -> None:
         delay = self._interval_s
-        while not self._stop.is_set():
+        while True:
             self._wake.wait(delay)
             self._wake.clear()
-            if self._stop.is_set():
-                break
-            try:
-                self._write_pending()
+            with self._done:
+                serving = self._requested
+            if self._write_pending():
                 delay = self._interval_s
-            except Exception:   # noqa: BLE001 - the thread must outlive any single failure
-                # Already logged by _write_pending; back off so a long lock is not hammered.
-                delay = min(delay * 2, _MAX_RETRY_DELAY_S)
-
-    def _flush_at_exit(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
-        try:
-            if not self.flush(timeout_s=10):
-                log.error("expdb: %d rows of run %d were not written at exit: %s",
-                          self.pending, self.run_id, self.last_error)
-        except ExpdbError as exc:
-            log.error("expdb: rows of run %d were not written at exit: %s", self.run_id, exc)
-
-    # -- writing -------------------------------------------------------------------------
-    def _write_pending(self) -> None:
-        with self._write_lock:
-            with self._lock:
-                batch, self._pending = self._pending, []
-                fields, self._run_fields = self._run_fields, {}
-            if not batch and not fields:
+                with self._done:
+                    self._written = max(self._written, serving)
+                    self._done.notify_all()
+            else:       # back off, so that a long lock or a dead server is not hammered
+                delay = min(max(delay, 0.05) * 2, _MAX_RETRY_DELAY_S)
+            if self._stop.is_set() and (self._nothing_left() or time.monotonic() >= self._deadline):
                 return
-            try:
-                self._write(batch, fields)
-            except BaseException as exc:
-                self._put_back(batch, fields)
-                self._note_failure(exc)
-                raise
-            if self.last_error is not None:
-                log.warning("expdb: writing to %s works again", self._where)
-                self.last_error = None
 
-    def _put_back(self, batch: list, fields: dict[str, Any]) -> None:
-        with self._lock:
-            self._pending[:0] = batch
+    def _nothing_left(self) -> bool:
+        return not self.pending and not self._run_fields
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close(timeout_s=10.0)
+        except ExpdbError as exc:
+            log.error("expdb: at exit: %s", exc)
+
+    # -- one transaction ------------------------------------------------------------------
+    def _write_pending(self) -> bool:
+        batch = {spec: [queue.popleft() for _ in range(len(queue))]
+                 for spec, queue in list(self._queues.items()) if queue}
+        calls = [self._calls.popleft() for _ in range(len(self._calls))]
+        with self._fields_lock:
+            fields, self._run_fields = self._run_fields, {}
+        if not batch and not calls and not fields:
+            return True
+        try:
+            with translated(self._where), self._engine.begin() as conn:
+                self._write(conn, batch, calls, fields)
+        except Exception as exc:    # noqa: BLE001 - the thread must outlive any failure
+            self._put_back(batch, calls, fields)
+            self._rollups.forget()
+            self._note_failure(exc)
+            return False
+        if self.last_error is not None:
+            log.warning("expdb: writing to %s works again", self._where)
+            self.last_error = None
+        return True
+
+    def _write(self, conn: Connection, batch: dict[RowSpec, list[tuple]], calls: list,
+               fields: dict[str, Any]) -> None:
+        paramstyle = conn.dialect.paramstyle
+        for spec, rows in batch.items():
+            conn.exec_driver_sql(spec.sql(paramstyle), rows)
+        if STEP in batch:
+            self._rollups.update(conn, batch[STEP], paramstyle)
+        for call in calls:
+            call(conn)
+        runs = Run.__table__
+        conn.execute(update(runs).where(runs.c.id == self.run_id).values(updated_at=utcnow(), **fields))
+
+    def _put_back(self, batch: dict[RowSpec, list[tuple]], calls: list, fields: dict[str, Any]) -> None:
+        for spec, rows in batch.items():
+            self._queues[spec].extendleft(reversed(rows))   # before the rows added meanwhile
+        self._calls.extendleft(reversed(calls))
+        with self._fields_lock:
             fields.update(self._run_fields)     # values set meanwhile are newer
             self._run_fields = fields
 
-    def _note_failure(self, exc: BaseException) -> None:
-        if isinstance(exc, ExpdbError):
-            if self.last_error is None:         # log once per failing streak, not every retry
-                log.warning("expdb: %s; %d rows kept in memory", exc, self.pending)
-            self.last_error = exc
-        else:
+    def _note_failure(self, exc: Exception) -> None:
+        if not isinstance(exc, ExpdbError):
             log.exception("expdb: unexpected error while writing run %d", self.run_id)
-
-    def _write(self, batch: list, fields: dict[str, Any]) -> None:
-        grouped: dict[type, list[dict[str, Any]]] = {}
-        for model, row in batch:
-            grouped.setdefault(model, []).append(row)
-        try:
-            with session_scope(self._sessions, self._where) as session:
-                self._insert(session, grouped, fields, replace=False)
-        except ConflictError:
-            # A key already exists, e.g. a step logged again after an in-process retry:
-            # the later value wins. Only this slow path pays for the deletes.
-            with session_scope(self._sessions, self._where) as session:
-                self._insert(session, grouped, fields, replace=True)
-
-    def _insert(self, session: Session, grouped: dict, fields: dict[str, Any], replace: bool) -> None:
-        for model, rows in grouped.items():
-            if replace and model in _NATURAL_KEY:
-                rows = self._delete_existing(session, model, rows)
-            session.execute(insert(model.__table__), rows)      # one executemany per table
-        runs = Run.__table__
-        session.execute(update(runs).where(runs.c.id == self.run_id)
-                        .values(updated_at=utcnow(), **fields))
-
-    def _delete_existing(self, session: Session, model: type, rows: list[dict]) -> list[dict]:
-        key = _NATURAL_KEY[model]
-        last = {row[key]: row for row in rows}      # every row is this run's; later ones win
-        keys = list(last)
-        table = model.__table__
-        for i in range(0, len(keys), _DELETE_CHUNK):
-            session.execute(delete(table).where(table.c.run_id == self.run_id,
-                                                table.c[key].in_(keys[i:i + _DELETE_CHUNK])))
-        return list(last.values())
+            exc = WriteError(f"unexpected error while writing run {self.run_id}: {exc!r}")
+        elif self.last_error is None:       # log once per failing streak, not on every retry
+            hint = " (retrying cannot help)" if isinstance(exc, ConflictError) else ""
+            log.warning("expdb: %s; %d rows kept in memory%s", exc, self.pending, hint)
+        self.last_error = exc

@@ -6,7 +6,8 @@ Databases
   machine's initdb/pg_ctl in a temporary directory and reachable only through a Unix
   socket in that directory (listen_addresses=''). Without initdb/pg_ctl the tests that
   use it are skipped, or fail when CI is set, so CI cannot silently lose them.
-- ``postgres_db_url``: that server with a new, empty schema (search_path) for one test.
+- ``postgres_db_url``: that server with a new, empty schema (search_path) for one test;
+  ``new_postgres_db()`` makes more of them.
 """
 from __future__ import annotations
 
@@ -94,24 +95,37 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def postgres_db_url(postgres_url: str) -> Iterator[str]:
-    """The session's server, seen through a new empty schema that is dropped after the test.
+def new_postgres_db(postgres_url: str) -> Iterator:
+    """A function that returns the URL of the session's server seen through a new, empty
+    schema (set as the search_path of every connection); all are dropped after the test.
 
-    A schema (set as the search_path of every connection) isolates a test like a new
-    database would, without CREATE DATABASE's ~0.3 s.
+    A schema isolates a test like a new database would, without CREATE DATABASE's ~0.3 s.
     """
     import psycopg
     from sqlalchemy import make_url
 
-    schema = f"t_{uuid.uuid4().hex[:12]}"
     server = make_url(postgres_url)
     conninfo = server.set(drivername="postgresql").render_as_string(hide_password=False)
+    made: list[str] = []
+
+    def make() -> str:
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+        made.append(schema)
+        return server.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False)
+
+    yield make
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    yield server.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-        hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        for schema in made:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def postgres_db_url(new_postgres_db) -> str:
+    """The session's server, seen through a new empty schema that is dropped after the test."""
+    return new_postgres_db()
 
 
 @pytest.fixture

@@ -25,11 +25,14 @@ def test_schema_has_named_constraints_and_the_view(postgres_db_url: str):
     expdb.open(postgres_db_url).close()
     engine = create_engine(postgres_db_url)
     inspector = inspect(engine)
-    assert {"runs", "step_metrics", "eval_metrics", "epoch_metrics", "checkpoints", "events",
+    assert {"runs", "step_metrics", "step_rollups", "eval_metrics", "epoch_metrics", "checkpoints", "events",
             "expdb_schema_version"} <= set(inspector.get_table_names())
-    assert inspector.get_view_names() == ["run_summary"]
-    uniques = {u["name"]: u["column_names"] for u in inspector.get_unique_constraints("step_metrics")}
-    assert uniques == {"uq_step_metrics_run_step": ["run_id", "step"]}
+    assert sorted(inspector.get_view_names()) == ["run_summary", "study_summary"]
+    uniques = {u["name"]: u["column_names"] for u in inspector.get_unique_constraints("eval_metrics")}
+    assert uniques == {"uq_eval_metrics_run_step": ["run_id", "step"]}
+    assert inspector.get_pk_constraint("step_metrics")["constrained_columns"] == ["run_id", "step"]
+    runs_uniques = {u["name"]: u["column_names"] for u in inspector.get_unique_constraints("runs")}
+    assert runs_uniques == {"uq_runs_study_trial": ["study_name", "trial_number"], "uq_runs_uid": ["uid"]}
     assert [fk["options"].get("ondelete") for fk in inspector.get_foreign_keys("events")] == ["CASCADE"]
     engine.dispose()
 

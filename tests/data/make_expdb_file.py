@@ -1,10 +1,14 @@
-"""How tests/data/expdb_v1.db was made: by expdb schema version 1 (commit 33b5a9a).
+"""How tests/data/expdb_vN.db were made: this script, run by the expdb of schema version N.
 
-Kept for the record; re-running it with a later expdb makes a database of that later
-schema, not version 1. To regenerate the file exactly:
+    python tests/data/make_expdb_file.py tests/data/expdb_v2.db     # the current schema
+
+It makes a database of whatever schema the expdb that runs it has. expdb_v1.db was made
+at commit 33b5a9a (schema 1, the script then named make_expdb_v1.py); to make it again:
 
     git worktree add /tmp/expdb-v1 33b5a9a
     cd /tmp/expdb-v1 && PYTHONPATH=. python tests/data/make_expdb_v1.py tests/data/expdb_v1.db
+
+When the schema changes, keep the old files and add one made by the new schema.
 
 What it holds (tests/test_expdb_migrations.py relies on it): an Optuna study "v1-study"
 with two trials whose user attribute "run_id" points to runs 1 and 2 of that study,
