@@ -55,8 +55,9 @@ def test_a_run_learns_and_reports_everything(tiny_cfg, tiny_data):
     assert rec.epochs[0][1]["mem_process_mb"] > 10
     assert math.isclose(rec.epochs[0][1]["val_ppl"], math.exp(rec.epochs[0][1]["val_loss"]), rel_tol=1e-9)
     assert rec.info.n_params > 0 and rec.info.precision == "fp32"
-    # a final checkpoint, complete and recorded
-    assert rec.checkpoints == [(rec.checkpoints[0][0], "final", result.steps)]
+    # a checkpoint at the end of the first epoch (its evaluation was the best so far), a final one
+    assert [(kind, step) for _, kind, step in rec.checkpoints] == [("best", 30), ("final", result.steps)]
+    assert rec.checkpoints[-1][0] == result.final_checkpoint
     verify_checkpoint(result.final_checkpoint)
 
 

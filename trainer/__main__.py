@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from trainer.cli import Parser, add_config_flags, config_from_args, fail
-from trainer.errors import TrainerError
+from trainer.errors import EXIT_TIME_BUDGET, TrainerError, TrainingInterrupted
 
 PROG = "python -m trainer"
 
@@ -20,7 +20,6 @@ def build_parser() -> Parser:
     parser.add_argument("--db", default="experiments.db", metavar="URL",
                         help="Experiment database: a SQLite path or a SQLAlchemy URL (default: experiments.db).")
     parser.add_argument("--no-db", action="store_true", help="Record nothing in a database.")
-    parser.add_argument("--resume", default=None, metavar="PATH", help="Continue from this checkpoint directory.")
     add_config_flags(parser, skip={"out_dir"})
     return parser
 
@@ -35,12 +34,21 @@ def main(argv: list[str] | None = None) -> int:
         fail(PROG, exc)
     from trainer.data import prepare_data
     from trainer.loop import train
+    from trainer.resume import precheck_resume
     try:
+        precheck_resume(cfg)      # a bad --resume or --out answers before the data is prepared
         data = prepare_data(cfg)  # before the database is touched: bad data writes nothing
         recorder = None if args.no_db else _open_recorder(args.db)
-        result = train(cfg, recorder, data=data, resume=args.resume)
+        result = train(cfg, recorder, data=data)
     except TrainerError as exc:
         fail(PROG, exc)
+    except TrainingInterrupted as stop:
+        print(f"{PROG}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    if result.status == "interrupted":
+        print(f"interrupted: run {result.run_id} at step {result.steps} ({result.reason}); "
+              f"resume from {result.final_checkpoint} with --resume auto")
+        return EXIT_TIME_BUDGET
     print(f"{result.status}: run {result.run_id}, {result.steps} steps, best val loss "
           f"{result.best_val_loss:.4f}; final model: {result.final_model}")
     return 0

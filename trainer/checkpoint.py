@@ -1,26 +1,30 @@
-"""Checkpoints: a directory of safetensors and JSON files with a manifest, written atomically.
+"""The checkpoint format: a directory of safetensors and JSON files with a manifest.
 
-A checkpoint exists only when its manifest is complete: it is written into a temporary
-directory, every file fsynced, the manifest written last, and the directory renamed into
-place. Nothing here unpickles: tensors are safetensors, everything else is JSON.
+A checkpoint exists only when its manifest is complete: the files are written into a
+temporary directory and fsynced, the manifest (every file's size and sha256) is written
+last, and the directory is renamed into place. Nothing here unpickles: tensors are
+safetensors, everything else is JSON, and a file that looks like a pickle is refused
+before anything reads it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import random
 import shutil
-from dataclasses import asdict, dataclass, field
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from trainer.errors import CheckpointError
+
+FORMAT_VERSION = 1
 
 # File names inside a checkpoint directory.
 MODEL_FILE = "model.safetensors"
@@ -28,10 +32,16 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+REQUIRED_FILES = (MODEL_FILE, RNG_FILE, STATE_FILE)
+
+# Keys of manifest.json.
+KEY_FORMAT = "format_version"
+KEY_FILES = "files"
+KEY_CHECKPOINT = "checkpoint"      # a CheckpointInfo
+KEY_BYTES = "bytes"
+KEY_SHA256 = "sha256"
 
 # Keys of trainer_state.json.
-KEY_FORMAT = "format_version"
 KEY_STATE = "train_state"
 KEY_CONFIG = "config"
 KEY_OPTIMIZER_GROUPS = "optimizer_param_groups"
@@ -40,164 +50,179 @@ KEY_PY_RNG = "python_rng"
 KEY_NP_RNG = "numpy_rng"
 KEY_KIND = "kind"
 
+# Names of directories in a checkpoints folder.
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"               # being written; never a checkpoint
+OLD_PREFIX = ".old-"               # replaced, being removed
+KINDS = ("periodic", "best", "emergency", "final")
+
+# The first bytes of files that must never reach a loader: pickle protocols 2-5 and
+# torch.save's zip archive (a pickle inside).
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint is, kept in its manifest so that listing needs no hashing."""
+
+    step: int
+    epoch: int
+    kind: str
+    val_loss: float | None      # measured at this very step, else None
+    run_id: int | None
+    weights_only: bool          # no optimizer state: a resume restarts AdamW
+    written_at: float = 0.0     # unix time the manifest was written: orders checkpoints
+
 
 @dataclass
-class TrainState:
-    """Where a run is: everything besides tensors that an exact resume needs."""
+class Snapshot:
+    """A checkpoint's content in host memory, ready to be written by any thread."""
 
-    step: int = 0                # optimizer steps completed
-    epoch: int = 0               # epoch in progress (0-based)
-    sample_pos: int = 0          # sequences of this epoch's order already consumed
-    tokens_seen: int = 0
-    micro_batch: int = 0
-    grad_accum: int = 0
-    best_val_loss: float = math.inf
-    best_step: int = -1
-    last_val_loss: float = math.nan
-    run_id: int | None = None
-    epoch_losses: list[float] = field(default_factory=list)  # step losses of the epoch in progress
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        # JSON has no inf/nan; keep them as strings so the file stays standard JSON.
-        for k in ("best_val_loss", "last_val_loss"):
-            d[k] = _float_to_json(d[k])
-        d["epoch_losses"] = [_float_to_json(x) for x in d["epoch_losses"]]
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TrainState":
-        d = dict(d)
-        for k in ("best_val_loss", "last_val_loss"):
-            d[k] = float(d[k])
-        d["epoch_losses"] = [float(x) for x in d.get("epoch_losses", [])]
-        return cls(**d)
+    tensors: dict[str, dict[str, torch.Tensor]]   # file name -> tensor name -> tensor
+    state: dict[str, Any]                         # trainer_state.json
+    info: CheckpointInfo
 
 
 @dataclass(frozen=True)
 class SavedCheckpoint:
     path: Path
+    info: CheckpointInfo
     size_bytes: int
     sha256: str      # of the manifest, which holds every file's sha256
+    seconds: float   # how long the write took
 
 
-def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scaler: torch.amp.GradScaler, state: TrainState, config: dict[str, Any],
-                    kind: str) -> SavedCheckpoint:
-    """Write a complete checkpoint at ``path`` (a directory), atomically."""
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+# -- writing ---------------------------------------------------------------------------
+def write_checkpoint(path: Path, snapshot: Snapshot) -> SavedCheckpoint:
+    """Write ``snapshot`` as the checkpoint directory ``path``, atomically; replaces one there."""
+    start = time.perf_counter()
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / MODEL_FILE))
-    groups = None
-    if optimizer is not None:
-        tensors, groups = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    save_file(_torch_rng_tensors(), str(tmp / RNG_FILE))
-    _write_json(tmp / STATE_FILE, {
-        KEY_FORMAT: FORMAT_VERSION, KEY_KIND: kind, KEY_STATE: state.to_json(), KEY_CONFIG: config,
-        KEY_OPTIMIZER_GROUPS: groups, KEY_SCALER: scaler.state_dict() if scaler.is_enabled() else None,
-        KEY_PY_RNG: _python_rng_json(), KEY_NP_RNG: _numpy_rng_json(),
-    })
-    manifest = {name: _describe(tmp / name) for name in sorted(os.listdir(tmp))}
-    _write_json(tmp / MANIFEST_FILE, {KEY_FORMAT: FORMAT_VERSION, "files": manifest})
-    _fsync_dir(tmp)
-    _replace_dir(tmp, path)
-    size = sum(f["bytes"] for f in manifest.values()) + (path / MANIFEST_FILE).stat().st_size
-    return SavedCheckpoint(path, size, _sha256(path / MANIFEST_FILE))
+    try:
+        for name, tensors in snapshot.tensors.items():
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        _write_json(tmp / STATE_FILE, snapshot.state)
+        files = {name: _describe(tmp / name) for name in sorted(os.listdir(tmp))}
+        info = replace(snapshot.info, written_at=time.time())
+        _write_json(tmp / MANIFEST_FILE, {KEY_FORMAT: FORMAT_VERSION, KEY_CHECKPOINT: asdict(info),
+                                          KEY_FILES: files})
+        _fsync_dir(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f[KEY_BYTES] for f in files.values()) + (path / MANIFEST_FILE).stat().st_size
+    return SavedCheckpoint(path, info, size, sha256_file(path / MANIFEST_FILE), time.perf_counter() - start)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Replace ``path`` by ``obj`` as JSON: readers see the old file or the new, never half."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, allow_nan=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# -- reading ---------------------------------------------------------------------------
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, checked for form but not against the files; raises CheckpointError."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no {MANIFEST_FILE}, so it is incomplete or not a "
+                              f"checkpoint of this trainer{_pickle_hint(path)}")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files, info = manifest[KEY_FILES], CheckpointInfo(**manifest[KEY_CHECKPOINT])
+        version = manifest[KEY_FORMAT]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable {MANIFEST_FILE} ({exc!r})") from exc
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format version {version} is newer than this trainer's "
+                              f"({FORMAT_VERSION}); upgrade smallgpt-lab to load it")
+    bad = [n for n in files if Path(n).name != n or n.startswith(".")]
+    missing = [n for n in REQUIRED_FILES if n not in files]
+    if bad or missing:
+        raise CheckpointError(f"checkpoint {path}: the manifest lists unsafe names {bad} or lacks {missing}")
+    return {**manifest, KEY_CHECKPOINT: info}
+
+
+def read_info(path: Path) -> CheckpointInfo:
+    return read_manifest(path)[KEY_CHECKPOINT]
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """Check every file against the manifest; return the manifest or raise CheckpointError."""
     path = Path(path)
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no {MANIFEST_FILE}, so it is incomplete; "
-                              "resume from an earlier checkpoint")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path}: unreadable manifest ({exc})") from exc
-    for name, expected in files.items():
+    manifest = read_manifest(path)
+    for name, expected in manifest[KEY_FILES].items():
         actual = path / name
-        if not actual.is_file() or actual.stat().st_size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint {path}: {name} is missing or truncated")
-        if _sha256(actual) != expected["sha256"]:
+        if not actual.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        if actual.stat().st_size != expected[KEY_BYTES]:
+            raise CheckpointError(f"checkpoint {path}: {name} is truncated ({actual.stat().st_size} of "
+                                  f"{expected[KEY_BYTES]} bytes)")
+        if sha256_file(actual) != expected[KEY_SHA256]:
             raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 (corrupt)")
     return manifest
 
 
-def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scaler: torch.amp.GradScaler) -> tuple[TrainState, dict[str, Any]]:
-    """Restore model, optimizer, scaler and RNG states; return the train state and saved config."""
+def read_checkpoint(path: Path) -> Snapshot:
+    """Verify and read a checkpoint: tensors through safetensors, the rest as JSON."""
     path = Path(path)
-    verify_checkpoint(path)
-    meta = json.loads((path / STATE_FILE).read_text())
-    missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
-    if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit this model "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                              "resume with the same --n-layer/--n-embd/--n-head/--vocab-size")
-    if optimizer is not None and (path / OPTIMIZER_FILE).is_file():
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / OPTIMIZER_FILE)),
-                                                       meta[KEY_OPTIMIZER_GROUPS]))
-    if meta.get(KEY_SCALER) and scaler.is_enabled():
-        scaler.load_state_dict(meta[KEY_SCALER])
-    _restore_rng(load_file(str(path / RNG_FILE)), meta)
-    return TrainState.from_json(meta[KEY_STATE]), meta[KEY_CONFIG]
+    manifest = verify_checkpoint(path)
+    tensors = {name: load_tensors(path / name) for name in manifest[KEY_FILES] if name.endswith(".safetensors")}
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is not valid JSON ({exc})") from exc
+    return Snapshot(tensors, state, manifest[KEY_CHECKPOINT])
 
 
-# -- optimizer state <-> flat tensors + JSON ---------------------------------------------
-def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    tensors = {f"state.{idx}.{name}": t.detach().cpu().contiguous()
-               for idx, entry in sd["state"].items() for name, t in entry.items()}
-    return tensors, sd["param_groups"]
+def load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a pickle is refused unread, since unpickling can run code."""
+    with open(file, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(f"{file} is a pickle (torch.save) file, not safetensors: it is never loaded, "
+                              "because unpickling a file can run arbitrary code; convert it with "
+                              "safetensors.torch.save_file in an environment you trust")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from exc
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = t
-    return {"state": state, "param_groups": groups}
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-# -- random number generators ----------------------------------------------------------
-def _torch_rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"torch_cuda_{i}"] = s
-    return out
+# -- files -----------------------------------------------------------------------------
+def _pickle_hint(path: Path) -> str:
+    pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"))
+    if not pickles:
+        return ""
+    return (f"; {', '.join(pickles)} are pickle files, which are never loaded because unpickling can run "
+            "arbitrary code")
 
 
-def _python_rng_json() -> list[Any]:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _numpy_rng_json() -> list[Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = meta[KEY_PY_RNG]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = meta[KEY_NP_RNG]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-# -- files ----------------------------------------------------------------------------
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
 
@@ -205,12 +230,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def _describe(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return {KEY_BYTES: path.stat().st_size, KEY_SHA256: sha256_file(path)}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -223,13 +243,9 @@ def _fsync_dir(path: Path) -> None:
 
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Rename tmp to final; an older directory of that name is moved aside first, then removed."""
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    old = final.with_name(f"{OLD_PREFIX}{final.name}-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _float_to_json(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)

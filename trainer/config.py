@@ -70,7 +70,26 @@ class TrainConfig:
     eval_every: int = _f(100, "Evaluate every N optimizer steps (and at each epoch end).")
     eval_batches: int = _f(20, "Validation micro-batches per evaluation (0: the whole split).")
     log_every: int = _f(1, "Record step metrics every N optimizer steps.")
-    save_every: int = _f(0, "Save a periodic checkpoint every N optimizer steps (0: only at the end).")
+    save_every: int = _f(0, "Save a periodic checkpoint every N optimizer steps (0: only at epoch "
+                         "ends and at the end).")
+    save_on_eval: bool = _f(False, "Also save a checkpoint after every evaluation (kind 'best' when "
+                            "it improved the best validation loss): a study's trial resumes from its last one.")
+    keep_checkpoints: int = _f(4, "Keep the N newest checkpoints, plus the best by validation loss, "
+                               "which is never deleted.")
+    max_checkpoint_gb: float = _f(0.0, "Disk budget of this run's checkpoints in GB: the oldest are deleted "
+                                  "to stay under it, never the newest or the best (0: no budget).")
+    save_optimizer_state: bool = _f(True, "Save the AdamW state in checkpoints (twice the weights' size). "
+                                    "false saves disk, but a resume from them restarts the optimizer.")
+    # --- resuming and time limits ------------------------------------------------------
+    resume: str = _f("", "'auto': continue from the newest valid checkpoint in --out and --resume-from "
+                     "(start fresh when there is none); a checkpoint directory: continue from exactly "
+                     "that one; empty: start fresh.")
+    resume_from: list[str] = _f([], "More directories --resume auto searches for checkpoints of this "
+                                "run, e.g. an uploaded Kaggle dataset under /kaggle/input.")
+    time_budget: str = _f("", "Stop cleanly, with a checkpoint, before this much time has passed since "
+                          "training started: e.g. 8h45m, 90m, 3600s.")
+    deadline: str = _f("", "Stop cleanly, with a checkpoint, before this clock time: HH:MM (local, the "
+                       "next one) or an ISO date-time.")
     seed: int = _f(1337, "Seed for data order, initialisation and dropout.")
     device: str = _f("auto", "auto, cpu or cuda.", choices=DEVICES)
     progress: bool = _f(True, "Show a tqdm progress bar.")
@@ -80,8 +99,9 @@ class TrainConfig:
     run_name: str = _f("", "Name of the run in the experiment database (default: from --out).")
 
     def __post_init__(self) -> None:
-        if isinstance(self.data_files, str):
-            self.data_files = [self.data_files]
+        for name in ("data_files", "resume_from"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
 
     # -- checks ------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -93,7 +113,7 @@ class TrainConfig:
                 p.append(f"{flag(name)} {getattr(self, name)!r}: {fix}")
 
         for name in ("n_layer", "n_embd", "n_head", "block_size", "micro_batch", "grad_accum",
-                     "epochs", "eval_every", "log_every"):
+                     "epochs", "eval_every", "log_every", "keep_checkpoints"):
             need(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "use a positive integer")
         for name in ("max_steps", "save_every", "warmup_steps", "eval_batches"):
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "use an integer >= 0")
@@ -101,6 +121,10 @@ class TrainConfig:
         need(_finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "use a value in [0, 1]")
         need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "use a value >= 0")
         need(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "use a value >= 0 (0 disables)")
+        for name in ("save_on_eval", "save_optimizer_state", "progress"):
+            need(isinstance(getattr(self, name), bool), name, "use true or false")
+        need(_finite(self.max_checkpoint_gb) and self.max_checkpoint_gb >= 0, "max_checkpoint_gb",
+             "use a size in GB such as 15, or 0 for no budget")
         need(_finite(self.dropout) and 0 <= self.dropout < 1, "dropout", "use a value in [0, 1)")
         need(_finite(self.beta1) and 0 <= self.beta1 < 1, "beta1", "use a value in [0, 1)")
         need(_finite(self.beta2) and 0 <= self.beta2 < 1, "beta2", "use a value in [0, 1)")
@@ -119,10 +143,42 @@ class TrainConfig:
                          "to train on the default corpus)")
             elif Path(path).suffix.lower() not in DATA_FILE_SUFFIXES:
                 p.append(f"--data-files {path!r}: unsupported file type; use {', '.join(DATA_FILE_SUFFIXES)}")
+        p += self._resume_problems() + self._time_problems()
         if self.dataset and self.data_files:
             p.append("--dataset and --data-files both given: pass only one data source")
         if self.dataset_config and not self.dataset:
             p.append(f"--dataset-config {self.dataset_config!r} without --dataset: name the dataset too")
+        return p
+
+    def _resume_problems(self) -> list[str]:
+        p = []
+        if not isinstance(self.resume, str):
+            p.append(f"--resume {self.resume!r}: pass 'auto' or a checkpoint directory")
+        elif self.resume not in ("", "auto") and not Path(self.resume).is_dir():
+            p.append(f"--resume {self.resume!r}: no such checkpoint directory; pass 'auto' to pick the "
+                     "newest valid checkpoint, or the path of a step-NNNNNNN directory")
+        for path in self.resume_from:
+            if not Path(path).is_dir():
+                p.append(f"--resume-from {path!r}: no such directory; pass directories that hold checkpoints")
+        if self.resume_from and self.resume != "auto":
+            p.append(f"--resume-from given with --resume {self.resume!r}: it is searched only by "
+                     "--resume auto; add --resume auto")
+        return p
+
+    def _time_problems(self) -> list[str]:
+        from trainer.clock import parse_deadline, parse_duration
+
+        p = []
+        for name, parse in (("time_budget", parse_duration), ("deadline", parse_deadline)):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                p.append(f"{flag(name)} {value!r}: pass the limit as text, e.g. 8h45m or 21:30")
+                continue
+            try:
+                if value:
+                    parse(value)
+            except ValueError as exc:
+                p.append(f"{flag(name)} {value!r}: {exc}")
         return p
 
     def check(self) -> "TrainConfig":

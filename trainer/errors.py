@@ -34,3 +34,27 @@ class StopTraining(Exception):
         self.status = status
         self.reason = reason
         super().__init__(f"{status}: {reason}")
+
+
+# Exit codes of `python -m trainer` (documented in the README).
+EXIT_USAGE = 2                 # bad flags, data or checkpoint: nothing was written
+EXIT_TIME_BUDGET = 75          # EX_TEMPFAIL: stopped before --time-budget/--deadline; resume later
+EXIT_SIGNALS = {"SIGINT": 130, "SIGTERM": 143, "KeyboardInterrupt": 130}   # 128 + signal number
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT, SIGTERM or Ctrl-C stopped the run at an optimizer-step boundary.
+
+    Raised by ``train`` after the emergency checkpoint is complete and the recorder has
+    finished the run as ``interrupted``. Deliberately not a TrainerError: callers that
+    handle bad input must not swallow a request to stop. ``checkpoint_path`` is the
+    checkpoint to resume from (None when no step had completed), ``exit_code`` what a
+    command line should exit with.
+    """
+
+    def __init__(self, signal_name: str, checkpoint_path: str | None, exit_code: int):
+        self.signal_name = signal_name
+        self.checkpoint_path = checkpoint_path
+        self.exit_code = exit_code
+        where = f"resume from {checkpoint_path}" if checkpoint_path else "no step had completed"
+        super().__init__(f"interrupted by {signal_name}; {where}")

@@ -1,15 +1,16 @@
-"""The training run: set up once, then epochs of optimizer steps, evaluations and saves.
+"""The training run: set up once, then optimizer steps, evaluations, checkpoints.
 
 ``train(cfg, recorder)`` is the whole public surface. The optimizer step reads top to
-bottom in ``Trainer.optimizer_step``.
+bottom in ``Trainer.optimizer_step``; what happens between two steps (logging,
+evaluation, epoch end, checkpoint, whether to stop) in ``Trainer._after_step`` and
+``Trainer._halt_reason``. How a run starts and ends (the recorder's row, final and
+emergency checkpoints, signals, the time budget) is in ``trainer.lifecycle``.
 """
 from __future__ import annotations
 
 import math
 import os
-import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,47 +19,48 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from trainer.batches import PackedBlocks
-from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from trainer.checkpoint import KEY_CONFIG, read_checkpoint
+from trainer.clock import StopClock, seconds_allowed
 from trainer.config import TrainConfig
 from trainer.data import PreparedData, prepare_data
 from trainer.device import Placement, memory_snapshot, place
-from trainer.errors import DataError, StopTraining
-from trainer.export import export_hf
+from trainer.errors import DataError
+from trainer.interrupts import StopRequests
+from trainer.lifecycle import RunResult, run
 from trainer.model import build_model, build_optimizer, count_parameters
-from trainer.recorder import NullRecorder, Recorder, RunInfo
+from trainer.recorder import NullRecorder, Recorder
+from trainer.resume import ResumePlan, plan_resume, resume_notes
 from trainer.schedule import lr_at
-
-
-@dataclass(frozen=True)
-class RunResult:
-    run_id: int
-    status: str                  # completed, pruned, interrupted
-    reason: str | None
-    steps: int
-    best_val_loss: float
-    last_val_loss: float
-    tokens_per_s: float
-    out_dir: str
-    final_checkpoint: str | None
-    final_model: str | None
+from trainer.snapshot import restore
+from trainer.state import TrainState
+from trainer.store import CheckpointStore
 
 
 def train(cfg: TrainConfig, recorder: Recorder | None = None, *, data: PreparedData | None = None,
           resume: str | None = None, log=print) -> RunResult:
-    """Train one model as ``cfg`` says; report everything to ``recorder``."""
+    """Train one model as ``cfg`` says; report everything to ``recorder``.
+
+    ``resume`` overrides ``cfg.resume``. Raises TrainingInterrupted after a signal, once
+    the emergency checkpoint is complete (see trainer.errors for the exit codes).
+    """
+    if resume is not None:
+        cfg = cfg.replace(resume=str(resume))
     cfg.check()
+    clock = StopClock(seconds_allowed(cfg.time_budget, cfg.deadline))   # the budget counts from here
     placement = place(cfg)
+    plan = plan_resume(cfg)              # before the data: a bad --resume answers at once
     data = data or prepare_data(cfg, log=log)
-    trainer = Trainer(cfg, data, placement, recorder or NullRecorder(), log=log)
-    if resume:
-        trainer.restore(resume)
-    return trainer.fit()
+    with StopRequests().installed() as stops:
+        trainer = Trainer(cfg, data, placement, recorder or NullRecorder(), stops, clock, log=log)
+        trainer.restore(plan)
+        return run(trainer)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data: PreparedData, placement: Placement,
-                 recorder: Recorder, log=print):
+    def __init__(self, cfg: TrainConfig, data: PreparedData, placement: Placement, recorder: Recorder,
+                 stops: StopRequests, clock: StopClock, log=print):
         self.cfg, self.data, self.placement, self.recorder, self.log = cfg, data, placement, recorder, log
+        self.stops, self.clock = stops, clock
         self.device = placement.device
         # Only one process writes files and records when several train together (torchrun).
         self.is_main = int(os.environ.get("RANK", "0")) == 0
@@ -74,8 +76,14 @@ class Trainer:
         self.scaler = placement.grad_scaler()
         self.state = TrainState(micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum)
         self.out_dir = Path(cfg.out_dir)
-        self.resumed_from: str | None = None
-        self._tokens_per_s = math.nan
+        self.store = CheckpointStore(self.out_dir / "checkpoints", cfg, recorder, log) if self.is_main else None
+        self.plan = ResumePlan(None, None, "fresh start")
+        self.resume_notes: list[str] = []
+        self.tokens_per_s = math.nan
+        self.in_step = False            # True while the model and the data position disagree
+        self._order: tuple[int, np.ndarray] | None = None
+        n = count_parameters(self.model)
+        self._checkpoint_bytes = 4 * n * (3 if cfg.save_optimizer_state else 1)
 
     def _check_data_fits(self) -> None:
         cfg = self.cfg
@@ -89,76 +97,59 @@ class Trainer:
                             "use a larger --val-fraction or a smaller --block-size")
 
     # -- resume -----------------------------------------------------------------------
-    def restore(self, path: str) -> None:
-        self.state, _ = load_checkpoint(Path(path), model=self.model, optimizer=self.optimizer,
-                                        scaler=self.scaler)
-        self.resumed_from = str(path)
-        self.log(f"resumed from {path} at step {self.state.step} "
-                 f"(epoch {self.state.epoch}, {self.state.sample_pos} sequences into it)")
+    def restore(self, plan: ResumePlan) -> None:
+        """Continue from ``plan.path`` (verified again as it is read), or start fresh."""
+        self.plan = plan
+        if plan.path is None:
+            if self.cfg.resume == "auto":
+                self.log(plan.reason)
+            if self.store:
+                self.store.open(None)
+            return
+        snapshot = read_checkpoint(plan.path)
+        self.state = restore(snapshot, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                             where=f"checkpoint {plan.path}")
+        saved = snapshot.state[KEY_CONFIG]
+        if (saved.get("micro_batch"), saved.get("grad_accum")) != (self.cfg.micro_batch, self.cfg.grad_accum):
+            self.state.micro_batch, self.state.grad_accum = self.cfg.micro_batch, self.cfg.grad_accum
+        self.resume_notes = resume_notes(plan, saved, self.cfg)
+        if self.store:
+            self.store.open(plan.path)
+        self.log(f"resuming from {plan.path}: {plan.reason}")
+        for note in self.resume_notes:
+            self.log(f"warning: {note}")
 
-    # -- the run ----------------------------------------------------------------------
-    def fit(self) -> RunResult:
-        self._start_run()
-        status, reason = "completed", None
+    # -- the steps ------------------------------------------------------------------------
+    def train_steps(self) -> str | None:
+        """Steps until the end; returns why it stopped early ("signal", "time") or None."""
+        cfg, state = self.cfg, self.state
+        bar = tqdm(total=self.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.is_main))
         try:
-            self._train_epochs()
-        except StopTraining as stop:
-            status, reason = stop.status, stop.reason
-            self.log(f"run stopped: {status} ({reason})")
-        except KeyboardInterrupt:
-            self.recorder.finish("interrupted", "KeyboardInterrupt")
-            raise
-        except BaseException as exc:
-            self.recorder.finish("failed", f"{type(exc).__name__}: {exc}")
-            raise
-        final_ckpt, final_model = self._save_final(status)
-        self.recorder.finish(status, reason)
-        return RunResult(self.state.run_id or 0, status, reason, self.state.step, self.state.best_val_loss,
-                         self.state.last_val_loss, self._tokens_per_s, str(self.out_dir),
-                         final_ckpt, final_model)
-
-    def _start_run(self) -> None:
-        cfg, data = self.cfg, self.data
-        extra = {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
-        if self.resumed_from:
-            extra.update(run_id=self.state.run_id, resume_step=self.state.step, resumed_from=self.resumed_from)
-        info = RunInfo(
-            name=cfg.run_name or Path(cfg.out_dir).name, config=cfg.to_dict(),
-            dataset=data.dataset_identity, tokenizer=data.tokenizer_identity,
-            n_params=count_parameters(self.model), device=self.placement.description,
-            precision=self.placement.precision, host=socket.gethostname(), extra=extra)
-        self.state.run_id = self.recorder.start_run(info)
-        self.log(f"run {self.state.run_id}: {info.n_params:,} parameters on {info.device}, "
-                 f"{self.placement.precision}; {self.total_steps} optimizer steps of "
-                 f"{cfg.effective_batch} x {cfg.block_size} tokens")
-
-    def _train_epochs(self) -> None:
-        bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.cfg.progress and self.is_main))
-        try:
-            while self.state.epoch < self.cfg.epochs and self.state.step < self.total_steps:
-                self._train_epoch(bar)
+            while state.step < self.total_steps and state.epoch < cfg.epochs:
+                halt = self._halt_reason()
+                if halt:
+                    return halt
+                if self._epoch_used_up():       # resumed from a step whose epoch end did not finish
+                    self._end_epoch()
+                    continue
+                started = time.perf_counter()
+                self.in_step = True
+                sample_ids = self._next_sample_ids()
+                loss, grad_norm, lr = self.optimizer_step(sample_ids)
+                self._advance(len(sample_ids), loss, time.perf_counter() - started)
+                self.in_step = False
+                self._after_step(bar, loss, grad_norm, lr)
+                self.clock.record_step(time.perf_counter() - started)
         finally:
             bar.close()
+        return None
 
-    def _train_epoch(self, bar: tqdm) -> None:
-        cfg, state = self.cfg, self.state
-        order = self.train_blocks.epoch_order(cfg.seed, state.epoch)
-        epoch_start, epoch_tokens = time.perf_counter(), 0
-        while state.sample_pos + cfg.effective_batch <= self.steps_per_epoch * cfg.effective_batch:
-            if state.step >= self.total_steps:
-                return
-            sample_ids = order[state.sample_pos:state.sample_pos + cfg.effective_batch]
-            t0 = time.perf_counter()
-            loss, grad_norm, lr = self.optimizer_step(sample_ids)
-            seconds = time.perf_counter() - t0
-            state.sample_pos += len(sample_ids)
-            state.tokens_seen += len(sample_ids) * cfg.block_size
-            epoch_tokens += len(sample_ids) * cfg.block_size
-            state.epoch_losses.append(loss)
-            self._tokens_per_s = len(sample_ids) * cfg.block_size / seconds
-            self._after_step(bar, loss, grad_norm, lr)
-        self._end_epoch(time.perf_counter() - epoch_start, epoch_tokens)
+    def _next_sample_ids(self) -> np.ndarray:
+        state = self.state
+        if self._order is None or self._order[0] != state.epoch:
+            self._order = (state.epoch, self.train_blocks.epoch_order(self.cfg.seed, state.epoch))
+        return self._order[1][state.sample_pos:state.sample_pos + self.cfg.effective_batch]
 
     def optimizer_step(self, sample_ids: np.ndarray) -> tuple[float, float, float]:
         """One optimizer step over len(sample_ids) sequences; returns (loss, grad norm, lr)."""
@@ -187,23 +178,38 @@ class Trainer:
         self.state.step += 1
         return total_loss, grad_norm, lr
 
-    def _after_step(self, bar: tqdm, loss: float, grad_norm: float, lr: float) -> None:
-        cfg, step = self.cfg, self.state.step
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{self._tokens_per_s:,.0f}", refresh=False)
-        if step % cfg.log_every == 0:
-            self.recorder.log_step(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                          "tokens_per_s": self._tokens_per_s, "epoch": self.state.epoch,
-                                          "tokens_seen": self.state.tokens_seen})
-        if step % cfg.eval_every == 0:
-            self._evaluate_and_report()
-        if cfg.save_every and step % cfg.save_every == 0:
-            self._save("periodic")
-
-    def _end_epoch(self, seconds: float, tokens: int) -> None:
+    def _advance(self, n_samples: int, loss: float, seconds: float) -> None:
         state = self.state
-        val_loss = self._evaluate_and_report(end_of_epoch=True)
+        state.sample_pos += n_samples
+        state.tokens_seen += n_samples * self.cfg.block_size
+        state.epoch_losses.append(loss)
+        state.epoch_seconds += seconds
+        self.tokens_per_s = n_samples * self.cfg.block_size / seconds
+
+    def _after_step(self, bar: tqdm, loss: float, grad_norm: float, lr: float) -> None:
+        cfg, state = self.cfg, self.state
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens_per_s:,.0f}", refresh=False)
+        if state.step % cfg.log_every == 0:
+            self.recorder.log_step(state.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                                "tokens_per_s": self.tokens_per_s, "epoch": state.epoch,
+                                                "tokens_seen": state.tokens_seen})
+        evaluated = state.step % cfg.eval_every == 0
+        if evaluated:
+            self._evaluate_and_report()
+        epoch_ended = self._epoch_used_up()
+        if epoch_ended:
+            self._end_epoch()
+        self._checkpoint_if_due(evaluated or epoch_ended, epoch_ended)
+
+    def _epoch_used_up(self) -> bool:
+        return self.state.sample_pos + self.cfg.effective_batch > self.steps_per_epoch * self.cfg.effective_batch
+
+    def _end_epoch(self) -> None:
+        state = self.state
+        val_loss = self._evaluate_and_report()
         losses = [x for x in state.epoch_losses if math.isfinite(x)]
+        seconds, tokens = state.epoch_seconds, state.sample_pos * self.cfg.block_size
         metrics = {
             "train_loss": float(np.mean(losses)) if losses else math.nan,
             "val_loss": val_loss, "val_ppl": _perplexity(val_loss),
@@ -211,12 +217,12 @@ class Trainer:
             "epoch_seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
             **memory_snapshot(self.device),
         }
-        self.recorder.log_epoch(state.epoch, metrics)
-        self.log(f"epoch {state.epoch}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f}, "
+        epoch = state.epoch
+        # The position moves first: an interruption after it never logs this epoch twice.
+        state.epoch, state.sample_pos, state.epoch_losses, state.epoch_seconds = epoch + 1, 0, [], 0.0
+        self.recorder.log_epoch(epoch, metrics)
+        self.log(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f}, "
                  f"ppl {metrics['val_ppl']:.2f}, {seconds:.1f} s")
-        state.epoch += 1
-        state.sample_pos = 0
-        state.epoch_losses = []
 
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
@@ -234,38 +240,50 @@ class Trainer:
         self.model.train()
         return total / count
 
-    def _evaluate_and_report(self, end_of_epoch: bool = False) -> float:
+    def _evaluate_and_report(self) -> float:
         state = self.state
-        if end_of_epoch and state.step % self.cfg.eval_every == 0 and math.isfinite(state.last_val_loss):
-            return state.last_val_loss  # this step was just evaluated
+        if state.evaluated_now:
+            return state.last_val_loss   # this step was just evaluated
+        started = time.perf_counter()
         val_loss = self.evaluate()
-        state.last_val_loss = val_loss
+        state.last_val_loss, state.last_eval_step = val_loss, state.step
         if val_loss < state.best_val_loss:
             state.best_val_loss, state.best_step = val_loss, state.step
+        seconds = time.perf_counter() - started
+        state.epoch_seconds += seconds
+        self.clock.record_eval(seconds)
         self.recorder.log_eval(state.step, state.epoch, {"val_loss": val_loss, "val_ppl": _perplexity(val_loss)})
         return val_loss
 
-    # -- saving -----------------------------------------------------------------------
-    def _save(self, kind: str) -> str | None:
-        if not self.is_main:
-            return None
-        path = self.out_dir / "checkpoints" / f"step-{self.state.step:07d}"
-        saved = save_checkpoint(path, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
-                                state=self.state, config=self.cfg.to_dict(), kind=kind)
-        val = self.state.last_val_loss if math.isfinite(self.state.last_val_loss) else None
-        self.recorder.log_checkpoint(str(saved.path.resolve()), kind, self.state.step, val,
-                                     saved.size_bytes, saved.sha256)
-        return str(saved.path)
+    # -- checkpoints and stopping ---------------------------------------------------------
+    def _checkpoint_if_due(self, evaluated: bool, epoch_ended: bool) -> None:
+        cfg, state = self.cfg, self.state
+        if self.store is None:
+            return
+        due = (cfg.save_every and state.step % cfg.save_every == 0) or epoch_ended or (cfg.save_on_eval and evaluated)
+        if due and state.step < self.total_steps:     # at the last step the final save follows
+            self.save("best" if state.evaluated_now and state.best_step == state.step else "periodic")
+        for saved in self.store.poll():
+            self.clock.record_write(saved.seconds)
 
-    def _save_final(self, status: str) -> tuple[str | None, str | None]:
-        if not self.is_main or self.state.step == 0:
-            return None, None
-        checkpoint = self._save("final")
-        if status != "completed":
-            return checkpoint, None
-        model_dir = export_hf(self.model, self.data.tokenizer, self.cfg, self.out_dir / "final_model")
-        self.log(f"final model: {model_dir}")
-        return checkpoint, str(model_dir)
+    def save(self, kind: str) -> str | None:
+        """Start writing a checkpoint of this step (main process only); its path."""
+        if self.store is None or self.state.step == 0:
+            return None
+        return self.store.save(kind, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                               state=self.state, config=self.cfg.to_dict())
+
+    def _halt_reason(self) -> str | None:
+        if self.stops.requested:
+            return "signal"
+        if self.clock.remaining() <= self.time_needed():
+            return "time"
+        return None
+
+    def time_needed(self) -> float:
+        """Seconds one more step (with its evaluation, if due) and a checkpoint would take."""
+        return self.clock.needed((self.state.step + 1) % self.cfg.eval_every == 0, self._checkpoint_bytes)
+
 
 
 def _perplexity(loss: float) -> float:

@@ -8,6 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+# Kinds of log_event the trainer sends (expdb itself adds "resume" events on start_run).
+EVENT_CHECKPOINT_DELETED = "checkpoint_deleted"    # {"path"}: a rotated-away checkpoint
+EVENT_CHECKPOINT_FAILED = "checkpoint_failed"      # {"path", "error"}: a write failed; training went on
+EVENT_RESUME_CHECKPOINT = "resume_checkpoint"      # {"path", "reason", "weights_only", "config_changes"}
+EVENT_CORRUPT_CHECKPOINT = "corrupt_checkpoint"    # {"path", "problem"}: skipped by --resume auto
+EVENT_SIGNAL = "signal"                            # {"signal", "checkpoint"}
+EVENT_TIME_BUDGET = "time_budget"                  # {"limit_s", "remaining_s", "needed_s", "checkpoint"}
+
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -30,7 +38,11 @@ class Recorder(Protocol):
     """Receives a run's life. Methods must be cheap: they are called from the training loop."""
 
     def start_run(self, info: RunInfo) -> int:
-        """Create (or continue) the run; return its id."""
+        """Create (or continue) the run; return its id.
+
+        With ``info.extra["run_id"]`` (a resume) the run continues that row; a recorder that
+        has no such run raises LookupError, and the trainer then starts a new row.
+        """
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """Per-optimizer-step metrics: loss, lr, grad_norm, tokens_per_s, ..."""

@@ -1,0 +1,100 @@
+"""Time limits: parse --time-budget and --deadline, and decide when to stop before them.
+
+A Kaggle session ends at its limit without warning, so the run must stop *before* it with
+a checkpoint written. ``StopClock`` stops when the time left no longer covers one more
+step (the slowest recently seen, with an evaluation if one is due), writing a checkpoint,
+and a safety margin.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from datetime import datetime, timedelta
+
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_CLOCK_TIME = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+DURATION_EXAMPLE = "write it as 8h45m, 90m or 3600s"
+DEADLINE_EXAMPLE = "write it as a local clock time such as 21:30, or an ISO date-time such as 2025-06-01T21:30"
+
+MAX_MARGIN_S = 60.0        # the safety margin is 2% of the time limit, at most this much
+STEP_SAFETY = 1.5          # the next step may be this much slower than the slowest recent one
+DEFAULT_WRITE_MB_S = 50.0  # assumed write speed until a checkpoint write has been timed
+
+
+def parse_duration(text: str) -> float:
+    """'8h45m' -> 31500.0 seconds. Raises ValueError with an example on anything else."""
+    compact = text.strip().lower().replace(" ", "")
+    if not compact or _DURATION.sub("", compact):
+        raise ValueError(DURATION_EXAMPLE)
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(compact))
+    if seconds <= 0:
+        raise ValueError("use a positive duration; " + DURATION_EXAMPLE)
+    return seconds
+
+
+def parse_deadline(text: str, now: datetime | None = None) -> datetime:
+    """'21:30' -> the next 21:30 local time; an ISO date-time as is (local time when naive)."""
+    now = now or datetime.now()
+    match = _CLOCK_TIME.match(text.strip())
+    if match:
+        hour, minute, second = (int(g or 0) for g in match.groups())
+        if hour > 23 or minute > 59 or second > 59:
+            raise ValueError(DEADLINE_EXAMPLE)
+        at = now.replace(hour=hour, minute=minute, second=second, microsecond=0)
+        return at if at > now else at + timedelta(days=1)
+    try:
+        at = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(DEADLINE_EXAMPLE) from None
+    if at.tzinfo is not None:
+        at = at.astimezone().replace(tzinfo=None)   # compare in local time
+    # One already past is no error: the run stops before its first step, with status interrupted
+    # (a study's deadline can pass between two trials).
+    return at
+
+
+def seconds_allowed(time_budget: str, deadline: str, now: datetime | None = None) -> float | None:
+    """Seconds from now to the nearer of the two limits; None when neither is set."""
+    now = now or datetime.now()
+    limits = []
+    if time_budget:
+        limits.append(parse_duration(time_budget))
+    if deadline:
+        limits.append((parse_deadline(deadline, now) - now).total_seconds())
+    return min(limits) if limits else None
+
+
+class StopClock:
+    """Measures steps, evaluations and checkpoint writes; says when to stop to beat the limit."""
+
+    def __init__(self, limit_s: float | None, clock=time.monotonic):
+        self.limit_s = limit_s
+        self._clock = clock
+        self._end = None if limit_s is None else clock() + limit_s
+        self._margin = 0.0 if limit_s is None else min(MAX_MARGIN_S, 0.02 * limit_s)
+        self._steps: deque[float] = deque(maxlen=20)
+        self.eval_s = 0.0
+        self.write_s: float | None = None
+
+    def record_step(self, seconds: float) -> None:
+        self._steps.append(seconds)
+
+    def record_eval(self, seconds: float) -> None:
+        self.eval_s = max(self.eval_s, seconds)
+
+    def record_write(self, seconds: float) -> None:
+        self.write_s = max(self.write_s or 0.0, seconds)
+
+    def remaining(self) -> float:
+        return float("inf") if self._end is None else self._end - self._clock()
+
+    def needed(self, eval_next: bool, checkpoint_bytes: int) -> float:
+        """Seconds one more step and a final checkpoint need, with the safety margin."""
+        step = STEP_SAFETY * max(self._steps, default=0.0)
+        write = self.write_s if self.write_s is not None else checkpoint_bytes / (DEFAULT_WRITE_MB_S * 1e6)
+        return step + (self.eval_s if eval_next else 0.0) + write + self._margin
+
+    def should_stop(self, eval_next: bool, checkpoint_bytes: int) -> bool:
+        return self._end is not None and self.remaining() <= self.needed(eval_next, checkpoint_bytes)

@@ -1,0 +1,77 @@
+"""Checkpoint writes in a background thread, one at a time.
+
+Training stalls only while the state is copied to host memory; writing, hashing and
+fsyncing happen in a thread. A second save first waits for the write in flight (they
+share the host buffers). Outcomes are handed back to the training thread by ``poll`` and
+``drain``: recorders are not thread-safe, so only that thread records.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from trainer.checkpoint import CheckpointInfo, SavedCheckpoint, Snapshot, write_checkpoint
+from trainer.snapshot import HostBuffers
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    path: Path
+    info: CheckpointInfo
+    saved: SavedCheckpoint | None      # None when the write failed
+    error: BaseException | None
+
+
+class BackgroundWriter:
+    def __init__(self) -> None:
+        self.buffers = HostBuffers()
+        self._thread: threading.Thread | None = None
+        self._in_flight: Path | None = None
+        self._outcome: SaveOutcome | None = None      # set by the thread before it ends
+        self._finished: list[SaveOutcome] = []
+
+    @property
+    def in_flight(self) -> Path | None:
+        """The checkpoint being written, if any."""
+        return self._in_flight if self._thread is not None else None
+
+    def save(self, path: Path, take_snapshot: Callable[[HostBuffers], Snapshot]) -> float:
+        """Wait for the write in flight, snapshot, start writing; return the seconds it stalled."""
+        start = time.perf_counter()
+        self._join()
+        snapshot = take_snapshot(self.buffers)
+        stalled = time.perf_counter() - start
+        self._in_flight = Path(path)
+        # Not a daemon: an exiting interpreter waits for the checkpoint to be complete.
+        self._thread = threading.Thread(target=self._write, args=(Path(path), snapshot),
+                                        name="checkpoint-writer")
+        self._thread.start()
+        return stalled
+
+    def poll(self) -> list[SaveOutcome]:
+        """Outcomes of the writes finished since the last call; never blocks."""
+        if self._thread is not None and not self._thread.is_alive():
+            self._join()
+        finished, self._finished = self._finished, []
+        return finished
+
+    def drain(self) -> list[SaveOutcome]:
+        """Wait for the write in flight; return every outcome not yet handed back."""
+        self._join()
+        return self.poll()
+
+    def _write(self, path: Path, snapshot: Snapshot) -> None:
+        try:
+            self._outcome = SaveOutcome(path, snapshot.info, write_checkpoint(path, snapshot), None)
+        except BaseException as exc:   # handed to the training thread, which reports it
+            self._outcome = SaveOutcome(path, snapshot.info, None, exc)
+
+    def _join(self) -> None:
+        if self._thread is None:
+            return
+        self._thread.join()
+        self._thread, self._in_flight = None, None
+        self._finished.append(self._outcome)

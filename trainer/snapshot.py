@@ -1,0 +1,172 @@
+"""A run's state copied to host memory at an optimizer-step boundary, and put back.
+
+Capturing is the only part of a save that stalls training; a background thread writes the
+snapshot. The copies go into host buffers reused from save to save: in a fresh allocation
+the page faults cost more than the copy itself.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.checkpoint import (FORMAT_VERSION, KEY_CONFIG, KEY_FORMAT, KEY_KIND, KEY_NP_RNG,
+                                KEY_OPTIMIZER_GROUPS, KEY_PY_RNG, KEY_SCALER, KEY_STATE, MODEL_FILE,
+                                OPTIMIZER_FILE, RNG_FILE, CheckpointInfo, SavedCheckpoint, Snapshot,
+                                read_checkpoint, write_checkpoint)
+from trainer.errors import CheckpointError
+from trainer.state import TrainState
+
+ARCHITECTURE_FLAGS = "--n-layer/--n-embd/--n-head/--block-size/--vocab-size/--tokenizer"
+
+
+class HostBuffers:
+    """Host memory for snapshots, allocated at the first save and reused by the later ones."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+
+    def copy(self, key: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            self._buffers[key] = buf
+        if t.is_cuda:
+            buf.copy_(t, non_blocking=True)           # the caller synchronizes once
+        elif t.dtype in (torch.float32, torch.float64, torch.int64, torch.float16):
+            # One thread: torch's parallel copy stalls when the cores are shared.
+            np.copyto(buf.numpy(), t.numpy())
+        else:
+            buf.copy_(t)
+        return buf
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+def capture(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+            scaler: torch.amp.GradScaler, state: TrainState, config: dict[str, Any], kind: str,
+            buffers: HostBuffers | None = None) -> Snapshot:
+    """Copy everything an exact resume needs; ``optimizer=None`` makes a weights-only snapshot."""
+    buffers = buffers or HostBuffers()
+    model_tensors = {name: buffers.copy(("model", name), t) for name, t in unique_state_dict(model).items()}
+    files = {MODEL_FILE: model_tensors}
+    groups = None
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        files[OPTIMIZER_FILE] = {f"state.{idx}.{name}": buffers.copy(("optimizer", f"{idx}.{name}"), t)
+                                 for idx, entry in sd["state"].items() for name, t in entry.items()}
+        groups = copy.deepcopy(sd["param_groups"])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()    # the non_blocking copies above are complete
+    files[RNG_FILE] = _torch_rng_tensors()
+    meta = {
+        KEY_FORMAT: FORMAT_VERSION, KEY_KIND: kind, KEY_STATE: state.to_json(), KEY_CONFIG: dict(config),
+        KEY_OPTIMIZER_GROUPS: groups, KEY_SCALER: scaler.state_dict() if scaler.is_enabled() else None,
+        KEY_PY_RNG: _python_rng_json(), KEY_NP_RNG: _numpy_rng_json(),
+    }
+    val_loss = state.last_val_loss if state.evaluated_now else None
+    info = CheckpointInfo(step=state.step, epoch=state.epoch, kind=kind, run_id=state.run_id,
+                          val_loss=val_loss if val_loss is None or math.isfinite(val_loss) else None,
+                          weights_only=optimizer is None)
+    return Snapshot(files, meta, info)
+
+
+def restore(snapshot: Snapshot, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+            scaler: torch.amp.GradScaler, where: str = "checkpoint") -> TrainState:
+    """Put a snapshot back into model, optimizer, scaler and the random generators."""
+    _load_model(model, snapshot.tensors[MODEL_FILE], where)
+    meta = snapshot.state
+    if optimizer is not None and OPTIMIZER_FILE in snapshot.tensors:
+        sd = {"state": _unflatten_optimizer(snapshot.tensors[OPTIMIZER_FILE]),
+              "param_groups": meta[KEY_OPTIMIZER_GROUPS]}
+        try:
+            optimizer.load_state_dict(sd)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{where}: the optimizer state does not fit this model ({exc})") from exc
+    if meta.get(KEY_SCALER) and scaler.is_enabled():
+        scaler.load_state_dict(meta[KEY_SCALER])
+    _restore_rng(snapshot.tensors[RNG_FILE], meta)
+    return TrainState.from_json(meta[KEY_STATE])
+
+
+def save_checkpoint(path: Path, **capture_args: Any) -> SavedCheckpoint:
+    """Capture and write in the calling thread (the trainer writes in the background)."""
+    return write_checkpoint(path, capture(**capture_args))
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    scaler: torch.amp.GradScaler) -> tuple[TrainState, dict[str, Any]]:
+    """Verify, read and restore a checkpoint; return the train state and the saved config."""
+    snapshot = read_checkpoint(Path(path))
+    state = restore(snapshot, model=model, optimizer=optimizer, scaler=scaler, where=f"checkpoint {path}")
+    return state, snapshot.state[KEY_CONFIG]
+
+
+# -- model and optimizer tensors -------------------------------------------------------------
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the second name of tied weights (GPT-2's lm_head is its wte)."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
+
+
+def _load_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    expected = unique_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [n for n in expected if n in tensors and tensors[n].shape != expected[n].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{where}: the weights do not fit this model (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}, other shape {wrong[:3]}); resume with the same {ARCHITECTURE_FLAGS}")
+    with torch.no_grad():
+        for name, t in expected.items():
+            t.copy_(tensors[name])
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = t
+    return state
+
+
+# -- random number generators -------------------------------------------------------------
+def _torch_rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"torch_cuda_{i}"] = s
+    return out
+
+
+def _python_rng_json() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _numpy_rng_json() -> list[Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta[KEY_PY_RNG]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta[KEY_NP_RNG]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

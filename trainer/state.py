@@ -1,0 +1,53 @@
+"""Where a run is: everything besides tensors that an exact resume needs, as JSON."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+_FLOATS = ("best_val_loss", "last_val_loss")
+
+
+@dataclass
+class TrainState:
+    step: int = 0                # optimizer steps completed
+    epoch: int = 0               # epoch in progress (0-based)
+    sample_pos: int = 0          # sequences of this epoch's order already consumed
+    tokens_seen: int = 0
+    micro_batch: int = 0
+    grad_accum: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    last_val_loss: float = math.nan
+    last_eval_step: int = -1     # the step last_val_loss was measured at
+    run_id: int | None = None
+    epoch_seconds: float = 0.0   # time spent in the epoch in progress, summed over resumes
+    epoch_losses: list[float] = field(default_factory=list)  # step losses of the epoch in progress
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        # JSON has no inf/nan; keep them as strings so the file stays standard JSON.
+        for k in _FLOATS:
+            d[k] = _float_to_json(d[k])
+        d["epoch_losses"] = [_float_to_json(x) for x in d["epoch_losses"]]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TrainState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}   # older checkpoints lack newer fields
+        for k in _FLOATS:
+            if k in d:
+                d[k] = float(d[k])
+        d["epoch_losses"] = [float(x) for x in d.get("epoch_losses", [])]
+        return cls(**d)
+
+    @property
+    def evaluated_now(self) -> bool:
+        """True when the validation loss was measured at the current step."""
+        return self.last_eval_step == self.step and math.isfinite(self.last_val_loss)
+
+
+def _float_to_json(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)

@@ -1,0 +1,245 @@
+"""A run's checkpoints folder: what is in it, what to keep, and its history.
+
+    out_dir/checkpoints/
+        step-0000100/            complete checkpoints (each with a manifest.json)
+        latest                   the name of the newest complete checkpoint, for people and scripts
+        training_history.json    every checkpoint written or deleted, and the run's events
+
+Rotation keeps the N newest, plus the best by validation loss, which is never deleted;
+``--max-checkpoint-gb`` then deletes the oldest of the rest until the folder fits. It runs
+only after a checkpoint of this run is complete, so the one a run resumed from is never
+deleted before a newer one exists. Every write and deletion goes to the recorder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoint import (KEY_BYTES, KEY_FILES, MANIFEST_FILE, OLD_PREFIX, STEP_PREFIX, TMP_PREFIX,
+                                CheckpointInfo, SavedCheckpoint, read_manifest, sha256_file, step_dir_name,
+                                write_json_atomic, write_text_atomic)
+from trainer.config import TrainConfig
+from trainer.errors import CheckpointError
+from trainer.recorder import EVENT_CHECKPOINT_DELETED, EVENT_CHECKPOINT_FAILED, Recorder
+from trainer.saver import BackgroundWriter, SaveOutcome
+from trainer.snapshot import capture
+
+LATEST_FILE = "latest"
+HISTORY_FILE = "training_history.json"
+QUARANTINE_PREFIX = "corrupt-"    # a corrupt checkpoint moved aside by --resume auto
+
+# Keys of training_history.json.
+H_RUN_ID, H_LATEST, H_BEST, H_CHECKPOINTS, H_EVENTS = "run_id", "latest", "best", "checkpoints", "events"
+H_PATH, H_BYTES, H_SHA256, H_DELETED_AT = "path", "bytes", "sha256", "deleted_at"
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A complete checkpoint on disk."""
+
+    path: Path
+    info: CheckpointInfo
+    size_bytes: int
+    sha256: str      # of its manifest
+
+    @classmethod
+    def from_saved(cls, saved: SavedCheckpoint) -> "Stored":
+        return cls(saved.path, saved.info, saved.size_bytes, saved.sha256)
+
+
+def scan(root: Path) -> list[Stored]:
+    """Checkpoints with a readable manifest in ``root``, newest first (not hashed: see verify)."""
+    found = []
+    for d in sorted(Path(root).glob(f"{STEP_PREFIX}*")):
+        try:
+            manifest = read_manifest(d)
+        except CheckpointError:
+            continue     # without a complete manifest, a checkpoint does not exist
+        size = sum(f[KEY_BYTES] for f in manifest[KEY_FILES].values()) + (d / MANIFEST_FILE).stat().st_size
+        found.append(Stored(d, manifest["checkpoint"], size, sha256_file(d / MANIFEST_FILE)))
+    return sorted(found, key=newest_first)
+
+
+def newest_first(s: Stored) -> tuple[float, int]:
+    # The time written, not the step: after a rewind (--resume PATH to an older one) the
+    # checkpoints of the abandoned timeline have higher steps but are older.
+    return (-s.info.written_at, -s.info.step)
+
+
+def best_of(stored: list[Stored]) -> Stored | None:
+    """The lowest validation loss measured at a checkpoint's own step (the newest on ties)."""
+    scored = [s for s in stored if s.info.val_loss is not None]
+    return min(scored, key=lambda s: (s.info.val_loss, newest_first(s))) if scored else None
+
+
+def plan_rotation(stored: list[Stored], keep: int, max_bytes: float, protected: set[Path]) -> list[Stored]:
+    """The checkpoints to delete: beyond the ``keep`` newest, then the oldest while over budget.
+
+    Never the newest, the best, or a protected one.
+    """
+    ordered = sorted(stored, key=newest_first)
+    best = best_of(ordered)
+    spared = set(protected) | {s.path for s in ordered[:1]} | ({best.path} if best else set())
+    delete = [s for s in ordered[keep:] if s.path not in spared]
+    kept = [s for s in ordered if s not in delete]
+    total = sum(s.size_bytes for s in kept)
+    for s in reversed(kept):
+        if not max_bytes or total <= max_bytes:
+            break
+        if s.path not in spared:
+            delete.append(s)
+            total -= s.size_bytes
+    return delete
+
+
+class CheckpointStore:
+    """Writes this run's checkpoints in the background, records them, rotates them."""
+
+    def __init__(self, root: Path, cfg: TrainConfig, recorder: Recorder, log=print):
+        self.root = Path(root).resolve()
+        self.cfg, self.recorder, self.log = cfg, recorder, log
+        self.writer = BackgroundWriter()
+        self.last_stall_s = 0.0
+        self._last: tuple[int, Path] | None = None     # (step, path) of the newest save started
+        self._latest_complete: Path | None = None
+        self._history: dict[str, Any] = {H_CHECKPOINTS: [], H_EVENTS: []}
+        self._budget_warned = False
+
+    def open(self, resumed_from: Path | None) -> None:
+        """Clear what killed runs left half-written; continue the history of a resumed run."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in [*self.root.glob(f"{TMP_PREFIX}*"), *self.root.glob(f"{OLD_PREFIX}*")]:
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+        if resumed_from is not None:
+            resumed_from = Path(resumed_from).resolve()
+            self._history = _read_history(self.root / HISTORY_FILE, resumed_from.parent / HISTORY_FILE)
+            self._latest_complete = resumed_from
+            if resumed_from.parent == self.root:
+                self._last = (read_manifest(resumed_from)["checkpoint"].step, resumed_from)
+
+    def set_run_id(self, run_id: int | None) -> None:
+        self._history[H_RUN_ID] = run_id
+
+    @property
+    def latest_path(self) -> str | None:
+        """The newest complete checkpoint of this run (the one resumed from, before any)."""
+        return str(self._latest_complete) if self._latest_complete else None
+
+    def save(self, kind: str, **capture_args: Any) -> str:
+        """Start writing a checkpoint of this step (once per step); return its path."""
+        step = capture_args["state"].step
+        if self._last and self._last[0] == step:
+            return str(self._last[1])      # this step is already saved (or being saved)
+        if not self.cfg.save_optimizer_state:
+            capture_args["optimizer"] = None
+        path = self.root / step_dir_name(step)
+        self.last_stall_s = self.writer.save(path, lambda buffers: capture(kind=kind, buffers=buffers,
+                                                                           **capture_args))
+        self._last = (step, path)
+        return str(path)
+
+    def poll(self) -> list[SavedCheckpoint]:
+        """Record and rotate the writes that finished; never blocks."""
+        return self._handle(self.writer.poll(), final=False)
+
+    def drain(self) -> list[SavedCheckpoint]:
+        """Wait for the write in flight; raise CheckpointError if it failed."""
+        return self._handle(self.writer.drain(), final=True)
+
+    def event(self, kind: str, step: int, detail: dict[str, Any]) -> None:
+        """Record an event in the recorder and in training_history.json."""
+        self.recorder.log_event(kind, step, detail)
+        self._history[H_EVENTS].append({"kind": kind, "step": step, "time": time.time(), "detail": detail})
+        self._write_history()
+
+    def quarantine(self, path: Path) -> Path:
+        """Move a corrupt checkpoint of this folder aside, so nothing takes it for one again."""
+        target = path.with_name(f"{QUARANTINE_PREFIX}{path.name}-{int(time.time())}")
+        os.replace(path, target)
+        return target
+
+    # -- after a write -------------------------------------------------------------------
+    def _handle(self, outcomes: list[SaveOutcome], final: bool) -> list[SavedCheckpoint]:
+        saved = []
+        for outcome in outcomes:
+            if outcome.saved is not None:
+                self._record(outcome.saved)
+                saved.append(outcome.saved)
+                continue
+            self.log(f"warning: checkpoint {outcome.path} could not be written: {outcome.error!r}")
+            self.event(EVENT_CHECKPOINT_FAILED, outcome.info.step,
+                       {"path": str(outcome.path), "error": repr(outcome.error)})
+            if final:
+                raise CheckpointError(f"checkpoint {outcome.path} could not be written ({outcome.error}); "
+                                      f"the last complete one is listed in {self.root / LATEST_FILE}") \
+                    from outcome.error
+        return saved
+
+    def _record(self, saved: SavedCheckpoint) -> None:
+        path, info = str(saved.path), saved.info
+        for entry in self._live_entries(path):     # a checkpoint of this step was replaced
+            self._mark_deleted(entry, info.step)
+        self.recorder.log_checkpoint(path, info.kind, info.step, info.val_loss, saved.size_bytes, saved.sha256)
+        self._history[H_CHECKPOINTS].append({**asdict(info), "name": saved.path.name, H_PATH: path,
+                                             H_BYTES: saved.size_bytes, H_SHA256: saved.sha256,
+                                             H_DELETED_AT: None})
+        write_text_atomic(self.root / LATEST_FILE, saved.path.name + "\n")  # a hint; resume checks manifests
+        self._latest_complete = saved.path
+        self._rotate(saved)
+        self._write_history()
+
+    def _rotate(self, newest: SavedCheckpoint) -> None:
+        stored = scan(self.root)
+        protected = {newest.path} | ({self.writer.in_flight} if self.writer.in_flight else set())
+        doomed = plan_rotation(stored, self.cfg.keep_checkpoints, self.cfg.max_checkpoint_gb * GB, protected)
+        for d in doomed:
+            self._delete(d)
+        stored = [s for s in stored if s not in doomed]
+        kept = sum(s.size_bytes for s in stored)
+        if self.cfg.max_checkpoint_gb and kept > self.cfg.max_checkpoint_gb * GB and not self._budget_warned:
+            self._budget_warned = True
+            self.log(f"warning: the newest and the best checkpoint alone take {kept / GB:.2f} GB, over "
+                     f"--max-checkpoint-gb {self.cfg.max_checkpoint_gb}; raise it or save less "
+                     "(--save-optimizer-state false)")
+        best = best_of(stored)
+        self._history[H_BEST] = best.path.name if best else None
+        self._history[H_LATEST] = newest.path.name
+
+    def _delete(self, doomed: Stored) -> None:
+        # Renamed first: a half-deleted directory must never look like a checkpoint.
+        aside = doomed.path.with_name(f"{OLD_PREFIX}{doomed.path.name}-{os.getpid()}")
+        os.replace(doomed.path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        entries = self._live_entries(str(doomed.path))
+        for entry in entries:
+            self._mark_deleted(entry, doomed.info.step)
+        if not entries:    # written before this history began
+            self.recorder.log_event(EVENT_CHECKPOINT_DELETED, doomed.info.step, {"path": str(doomed.path)})
+
+    def _live_entries(self, path: str) -> list[dict[str, Any]]:
+        return [e for e in self._history[H_CHECKPOINTS] if e[H_PATH] == path and e[H_DELETED_AT] is None]
+
+    def _mark_deleted(self, entry: dict[str, Any], step: int) -> None:
+        entry[H_DELETED_AT] = time.time()
+        self.recorder.log_event(EVENT_CHECKPOINT_DELETED, step, {"path": entry[H_PATH]})
+
+    def _write_history(self) -> None:
+        write_json_atomic(self.root / HISTORY_FILE, self._history)
+
+
+def _read_history(*candidates: Path) -> dict[str, Any]:
+    """The first readable history (this folder's, else the resumed checkpoint's folder's)."""
+    for path in candidates:
+        try:
+            history = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(history.get(H_CHECKPOINTS), list) and isinstance(history.get(H_EVENTS), list):
+                return history
+        except (OSError, ValueError, AttributeError):
+            continue
+    return {H_CHECKPOINTS: [], H_EVENTS: []}
