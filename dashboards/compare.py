@@ -16,7 +16,7 @@ from typing import IO, Any
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from dashboards.compare_data import OBJECTIVE, ComparisonData, Curve, ParamPoints
 from dashboards.output import emit
@@ -62,7 +62,7 @@ def comparison_figure(data: ComparisonData) -> Figure:
     draw_curves(fig.add_subplot(grid[0, :3]), data)
     draw_bests(fig.add_subplot(grid[0, 3]), data)
     for i, p in enumerate(data.params):
-        draw_param(fig.add_subplot(grid[1 + i // PARAM_COLS, i % PARAM_COLS]), p)
+        draw_param(fig.add_subplot(grid[1 + i // PARAM_COLS, i % PARAM_COLS]), p, legend=i == 0)
     notes = data.notes + (() if data.params or not data.trials else (NO_PARAMS,))
     fig.suptitle(data.title, fontsize=14)
     if notes:
@@ -123,7 +123,7 @@ def draw_bests(ax: Axes, data: ComparisonData) -> None:
     ax.grid(True, axis="y", alpha=0.3)
 
 
-def draw_param(ax: Axes, p: ParamPoints) -> None:
+def draw_param(ax: Axes, p: ParamPoints, legend: bool = True) -> None:
     positions, ticks = _x_positions(p)
     for state in dict.fromkeys(p.states):
         idx = [i for i, s in enumerate(p.states) if s == state]
@@ -135,10 +135,14 @@ def draw_param(ax: Axes, p: ParamPoints) -> None:
         ax.set_xlim(-0.6, len(ticks) - 0.4)
     elif p.log_x:
         ax.set_xscale("log")
+    elif all(float(v).is_integer() for v in p.values):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))    # layers, steps: no 1.5
+    else:
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 5), useMathText=True)
     ax.set_title(p.name, fontweight="bold")
     ax.set(xlabel=f"{p.name}{' (log scale)' if p.log_x else ''}", ylabel=OBJECTIVE)
     ax.grid(True, alpha=0.3)
-    if len(set(p.states)) > 1:
+    if legend and len(set(p.states)) > 1:             # the same states in every panel: once
         ax.legend(fontsize=7, loc="best")
 
 

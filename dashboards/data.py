@@ -192,7 +192,8 @@ def lr_panel(steps, max_points: int, exact: bool = True) -> Panel:
 def grad_norm_panel(steps, grad_clip: float, max_points: int, exact: bool = True) -> Panel:
     x, y, dropped = finite_xy(column(steps, "step"), column(steps, "grad_norm"))
     series = (_series("grad", "gradient norm", x, y, max_points),
-              Series("clip", f"clip = {grad_clip:g}", (), (grad_clip,)) if grad_clip > 0 else None)
+              Series("clip", f"clip = {grad_clip:g}", (), (grad_clip,)) if grad_clip > 0 and y.size
+              else None)
     notes = (_absent_note(steps, x, NO_STEPS, "gradient norm not recorded"),
              _dropped_note(dropped, "gradient norm", exact))
     # a few huge spikes flatten a linear axis; a log axis shows them and the bulk

@@ -22,7 +22,7 @@ from dashboards.records import Marker, Panel, RunDashboardData, Series
 
 DPI = 150
 FIGSIZE = (18, 10)    # inches: 2700 x 1500 pixels at 150 dpi
-GRID = dict(left=0.045, right=0.99, bottom=0.055, top=0.885, wspace=0.17, hspace=0.3)
+GRID = dict(left=0.045, right=0.99, bottom=0.055, top=0.885, wspace=0.2, hspace=0.3)
 PNG_OPTIONS = dict(format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
 MAX_LINE_MARKERS = 150
 HEADROOM = 0.12       # fraction of the data range left free above and below the data
@@ -109,6 +109,7 @@ def finish_axes(ax: Axes, panel: Panel) -> None:
         ax.set_yscale("log")
     elif panel.has_data:
         set_ylim(ax, panel)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 5), useMathText=True)  # 5x10^-4
     format_x(ax, panel)
     if not panel.has_data:
         ax.set_xticks([])

@@ -202,7 +202,7 @@ def test_nan_losses_are_dropped_and_noted():
 
 def test_empty_run_has_a_note_on_every_panel():
     data = build_run_data(make_run(status="running"), empty(), empty(), empty(), empty(), empty())
-    assert all(p.series == () or p.series[0].role == "clip" for p in data.panels)
+    assert all(p.series == () for p in data.panels)                 # not even the clip line
     assert data.loss.notes == (NO_STEPS, NO_VALIDATION)
     assert data.lr.notes == data.grad_norm.notes == (NO_STEPS,)
     assert data.epoch_time.notes == data.memory.notes == (NO_EPOCHS,)
