@@ -15,7 +15,7 @@ import numpy as np
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, MaxNLocator
+from matplotlib.ticker import EngFormatter, LogFormatter, LogLocator, MaxNLocator
 
 from dashboards.output import emit
 from dashboards.records import Marker, Panel, RunDashboardData, Series
@@ -106,10 +106,10 @@ def draw_markers(ax: Axes, markers: tuple[Marker, ...], legend: bool) -> None:
 
 def finish_axes(ax: Axes, panel: Panel) -> None:
     if panel.log_y and panel.has_data:
-        ax.set_yscale("log")
+        set_log_y(ax)
     elif panel.has_data:
         set_ylim(ax, panel)
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 5), useMathText=True)  # 5x10^-4
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 5))   # 1e-3 above, not 0.00110
     format_x(ax, panel)
     if not panel.has_data:
         ax.set_xticks([])
@@ -121,6 +121,15 @@ def finish_axes(ax: Axes, panel: Panel) -> None:
         ax.legend(loc="upper right" if panel.by_step else "best", fontsize=8, framealpha=0.85)
     if panel.notes:
         draw_notes(ax, panel.notes, centred=not panel.has_data)
+
+
+def set_log_y(ax: Axes) -> None:
+    """Log y with plain labels (100, 2000: no mathtext to parse) and minor ticks at 2 and 5
+    only (labelled when the axis spans under two decades, so a narrow range still reads)."""
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def set_ylim(ax: Axes, panel: Panel) -> None:
