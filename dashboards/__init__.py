@@ -29,8 +29,10 @@ __all__ = ["ComparisonData", "RunDashboardData", "build_comparison", "build_figu
 RUN_FORMATS = (".png", ".html")
 
 
-def render_run(data: RunDashboardData, out: str | os.PathLike, plotlyjs: str = "directory") -> Path:
-    """Write a run's records as PNG or HTML, by the suffix of ``out``."""
+def render_run(data: RunDashboardData, out: str | os.PathLike, plotlyjs: str = "directory",
+               refresh_s: float | None = None) -> Path:
+    """Write a run's records as PNG or HTML, by the suffix of ``out`` (an HTML page reloads
+    itself every ``refresh_s`` seconds when that is set)."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in RUN_FORMATS:
@@ -38,7 +40,7 @@ def render_run(data: RunDashboardData, out: str | os.PathLike, plotlyjs: str = "
     if suffix == ".html":
         from dashboards.run_html import render_run_html
 
-        render_run_html(data, out, plotlyjs)
+        render_run_html(data, out, plotlyjs, refresh_s)
     else:
         render_run_dashboard(data, out)
     return out

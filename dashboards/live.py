@@ -3,7 +3,9 @@
 The database is read while the trainer writes it: SQLite runs in WAL mode, so a read sees the
 last committed rows and never blocks the writer. Each render replaces the file atomically, so
 an image viewer or browser that reloads it never sees half a file. The loop ends by itself once
-the run is no longer ``running`` (after one last render of the finished run).
+the run is no longer ``running`` (after one last render of the finished run). An HTML page
+written while the run trains reloads itself every SECONDS (a meta refresh), so a browser tab
+follows the run; the final page does not.
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ def watch(db: Any, run_id: int, out: str | os.PathLike, every: float,
     n = 0
     while True:
         data = fetch_run_data(db, run_id)       # the status is read first: a finished run's
-        render_run(data, Path(out), plotlyjs)   # rows are all there when it says so
+        status = data.title.status              # rows are all there when it says so
+        # an HTML page reloads itself while the run trains; the final one stays put
+        render_run(data, Path(out), plotlyjs, every if status == "running" else None)
         n += 1
-        status = data.title.status
         if status != "running":
             log(f"run {run_id} is {status}: wrote the final dashboard to {out}")
             return data

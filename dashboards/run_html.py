@@ -7,6 +7,7 @@ base64 binary instead of decimal text, so a 1,000,000-step run is a page of abou
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import IO, Any
 
@@ -37,10 +38,14 @@ MARKER_STYLES = {"resume": ("#2ca02c", "dot", "resume"), "oom": ("#d62728", "das
 
 
 def render_run_html(data: RunDashboardData, out: str | os.PathLike | IO[bytes],
-                    plotlyjs: str = "directory") -> None:
-    """Write the dashboard as an HTML page (see ``dashboards.output`` for ``plotlyjs``)."""
+                    plotlyjs: str = "directory", refresh_s: float | None = None) -> None:
+    """Write the dashboard as an HTML page (see ``dashboards.output`` for ``plotlyjs``).
+
+    ``refresh_s``: the page reloads itself that often (``--watch`` on a running run).
+    """
     body = run_figure(data).to_html(full_html=False, include_plotlyjs=False)
-    write_html(out, html_page(data.title.text.splitlines()[0], [body], plotlyjs), plotlyjs)
+    head = f'<meta http-equiv="refresh" content="{math.ceil(refresh_s)}">\n' if refresh_s else ""
+    write_html(out, html_page(data.title.text.splitlines()[0], [body], plotlyjs, head), plotlyjs)
 
 
 def run_figure(data: RunDashboardData) -> go.Figure:

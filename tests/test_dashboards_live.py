@@ -79,7 +79,11 @@ def test_cli_watch_is_bounded_by_iterations(writer_db, tmp_path, capsys, monkeyp
     assert out[1].endswith("wrote w.html") and f"run {run_id} running" in out[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.db", "exp.db-shm", "exp.db-wal",
                                                           "plotly.min.js", "w.html"]
+    assert '<meta http-equiv="refresh" content="1">' in (tmp_path / "w.html").read_text()
     rec.finish("interrupted")
+    assert cli.main(argv) == 0                              # a finished run: final page, no reload
+    assert capsys.readouterr().out.startswith(f"run {run_id} is interrupted: wrote the final")
+    assert "http-equiv" not in (tmp_path / "w.html").read_text()
 
 
 def test_notebook_helper_updates_one_output(writer_db, tmp_path):
