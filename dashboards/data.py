@@ -29,6 +29,7 @@ STEP_ROWS_PER_POINT = 2
 NO_STEPS = "no step metrics recorded"
 NO_VALIDATION = "no validation yet"
 NO_EPOCHS = "no epoch completed yet"
+MISSING = "missing or non-finite"
 
 
 def fetch_run_data(db: Any, run_id: int, max_points: int = MAX_POINTS) -> RunDashboardData:
@@ -142,7 +143,7 @@ def loss_panel(steps, epochs, val, max_points: int, exact: bool = True) -> Panel
     series = (_series("train_step", "train (per step)", sx, sy, max_points),
               _series("train_epoch", "train (epoch mean, mid-epoch)", ex, ey),
               _series("val", "validation", vx, vy, max_points))
-    notes = (_absent_note(steps, sx, NO_STEPS, "no finite training loss"),
+    notes = (_absent_note(steps, sx, NO_STEPS, "no finite training loss recorded"),
              _validation_note(vx, v_drop),
              _dropped_note(s_drop, "training loss", exact), _dropped_note(e_drop, "epoch mean loss"),
              _dropped_note(v_drop, "validation loss"))
@@ -183,8 +184,8 @@ def perplexity_panel(steps, val, max_points: int, exact: bool = True) -> Panel:
 
 def lr_panel(steps, max_points: int, exact: bool = True) -> Panel:
     x, y, dropped = finite_xy(column(steps, "step"), column(steps, "lr"))
-    notes = (_absent_note(steps, x, NO_STEPS, "learning rate not recorded"),
-             _dropped_note(dropped, "learning rate", exact))
+    notes = (_absent_note(steps, x, NO_STEPS, "no finite learning rate recorded"),
+             _dropped_note(dropped * bool(x.size), "learning rate", exact, MISSING))
     return Panel("Learning rate", "step", "learning rate",
                  _present((_series("lr", "learning rate", x, y, max_points),)), _present(notes))
 
@@ -194,8 +195,8 @@ def grad_norm_panel(steps, grad_clip: float, max_points: int, exact: bool = True
     series = (_series("grad", "gradient norm", x, y, max_points),
               Series("clip", f"clip = {grad_clip:g}", (), (grad_clip,)) if grad_clip > 0 and y.size
               else None)
-    notes = (_absent_note(steps, x, NO_STEPS, "gradient norm not recorded"),
-             _dropped_note(dropped, "gradient norm", exact))
+    notes = (_absent_note(steps, x, NO_STEPS, "no finite gradient norm recorded"),
+             _dropped_note(dropped * bool(x.size), "gradient norm", exact, MISSING))
     # a few huge spikes flatten a linear axis; a log axis shows them and the bulk
     spiky = y.size and np.median(y) > 0 and y.max() / np.median(y) > 50
     return Panel("Gradient norm", "step", "gradient norm (L2)", _present(series), _present(notes),
@@ -284,11 +285,12 @@ def _validation_note(x: np.ndarray, dropped: int) -> str | None:
     return "no finite validation loss" if dropped else NO_VALIDATION
 
 
-def _dropped_note(n: int, what: str, exact: bool = True) -> str | None:
+def _dropped_note(n: int, what: str, exact: bool = True, kind: str = "non-finite") -> str | None:
+    """``kind``: MISSING for metrics a trainer may leave out (NaN and NULL read alike)."""
     if not n:
         return None
-    return f"{n} non-finite {what} value{'s' if n != 1 else ''} not drawn" if exact else \
-        f"non-finite {what} values not drawn"
+    return f"{n} {kind} {what} value{'s' if n != 1 else ''} not drawn" if exact else \
+        f"{kind} {what} values not drawn"
 
 
 def _present(items: tuple) -> tuple:

@@ -58,7 +58,7 @@ def run_figure(data: RunDashboardData) -> go.Figure:
         xs = [x for s in panel.series for x in (s.x[:1] + s.x[-1:])]
         for s in panel.series:
             add_series(fig, s, row + 1, col + 1, shown, (min(xs), max(xs)) if xs else (0, 1))
-        if panel.by_step:
+        if panel.by_step and panel.has_data:
             add_markers(fig, data.markers, row + 1, col + 1, shown)
         finish_axes(fig, panel, i + 1, row + 1, col + 1)
     title = data.title.text.replace("\n", "<br><sup>") + "</sup>" * ("\n" in data.title.text)

@@ -61,10 +61,12 @@ def build_figure(data: RunDashboardData) -> Figure:
     """The dashboard as a Figure (2 rows x 3 panels) for saving or inspection in tests."""
     fig = Figure(figsize=FIGSIZE)
     axes = fig.add_gridspec(2, 3, **GRID).subplots()
+    # the markers' legend goes on the first step panel with data (the loss, unless it has none)
+    keyed = next((p for p in data.panels if p.by_step and p.has_data), None)
     for ax, panel in zip(axes.flat, data.panels):
         draw_panel(ax, panel)
-        if panel.by_step:
-            draw_markers(ax, data.markers, legend=panel is data.loss)
+        if panel.by_step and panel.has_data:
+            draw_markers(ax, data.markers, legend=panel is keyed)
         finish_axes(ax, panel)
     fig.suptitle(data.title.text, fontsize=13)
     return fig

@@ -200,6 +200,15 @@ def test_nan_losses_are_dropped_and_noted():
     assert "non-finite training loss values not drawn" in reduced.loss.notes    # no count: rows were reduced
 
 
+def test_metrics_that_were_not_logged_are_noted_once():
+    steps = steps_frame((5.0, 4.0, 3.0)).assign(grad_norm=np.nan, lr=[1e-3, np.nan, 1e-3])
+    data = build_run_data(make_run(best_step=2), steps, events=events_frame((("resume", 2),)))
+    assert data.grad_norm.notes == ("no finite gradient norm recorded",)
+    assert data.lr.notes == ("1 missing or non-finite learning rate value not drawn",)
+    fig = build_figure(data)
+    assert fig.axes[3].get_lines() == [] and len(fig.axes[0].get_lines()) == 3   # no marker on an empty panel
+
+
 def test_empty_run_has_a_note_on_every_panel():
     data = build_run_data(make_run(status="running"), empty(), empty(), empty(), empty(), empty())
     assert all(p.series == () for p in data.panels)                 # not even the clip line
