@@ -67,16 +67,21 @@ def build_run_data(run: Any, steps: pd.DataFrame | None = None, evals: pd.DataFr
     exact = not steps_reduced
     config = run_config(run)
     val = validation_points(evals, epochs)
-    return RunDashboardData(
-        title=build_title(run, config),
-        loss=loss_panel(steps, epochs, val, max_points, exact),
-        perplexity=perplexity_panel(steps, val, max_points, exact),
-        lr=lr_panel(steps, max_points, exact),
-        grad_norm=grad_norm_panel(steps, float(config.get("grad_clip") or 0), max_points, exact),
-        epoch_time=epoch_time_panel(epochs),
-        memory=memory_panel(epochs),
-        markers=build_markers(run, checkpoints, events),
-    )
+    title = build_title(run, config)
+    panels = (loss_panel(steps, epochs, val, max_points, exact),
+              perplexity_panel(steps, val, max_points, exact),
+              lr_panel(steps, max_points, exact),
+              grad_norm_panel(steps, float(config.get("grad_clip") or 0), max_points, exact),
+              epoch_time_panel(epochs), memory_panel(epochs))
+    if title.status != "running":           # "not yet" only while it may still come
+        panels = tuple(_ended(p, title.status) for p in panels)
+    return RunDashboardData(title, *panels, markers=build_markers(run, checkpoints, events))
+
+
+def _ended(panel: Panel, status: str) -> Panel:
+    ended = {NO_VALIDATION: f"no validation (run {status})",
+             NO_EPOCHS: f"no epoch completed (run {status})"}
+    return panel._replace(notes=tuple(ended.get(n, n) for n in panel.notes))
 
 
 # -- title ----------------------------------------------------------------------------------

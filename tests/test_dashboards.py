@@ -234,7 +234,14 @@ def test_spiky_gradient_norm_gets_a_log_axis_and_overflow_is_noted():
     spiky = steps_frame((5.0, 4.0, 3.0, 1000.0)).assign(grad_norm=[0.5, 0.4, 0.6, 400.0])
     data = build_run_data(make_run(), spiky, max_points=4)
     assert not calm.grad_norm.log_y and data.grad_norm.log_y
-    assert data.perplexity.notes == (NO_VALIDATION, "1 non-finite training perplexity value not drawn")
+    assert data.perplexity.notes == ("no validation (run completed)",
+                                     "1 non-finite training perplexity value not drawn")
+
+
+def test_a_finished_run_does_not_say_yet():
+    data = build_run_data(make_run(status="pruned"), steps_frame())
+    assert data.loss.notes == ("no validation (run pruned)",)
+    assert data.epoch_time.notes == data.memory.notes == ("no epoch completed (run pruned)",)
 
 
 # -- rendering ------------------------------------------------------------------------------------
