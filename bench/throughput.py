@@ -1,0 +1,180 @@
+"""Training throughput: this trainer against a plain nanoGPT-style loop and the HF Trainer.
+
+Same GPT-2 model (built by ``trainer.model.build_model``, same seed), same token stream
+(``prepare_data`` once, handed to all three), same micro-batch, schedule, evaluation and
+checkpoint cadence. Each contender runs ``warmup + steps`` optimizer steps in a fresh
+directory; throughput is taken between the timestamp at the end of step ``warmup`` and at
+the end of the last step, so set-up, the first steps and the final save are left out while
+everything the loop does per step (logging, evaluation, checkpoints) is counted.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench.common import StepClock, part, ratio, row, target
+from bench.hf_trainer import run_hf
+from bench.interleave import run_interleaved
+from bench.plain_loop import run_plain
+from trainer.config import TrainConfig
+from trainer.data import PreparedData, prepare_data
+from trainer.device import place
+from trainer.recorder import NullRecorder
+
+TARGET_VS_PLAIN = 0.98
+OURS = "trainer fp32"
+OURS_NO_DB = "trainer fp32, no database"
+PLAIN = "plain loop fp32"
+PLAIN_BF16 = "plain loop bf16"
+HF = "HF Trainer fp32"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    subset: float = 0.3          # of the standard library's sources: ~7,000 blocks of 128 tokens
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    block_size: int = 128
+    micro_batch: int = 16
+    grad_accum: int = 1
+    device: str = "cpu"
+    warmup: int = 3              # optimizer steps before the timed window
+    steps: int = 40              # optimizer steps timed
+    eval_every: int = 20         # 2 evaluations and 2 checkpoints inside the timed window
+    eval_batches: int = 8
+    save_every: int = 20
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum * self.block_size
+
+    def config(self, cache_dir: str, base: dict[str, Any] | None = None) -> TrainConfig:
+        """The run's config: ``base`` settings (a preset), then these sizes over them."""
+        sizes = {k: v for k, v in asdict(self).items() if k not in ("warmup", "steps")}
+        return TrainConfig.from_dict({**(base or {"warmup_steps": 10}), **sizes,
+                                      "max_steps": self.warmup + self.steps, "progress": False,
+                                      "cache_dir": cache_dir}).check()
+
+
+FULL = Sizes()
+SMOKE = Sizes(subset=0.03, vocab_size=512, n_layer=1, n_embd=32, n_head=2, block_size=32, micro_batch=8,
+              warmup=2, steps=4, eval_every=2, eval_batches=2, save_every=4)
+
+
+class ClockRecorder:
+    """Stamps the clock when the trainer reports a step, then passes everything on."""
+
+    def __init__(self, inner: Any, clock: StepClock):
+        self.inner, self.clock = inner, clock
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.clock.stamp(step)
+        self.inner.log_step(step, metrics)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def run_ours(cfg: TrainConfig, data: PreparedData, precision: str, out_dir: Path, clock: StepClock,
+             database: bool = True) -> None:
+    """``trainer.loop.train`` as users run it: per-step records into a real expdb database."""
+    import expdb
+    from trainer.loop import train
+
+    db = expdb.open(out_dir / "experiments.db") if database else None
+    try:
+        recorder = db.recorder() if db else NullRecorder()
+        train(cfg.replace(precision=precision, out_dir=str(out_dir / "run")), ClockRecorder(recorder, clock),
+              data=data, log=lambda *_: None)
+    finally:
+        if db:
+            db.close()
+
+
+@dataclass(frozen=True)
+class Contender:
+    loop: Callable
+    precision: str
+    database: bool = True
+
+    def bind(self, cfg: TrainConfig, data: PreparedData, out_dir: Path) -> Callable[[StepClock], None]:
+        kw = {"database": self.database} if self.loop is run_ours else {}
+        return lambda clock: self.loop(cfg, data, self.precision, out_dir, clock, **kw)
+
+
+def contenders(cfg: TrainConfig) -> dict[str, Contender]:
+    auto = place(cfg.replace(precision="auto")).precision     # what "auto" means on this machine
+    return {
+        OURS: Contender(run_ours, "fp32"),
+        PLAIN: Contender(run_plain, "fp32"),
+        HF: Contender(run_hf, "fp32"),
+        OURS_NO_DB: Contender(run_ours, "fp32", database=False),
+        f"trainer auto ({auto})": Contender(run_ours, "auto"),
+        PLAIN_BF16: Contender(run_plain, "bf16"),
+    }
+
+
+def one_round(specs: dict[str, Contender], cfg: TrainConfig, data: PreparedData, sizes: Sizes,
+              rotate: int, main: str = OURS) -> dict[str, float]:
+    """All contenders interleaved step by step, each in a fresh directory; tokens/s of each."""
+    names = list(specs)
+    names = names[rotate % len(names):] + names[:rotate % len(names)]
+    work = Path(tempfile.mkdtemp(prefix="bench-tput-"))
+    try:
+        loops = {n: specs[n].bind(cfg, data, work / f"c{i}") for i, n in enumerate(names)}
+        for i in range(len(names)):
+            (work / f"c{i}").mkdir()
+        sync = torch.cuda.synchronize if sizes.device == "cuda" else None
+        clocks = run_interleaved(loops, main=main, sync=sync)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {n: clocks[n].tokens_per_s(sizes.warmup, sizes.warmup + sizes.steps, sizes.tokens_per_step)
+            for n in specs}
+
+
+def run(repeats: int, smoke: bool, cache_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    sizes = SMOKE if smoke else FULL
+    cfg = sizes.config(cache_dir)
+    data = prepare_data(cfg, log=lambda *_: None)
+    specs = contenders(cfg)
+    log(f"throughput: {len(data.train):,} training tokens, vocab {data.vocab_size}, {len(specs)} contenders "
+        f"interleaved step by step, {sizes.warmup}+{sizes.steps} steps each, {repeats} rounds")
+    results: dict[str, list[float]] = {n: [] for n in specs}
+    for r in range(repeats):
+        for name, value in one_round(specs, cfg, data, sizes, r).items():
+            results[name].append(value)
+        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in results.items()))
+    return report(results, sizes, data, repeats, smoke)
+
+
+def report(r: dict[str, list[float]], sizes: Sizes, data: PreparedData, repeats: int, smoke: bool) -> dict[str, Any]:
+    auto = next(n for n in r if n.startswith("trainer auto"))
+    ratios = [
+        ratio(f"{OURS} / {PLAIN}", r[OURS], r[PLAIN]),
+        ratio(f"{HF} / {PLAIN}", r[HF], r[PLAIN]),
+        ratio(f"{OURS} / {HF}", r[OURS], r[HF]),
+        ratio(f"{OURS} / {OURS_NO_DB}", r[OURS], r[OURS_NO_DB], note="the cost of per-step database logging"),
+        ratio(f"{auto} / {PLAIN}", r[auto], r[PLAIN], note="the default precision against fp32"),
+        ratio(f"{PLAIN_BF16} / {PLAIN}", r[PLAIN_BF16], r[PLAIN]),
+        ratio(f"{auto} / {PLAIN_BF16}", r[auto], r[PLAIN_BF16]),
+    ]
+    targets = [target(ratios[0]["name"], ratios[0]["median"], TARGET_VS_PLAIN),
+               target(ratios[2]["name"], ratios[2]["median"], 1.0)]
+    return part(
+        "Training throughput",
+        settings={**asdict(sizes), "vocab": data.vocab_size, "train_tokens": len(data.train),
+                  "corpus": data.dataset_identity["source"]},
+        method=("all contenders run in one process, interleaved one optimizer step each in turn (each "
+                "in its own thread; only the one holding the turn computes), so all see the same load; "
+                "tokens/s from the time each held the turn between the end of step `warmup` and the end "
+                "of step `warmup + steps`, evaluations and checkpoints included, set-up and the final "
+                "save excluded. Ratios: median over rounds of the per-round ratio"),
+        rows=[row(name, values, "tokens/s") for name, values in r.items()],
+        ratios=ratios, targets=targets, repeats=repeats, smoke=smoke)

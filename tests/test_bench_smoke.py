@@ -1,0 +1,119 @@
+"""The benchmark command keeps working: results JSON and markdown with the expected parts and rows.
+
+Nothing here times anything: the smoke sizes make every figure meaningless on purpose.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)    # bench/ is a directory of the checkout, not part of the installed package
+
+from bench.__main__ import PARTS, main, parse_args  # noqa: E402
+from bench.common import ratio, row, summary, target  # noqa: E402
+from bench.interleave import run_interleaved  # noqa: E402
+from bench.report import markdown  # noqa: E402
+
+
+def smoke(tmp_path, *parts):
+    out, docs = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    assert main(["--smoke", "--repeats", "1", "--out", str(out), "--docs", str(docs),
+                 "--cache-dir", str(tmp_path / "cache"), *parts]) == 0
+    return json.loads(out.read_text()), docs.read_text()
+
+
+def check_part(part):
+    assert part["smoke"] is True and part["rows"], part["title"]
+    for r in part["rows"] + part["ratios"]:
+        assert {"name", "median", "min", "max", "values"} <= set(r)
+        assert r["min"] <= r["median"] <= r["max"]
+
+
+def test_one_part_runs_alone_and_merges_into_earlier_results(tmp_path):
+    results, md = smoke(tmp_path, "checkpoints")
+    assert list(results["parts"]) == ["checkpoints"]
+    check_part(results["parts"]["checkpoints"])
+    names = [r["name"] for r in results["parts"]["checkpoints"]["rows"]]
+    assert {"stall: trainer background save", "stall: torch.save", "write: lists-of-floats JSON, weights"} <= set(names)
+    assert {"cpu", "cores", "ram_gb"} <= set(results["meta"]["machine"])
+    assert {"python", "torch", "transformers", "optuna", "sqlalchemy", "mlflow"} <= set(results["meta"]["versions"])
+    assert "## 1. Checkpoints and exports" in md and "| stall: torch.save |" in md
+
+    results, md = smoke(tmp_path, "gpu")          # the second run keeps the first one's part
+    assert list(results["parts"]) == ["checkpoints", "gpu"]
+    assert "## 1. Checkpoints and exports" in md and "## 2. GPU throughput" in md
+    if not results["parts"]["gpu"]["measured"]:
+        assert "not measured: no CUDA GPU on this machine" in md
+
+
+@pytest.mark.slow
+def test_smoke_run_of_every_part(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out, docs = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    cmd = [sys.executable, "-m", "bench", "--smoke", "--repeats", "1", "--out", str(out), "--docs", str(docs),
+           "--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results, md = json.loads(out.read_text()), docs.read_text()
+    assert list(results["parts"]) == list(PARTS)
+    for name, part in results["parts"].items():
+        if name != "gpu" or part["measured"]:
+            check_part(part)
+    tput = {r["name"] for r in results["parts"]["throughput"]["ratios"]}
+    assert {"trainer fp32 / plain loop fp32", "HF Trainer fp32 / plain loop fp32",
+            "trainer fp32 / HF Trainer fp32"} <= tput
+    assert "## Targets" in md and "smoke run, not a measurement" in md
+    for title in ("Training throughput", "Metric logging", "Checkpoints and exports", "Studies", "Dashboards"):
+        assert title in md
+
+
+def test_markdown_from_results():
+    part = {"title": "Thing", "date": "d", "repeats": 2, "smoke": False, "settings": {"n": 1},
+            "method": "how", "rows": [row("a", [1000.0, 2000.0], "tokens/s")],
+            "ratios": [ratio("a / b", [1.0, 2.0], [2.0, 2.0])],
+            "targets": [target("a / b", 0.75, 0.98)], "notes": ["a note"]}
+    results = {"meta": {"date": "d", "command": "python -m bench", "results": "r.json",
+                        "machine": {"cpu": "CPU", "cores": 2}, "versions": {"python": "3"}},
+               "parts": {"throughput": part}}
+    md = markdown(results)
+    assert "| a | 1,500 | 1,000 – 2,000 | tokens/s |" in md
+    assert "| a / b | 0.750 | 0.500 – 1.000 |" in md
+    assert "| a / b | ≥ 0.980 | 0.750 | **missed** |" in md
+    assert "- a note" in md
+
+
+def test_summary_and_paired_ratio():
+    assert summary([3.0, 1.0, 2.0])["median"] == 2.0
+    r = ratio("x", [2.0, 4.0, 9.0], [1.0, 2.0, 3.0])       # paired by round: 2, 2, 3
+    assert (r["median"], r["min"], r["max"]) == (2.0, 2.0, 3.0)
+
+
+def test_interleaved_loops_take_turns_and_count_only_their_own_time():
+    order = []
+
+    def loop(name, seconds):
+        def run(clock):
+            for step in range(1, 4):
+                order.append(name)
+                time.sleep(seconds)
+                clock.stamp(step)
+        return run
+
+    clocks = run_interleaved({"fast": loop("fast", 0.01), "slow": loop("slow", 0.05)})
+    assert order == ["fast", "slow"] * 3
+    fast, slow = clocks["fast"].stamps, clocks["slow"].stamps
+    assert 0.015 < fast[3] - fast[1] < 0.04          # two of its own sleeps, none of the other's
+    assert 0.09 < slow[3] - slow[1] < 0.15
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        parse_args(["nonsense"])
+    with pytest.raises(SystemExit):
+        parse_args(["--repeats", "0"])
+    args = parse_args(["--smoke"])
+    assert args.parts == list(PARTS) and args.out.name == "smoke.json"
