@@ -126,13 +126,21 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
 
 
-def _readonly_url(path: Path) -> str:
-    # immutable=1: read without -wal/-shm files, which a read-only directory cannot hold.
-    # Only when no -wal exists: a -wal holds committed rows that immutable mode would miss.
+def readonly_uri(path: Path | str) -> str:
+    """A sqlite3 URI that reads ``path`` and creates nothing beside it.
+
+    immutable=1 reads without -wal/-shm files, which a read-only directory cannot hold and
+    a read-only connection would leave behind. Not when a -wal exists: it holds committed
+    rows (a run is writing) that immutable mode would miss; then its -shm is there too.
+    """
+    path = Path(path)
     wal = Path(f"{path}-wal")
     immutable = not wal.exists() or not os.access(path.parent, os.W_OK | os.X_OK)
-    query = "mode=ro" + ("&immutable=1" if immutable else "")
-    return f"sqlite:///file:{quote(str(path))}?{query}&uri=true"
+    return f"file:{quote(str(path))}?mode=ro" + ("&immutable=1" if immutable else "")
+
+
+def _readonly_url(path: Path) -> str:
+    return f"sqlite:///{readonly_uri(path)}&uri=true"
 
 
 def make_engines(location: Location, busy_timeout_s: float) -> tuple[Engine, Engine]:

@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import Connection, delete, select
+from sqlalchemy.exc import DBAPIError
 
 from expdb.db import ExperimentDB
 from expdb.engine import translated
@@ -48,6 +49,10 @@ def check(db: ExperimentDB, root: str | Path = ".", files: bool = True) -> Check
     with translated(db.where), db._reader.connect() as conn:
         if conn.dialect.name == "sqlite":
             _sqlite_checks(conn, report)
+            if report.problems:
+                report.notes.append("the other checks were skipped: the file itself is damaged; salvage "
+                                    "it with `sqlite3 OLD.db .recover | sqlite3 NEW.db`")
+                return report
         _rollup_check(conn, report)
         _stale_runs(conn, report)
         rows = conn.execute(select(Checkpoint.id, Checkpoint.run_id, Checkpoint.path, Checkpoint.sha256)
@@ -60,9 +65,13 @@ def check(db: ExperimentDB, root: str | Path = ".", files: bool = True) -> Check
 
 
 def _sqlite_checks(conn: Connection, report: CheckReport) -> None:
-    result = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check")]
+    try:
+        result = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check")]
+    except DBAPIError as exc:        # damage bad enough to stop the check itself
+        result = [f"could not finish: {str(exc.orig).strip()}"]
     if result != ["ok"]:
         report.problems += [f"integrity_check: {line}" for line in result[:20]]
+        return
     for table, rowid, parent, _ in conn.exec_driver_sql("PRAGMA foreign_key_check").all()[:20]:
         report.problems.append(f"foreign_key_check: a row of {table} (rowid {rowid}) points to a missing "
                                f"row of {parent}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -26,7 +26,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 
 from expdb import reads
 from expdb.db import ExperimentDB
-from expdb.engine import locate, translated
+from expdb.engine import locate, normalize_url, readonly_uri, translated
 from expdb.errors import MergeError
 from expdb.models import SCHEMA_VERSION, Checkpoint, EpochMetric, EvalMetric, Event, Run, StepMetric, StepRollup
 from expdb.optuna_tables import OptunaTables, Study, Trial
@@ -58,20 +58,20 @@ class MergeReport:
 
 
 def merge(sources: Iterable[str | os.PathLike], into: str | os.PathLike) -> list[MergeReport]:
-    """Merge each source into ``into`` (created if missing), one transaction per source."""
-    with ExperimentDB(into) as dst:
+    """Merge each source into ``into`` (created if missing), one transaction per source.
+    Every source is opened (and so checked) before the destination is touched."""
+    with ExitStack() as stack:
+        target = normalize_url(into)
+        opened = [stack.enter_context(_open_source(source, target)) for source in sources]
+        dst = stack.enter_context(ExperimentDB(into))
         dst.require_writable("merge into it")
-        reports = []
-        for source in sources:
-            with _open_source(source, dst) as src:
-                reports.append(_merge_one(src, dst))
-        return reports
+        return [_merge_one(src, dst) for src in opened]
 
 
 @contextmanager
-def _open_source(source: str | os.PathLike, dst: ExperimentDB) -> Iterator[ExperimentDB]:
+def _open_source(source: str | os.PathLike, target: str) -> Iterator[ExperimentDB]:
     location = locate(source, create=False, readonly=True)
-    if location.url == dst.url or (location.sqlite and Path(location.where).resolve() == Path(dst.where).resolve()):
+    if location.url == target:
         raise MergeError(f"{location.where} is the destination itself; pass another source")
     if location.sqlite and (_sqlite_version(location.where) or SCHEMA_VERSION) < SCHEMA_VERSION:
         # An older schema: upgrade a private copy, never the source.
@@ -87,7 +87,7 @@ def _open_source(source: str | os.PathLike, dst: ExperimentDB) -> Iterator[Exper
 
 
 def _sqlite_version(path: str) -> int | None:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(readonly_uri(path), uri=True)
     try:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'expdb_schema_version'").fetchone():
             return conn.execute("SELECT version FROM expdb_schema_version ORDER BY id DESC").fetchone()[0]
@@ -97,7 +97,7 @@ def _sqlite_version(path: str) -> int | None:
 
 
 def _sqlite_copy(path: str, copy: Path) -> None:
-    source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    source = sqlite3.connect(readonly_uri(path), uri=True)
     target = sqlite3.connect(copy)
     try:
         source.backup(target)       # a consistent snapshot, even of a file being written
@@ -276,7 +276,8 @@ def _merge_trial(s_optuna: OptunaTables, d_optuna: OptunaTables, trial: Trial, m
         d_optuna.copy_trial(s_optuna, trial, study_id, number, plan.ids)
         report.trials_added += 1
         return number
-    if trial.state != mine.state and trial.datetime_complete is not None and mine.datetime_complete is None:
-        d_optuna.replace_trial(s_optuna, trial, mine.trial_id, plan.ids)    # finished in a later session
+    finished_since = trial.datetime_complete is not None and mine.datetime_complete is None
+    if finished_since or plan.action.get(trial.run_id) == "update":     # went on in a later session
+        d_optuna.replace_trial(s_optuna, trial, mine.trial_id, plan.ids)
         report.trials_updated += 1
     return mine.number

@@ -26,9 +26,9 @@ EVAL_EVERY = 5
 def make_info(name: str = "run", **changes) -> RunInfo:
     config = {"out_dir": f"runs/{name}", "lr": 1e-3, "n_layer": 2, "data_files": ["a.txt"]}
     config.update(changes.pop("config", {}))
-    return RunInfo(name=name, config=config, dataset={"source": "stdlib", "train": {"documents": 3}},
-                   tokenizer={"kind": "bpe", "vocab_size": 512}, n_params=12345, device="cpu",
-                   precision="fp32", host="testhost", **changes)
+    fields = dict(dataset={"source": "stdlib", "train": {"documents": 3}}, tokenizer={"kind": "bpe", "vocab_size": 512},
+                  n_params=12345, device="cpu", precision="fp32", host="testhost")
+    return RunInfo(name=name, config=config, **{**fields, **changes})
 
 
 def step_metrics(step: int) -> dict[str, float]:

@@ -88,3 +88,10 @@ def test_missing_database_is_not_created(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["--db", str(tmp_path / "nope.db"), "runs"]) == 2
     assert "no experiment database" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_studies_lists_each_study(db_path: Path, capsys: pytest.CaptureFixture):
+    assert main(["--db", str(db_path), "studies"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["study_name", "n_runs", "n_completed"]
+    assert lines[1].split()[:3] == ["cli-study", "1", "1"] and len(lines) == 2
