@@ -130,7 +130,7 @@ def open_db(url: str) -> Any:
 
 
 def prepare(db: Any, args: argparse.Namespace, outputs: dict[str, Path]
-            ) -> list[tuple[Path, Callable[[], None]]]:
+            ) -> list[tuple[Path, Callable[[], object]]]:
     """Read and check everything; return the writes still to do, in order."""
     from dashboards import render_run
     from dashboards.compare import render_comparison
@@ -142,7 +142,7 @@ def prepare(db: Any, args: argparse.Namespace, outputs: dict[str, Path]
     ids = known_runs(db, args)
     if args.study is not None and set(outputs) - {"report"}:
         study_runs(db, args.study, args.db)
-    writers: list[tuple[Path, Callable[[], None]]] = []
+    writers: list[tuple[Path, Callable[[], object]]] = []
     if "report" in outputs:                     # first: an unknown Optuna study stops all
         writers.append(report_writer(db, args, outputs["report"]))
     if "out" in outputs:
@@ -156,11 +156,11 @@ def prepare(db: Any, args: argparse.Namespace, outputs: dict[str, Path]
     if "table" in outputs:
         table, path = fetch_table(db, args.run, args.study, args.runs), outputs["table"]
         payload = to_csv(table) if path.suffix.lower() == ".csv" else to_json(table)
-        writers.append((path, lambda: write_atomic(path, payload) and None))
+        writers.append((path, lambda: write_atomic(path, payload)))
     return writers
 
 
-def report_writer(db: Any, args: argparse.Namespace, out: Path) -> tuple[Path, Callable[[], None]]:
+def report_writer(db: Any, args: argparse.Namespace, out: Path) -> tuple[Path, Callable[[], object]]:
     from dashboards.report import fetch_report
     from dashboards.report_html import render_report
 

@@ -7,21 +7,19 @@ nothing about the data: every note, fallback and reduction is decided here.
 """
 from __future__ import annotations
 
-import json
-import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from dashboards.records import Marker, Panel, RunDashboardData, Series, Title
+from dashboards.run_meta import build_markers, build_title, human_count, run_config
 from dashboards.series import (MAX_POINTS, column, finite_xy, moving_average, reduce_minmax,
                                smoothing_window)
 
 __all__ = ["Marker", "Panel", "RunDashboardData", "Series", "Title", "build_run_data",
            "fetch_run_data"]
 
-MARKER_KINDS = ("resume", "oom", "nonfinite")   # events drawn as vertical lines on step panels
 GPU_MEMORY = (("mem_gpu_allocated_mb", "allocated"), ("mem_gpu_reserved_mb", "reserved"),
               ("mem_gpu_peak_mb", "peak"))
 STEP_COLUMNS = ("loss", "lr", "grad_norm")    # the step metrics the dashboard draws
@@ -82,49 +80,6 @@ def _ended(panel: Panel, status: str) -> Panel:
     ended = {NO_VALIDATION: f"no validation (run {status})",
              NO_EPOCHS: f"no epoch completed (run {status})"}
     return panel._replace(notes=tuple(ended.get(n, n) for n in panel.notes))
-
-
-# -- title ----------------------------------------------------------------------------------
-def run_config(run: Any) -> dict[str, Any]:
-    config = getattr(run, "config", None) or {}
-    return json.loads(config) if isinstance(config, str) else dict(config)
-
-
-def build_title(run: Any, config: dict[str, Any]) -> Title:
-    trial = getattr(run, "trial_number", None)
-    return Title(run_id=int(run.id), name=str(getattr(run, "name", "") or f"run {run.id}"),
-                 status=str(getattr(run, "status", "") or "unknown"),
-                 study=getattr(run, "study_name", None) or None,
-                 trial=None if _missing(trial) else int(trial),
-                 hparams=hyperparameters(run, config))
-
-
-def hyperparameters(run: Any, config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    """The settings that identify a run at a glance, as (name, text); absent ones are left out."""
-    items = [(k, _fmt(config.get(k))) for k in ("n_layer", "n_embd", "n_head", "block_size", "lr")]
-    if config.get("micro_batch") is not None:
-        items.append(("batch", f"{config['micro_batch']}x{config.get('grad_accum', 1)}"))
-    items.append(("precision", _fmt(getattr(run, "precision", None) or config.get("precision"))))
-    n_params = getattr(run, "n_params", None)
-    items.append(("params", None if _missing(n_params) else human_count(n_params)))
-    return tuple((k, v) for k, v in items if v is not None)
-
-
-def human_count(n: float) -> str:
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return str(int(round(n)))
-
-
-def _fmt(value: Any) -> str | None:
-    if _missing(value):
-        return None
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 # -- step panels -----------------------------------------------------------------------------
@@ -236,35 +191,6 @@ def memory_panel(epochs) -> Panel:
     return Panel("Process memory (RSS) per epoch", "epoch", "MB",
                  _present((_series("mem_process", "process RSS", x, y),)), _present((note,)),
                  by_step=False, from_zero=True)
-
-
-# -- markers ---------------------------------------------------------------------------------
-def build_markers(run: Any, checkpoints: pd.DataFrame | None, events: pd.DataFrame | None
-                  ) -> tuple[Marker, ...]:
-    """Resume / OOM / non-finite events and the best checkpoint's step, sorted by step."""
-    markers = []
-    if events is not None and len(events):
-        steps = column(events, "step")
-        markers += [Marker(str(k), float(s)) for k, s in zip(events["kind"], steps)
-                    if k in MARKER_KINDS and np.isfinite(s)]
-    best = best_step(run, checkpoints)
-    if best is not None:
-        markers.append(Marker("best", best))
-    return tuple(sorted(markers, key=lambda m: (m.step, m.kind)))
-
-
-def best_step(run: Any, checkpoints: pd.DataFrame | None) -> float | None:
-    """run.best_step, else the lowest-val_loss checkpoint (kind "best" preferred)."""
-    step = getattr(run, "best_step", None)
-    if not _missing(step):
-        return float(step)
-    if checkpoints is None or not len(checkpoints):
-        return None
-    rows = checkpoints.assign(_v=column(checkpoints, "val_loss"), _s=column(checkpoints, "step"))
-    rows = rows[np.isfinite(rows["_v"]) & np.isfinite(rows["_s"])]
-    best_kind = rows[rows["kind"] == "best"] if "kind" in rows else rows.iloc[:0]
-    rows = best_kind if len(best_kind) else rows
-    return float(rows.sort_values(["_v", "_s"]).iloc[0]["_s"]) if len(rows) else None
 
 
 # -- small helpers ---------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 from matplotlib.image import imread
 
