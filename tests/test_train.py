@@ -10,36 +10,7 @@ from trainer.checkpoint import MANIFEST_FILE, MODEL_FILE, verify_checkpoint
 from trainer.config import TrainConfig
 from trainer.errors import CheckpointError, DataError, StopTraining
 from trainer.loop import train
-from trainer.recorder import NullRecorder
-
-
-class ListRecorder(NullRecorder):
-    """Keeps what the trainer reports, to assert on it."""
-
-    def __init__(self, stop_at_eval: int | None = None):
-        self.steps, self.evals, self.epochs, self.checkpoints, self.finished = [], [], [], [], None
-        self.stop_at_eval = stop_at_eval
-
-    def start_run(self, info):
-        self.info = info
-        return 7
-
-    def log_step(self, step, metrics):
-        self.steps.append((step, metrics))
-
-    def log_eval(self, step, epoch, metrics):
-        self.evals.append((step, metrics["val_loss"]))
-        if self.stop_at_eval is not None and len(self.evals) >= self.stop_at_eval:
-            raise StopTraining("pruned", f"test pruner at step {step}")
-
-    def log_epoch(self, epoch, metrics):
-        self.epochs.append((epoch, metrics))
-
-    def log_checkpoint(self, path, kind, step, val_loss, size_bytes, sha256):
-        self.checkpoints.append((path, kind, step))
-
-    def finish(self, status, reason=None):
-        self.finished = (status, reason)
+from trainer_fixtures import ListRecorder
 
 
 def test_a_run_learns_and_reports_everything(tiny_cfg, tiny_data):

@@ -41,3 +41,43 @@ def tiny_data(tiny_base_cfg, full_tiny_data):
 @pytest.fixture
 def tiny_cfg(tiny_base_cfg, tmp_path):
     return tiny_base_cfg.replace(out_dir=str(tmp_path / "run"))
+
+
+class ListRecorder:
+    """A Recorder that keeps what the trainer reports, to assert on it."""
+
+    def __init__(self, stop_at_eval=None, run_id=7):
+        self.steps, self.evals, self.epochs, self.checkpoints, self.events = [], [], [], [], []
+        self.finished, self.info, self.stop_at_eval, self.run_id = None, None, stop_at_eval, run_id
+
+    def start_run(self, info):
+        self.info = info
+        return self.run_id
+
+    def log_step(self, step, metrics):
+        self.steps.append((step, metrics))
+
+    def log_eval(self, step, epoch, metrics):
+        from trainer.errors import StopTraining
+
+        self.evals.append((step, metrics["val_loss"]))
+        if self.stop_at_eval is not None and len(self.evals) >= self.stop_at_eval:
+            raise StopTraining("pruned", f"test pruner at step {step}")
+
+    def log_epoch(self, epoch, metrics):
+        self.epochs.append((epoch, metrics))
+
+    def log_checkpoint(self, path, kind, step, val_loss, size_bytes, sha256):
+        self.checkpoints.append((path, kind, step))
+
+    def log_event(self, kind, step, detail):
+        self.events.append((kind, step, detail))
+
+    def finish(self, status, reason=None):
+        self.finished = (status, reason)
+
+    def losses(self):
+        return {step: m["loss"] for step, m in self.steps}
+
+    def event_kinds(self):
+        return [kind for kind, _, _ in self.events]

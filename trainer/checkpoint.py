@@ -109,7 +109,8 @@ def write_checkpoint(path: Path, snapshot: Snapshot) -> SavedCheckpoint:
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         _write_json(tmp / STATE_FILE, snapshot.state)
         files = {name: _describe(tmp / name) for name in sorted(os.listdir(tmp))}
-        info = replace(snapshot.info, written_at=time.time())
+        # A fresh capture has no time yet; an imported checkpoint keeps the one it was written at.
+        info = snapshot.info if snapshot.info.written_at else replace(snapshot.info, written_at=time.time())
         _write_json(tmp / MANIFEST_FILE, {KEY_FORMAT: FORMAT_VERSION, KEY_CHECKPOINT: asdict(info),
                                           KEY_FILES: files})
         _fsync_dir(tmp)

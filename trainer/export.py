@@ -1,18 +1,29 @@
-"""Exports: the Hugging Face model directory that transformers loads offline."""
+"""Exports: the Hugging Face model directory, and checkpoints as one portable JSON file.
+
+    python -m trainer.export json CHECKPOINT_DIR --out model.json [--weights-only]
+    python -m trainer.export import model.json --out CHECKPOINT_DIR
+"""
 from __future__ import annotations
 
 import json
 import shutil
+import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+from trainer.cli import Parser, fail
 
-from trainer.config import TrainConfig
+if TYPE_CHECKING:   # transformers is imported by the caller; --help stays fast
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from trainer.config import TrainConfig
 
 TRAINING_CONFIG_FILE = "training_config.json"
+PROG = "python -m trainer.export"
 
 
-def export_hf(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig,
+def export_hf(model: "GPT2LMHeadModel", tokenizer: "PreTrainedTokenizerFast", cfg: "TrainConfig",
               out: Path) -> Path:
     """Write config.json, model.safetensors, tokenizer files and training_config.json to ``out``.
 
@@ -28,3 +39,57 @@ def export_hf(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, cfg: T
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description="Convert checkpoints to and from one portable JSON file "
+                                      "(tensors as base64 of their raw bytes).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{json,import}")
+    to_json = sub.add_parser("json", help="Write a checkpoint directory as one JSON file.")
+    to_json.add_argument("checkpoint", help="A checkpoint directory, e.g. runs/my-model/checkpoints/step-0001000.")
+    to_json.add_argument("--out", required=True, help="The JSON file to write.")
+    to_json.add_argument("--weights-only", action="store_true",
+                         help="Leave out the optimizer state (a third of the size; a resume restarts AdamW).")
+    back = sub.add_parser("import", help="Rebuild a checkpoint directory from a JSON file.")
+    back.add_argument("json_file", help="A file written by `json`.")
+    back.add_argument("--out", required=True, help="The checkpoint directory to create (must not exist).")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from trainer.errors import CheckpointError, ConfigError
+    from trainer.portable import export_json, import_json
+
+    problem = _check_paths(args)
+    if problem:
+        fail(PROG, ConfigError([problem]))
+    started = time.perf_counter()
+    try:
+        if args.command == "json":
+            out = export_json(Path(args.checkpoint), Path(args.out), weights_only=args.weights_only)
+        else:
+            out = import_json(Path(args.json_file), Path(args.out))
+    except CheckpointError as exc:
+        fail(PROG, exc)
+    size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir()))
+    print(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.2f} s")
+    return 0
+
+
+def _check_paths(args) -> str | None:
+    if args.command == "json":
+        if not Path(args.checkpoint).is_dir():
+            return f"CHECKPOINT_DIR {args.checkpoint!r}: no such directory; pass a step-NNNNNNN checkpoint directory"
+        if not Path(args.out).parent.resolve().is_dir():
+            return f"--out {args.out!r}: its directory does not exist; create it first"
+        return None
+    if not Path(args.json_file).is_file():
+        return f"JSON_FILE {args.json_file!r}: no such file; pass a file written by `{PROG} json`"
+    if Path(args.out).exists():
+        return f"--out {args.out!r} already exists; pass a new directory name (nothing is overwritten)"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,8 +31,11 @@ def generate(model_dir: str, prompt: str, *, max_new_tokens: int = 100, temperat
     if not (Path(model_dir) / "config.json").is_file():
         raise CheckpointError(f"MODEL_DIR {model_dir!r}: no config.json there; pass a final_model/ directory "
                               "written by python -m trainer")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if not (Path(model_dir) / "model.safetensors").is_file():
+        raise CheckpointError(f"MODEL_DIR {model_dir!r}: no model.safetensors there; only safetensors weights are "
+                              "loaded (a pytorch_model.bin is a pickle, which can run code when loaded)")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True).eval()
     torch.manual_seed(seed)
     ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").input_ids
     sampling = temperature > 0

@@ -43,22 +43,22 @@ class RunResult:
 
 def run(t: "Trainer") -> RunResult:
     start_run(t)
-    status, reason = "completed", None
+    status, reason, halt = "completed", None, None
     try:
         halt = t.train_steps()
-        if halt == "signal":
-            stop_for_signal(t, t.stops.signal_name)
-        if halt == "time":
-            return stop_for_time(t)
     except StopTraining as stop:
         status, reason = stop.status, stop.reason
         t.log(f"run stopped: {status} ({reason})")
     except KeyboardInterrupt:
-        stop_for_signal(t, "KeyboardInterrupt")
+        halt = "KeyboardInterrupt"
     except BaseException as exc:
         complete_saves(t)
         t.recorder.finish("failed", f"{type(exc).__name__}: {exc}")
         raise
+    if halt == "time":
+        return stop_for_time(t)
+    if halt is not None:
+        stop_for_signal(t, t.stops.signal_name if halt == "signal" else halt)
     checkpoint, model_dir = save_final(t, status)
     t.recorder.finish(status, reason)
     if t.stops.requested:

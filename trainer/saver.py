@@ -7,6 +7,7 @@ share the host buffers). Outcomes are handed back to the training thread by ``po
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Callable
 from trainer.checkpoint import CheckpointInfo, SavedCheckpoint, Snapshot, write_checkpoint
 from trainer.snapshot import HostBuffers
 
+
+WRITER_NICENESS = 10
 
 @dataclass(frozen=True)
 class SaveOutcome:
@@ -64,6 +67,7 @@ class BackgroundWriter:
         return self.poll()
 
     def _write(self, path: Path, snapshot: Snapshot) -> None:
+        _lower_priority()
         try:
             self._outcome = SaveOutcome(path, snapshot.info, write_checkpoint(path, snapshot), None)
         except BaseException as exc:   # handed to the training thread, which reports it
@@ -75,3 +79,11 @@ class BackgroundWriter:
         self._thread.join()
         self._thread, self._in_flight = None, None
         self._finished.append(self._outcome)
+
+
+def _lower_priority() -> None:
+    """Let training threads have the cores first: on Linux a thread has its own nice value."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+    except (AttributeError, OSError):   # not Linux, or not allowed: write at normal priority
+        pass
