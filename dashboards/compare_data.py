@@ -67,7 +67,11 @@ def fetch_comparison(db: Any, run_ids: Sequence[int] | None = None, study: str |
     """Compare ``run_ids`` (any runs) or every run of ``study``, reading expdb."""
     runs = db.runs(study) if study is not None else db.runs()
     if run_ids is not None:
-        runs = runs.set_index("id").loc[list(run_ids)].reset_index()
+        missing = sorted(set(run_ids) - set(runs["id"]))
+        if missing:
+            raise LookupError(f"run_ids: no run with id {', '.join(map(str, missing))}"
+                              + (f" in study {study}" if study is not None else ""))
+        runs = runs.set_index("id").loc[list(dict.fromkeys(run_ids))].reset_index()
     ranked = rank(runs)
     history = {int(i): (db.evals(int(i)), db.epochs(int(i)))
                for i in ranked["id"].head(top + MAX_BACKGROUND)}

@@ -124,6 +124,8 @@ def test_fetch_comparison_of_a_study(study_db):
 
 
 def test_fetch_comparison_of_chosen_runs(study_db):
-    data = fetch_comparison(study_db, run_ids=[5, 1], top=10)
+    data = fetch_comparison(study_db, run_ids=[5, 1, 5], top=10)
     assert data.title.startswith("Runs 5, 1: 2 runs")
     assert {c.run_id for c in data.curves} == {1, 5}
+    with pytest.raises(LookupError, match="^run_ids: no run with id 98, 99$"):
+        fetch_comparison(study_db, run_ids=[1, 99, 98])
