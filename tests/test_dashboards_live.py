@@ -24,9 +24,12 @@ def start_run(db, name="live"):
     return rec, run_id
 
 
-def train(rec, steps, pause, finish=True):
-    """What the trainer does to the recorder, slowly: steps, an eval every 10, an epoch, finish."""
+def train(rec, steps, pause, finish=True, halfway=None):
+    """What the trainer does to the recorder, slowly: steps, an eval every 10, an epoch, finish.
+    ``halfway``: an Event to wait for after half the steps (a watcher has seen the run)."""
     for step in range(1, steps + 1):
+        if halfway is not None and step == steps // 2:
+            halfway.wait(timeout=60)
         rec.log_step(step, dict(loss=5.0 - step / steps, lr=1e-3, grad_norm=0.5))
         if step % 10 == 0:
             rec.log_eval(step, 0, dict(val_loss=5.1 - step / steps))
@@ -52,13 +55,20 @@ def reader_db(writer_db):
 
 def test_watch_renders_while_the_run_trains_then_stops_when_it_ends(writer_db, reader_db, tmp_path):
     rec, run_id = start_run(writer_db)
-    trainer = threading.Thread(target=train, args=(rec, 60, 0.02))
+    seen_running = threading.Event()
+    trainer = threading.Thread(target=train, args=(rec, 60, 0.01, True, seen_running))
     trainer.start()
     lines: list[str] = []
+
+    def log(line):
+        lines.append(line)
+        if " running, step " in line:        # rows already there, the run not finished
+            seen_running.set()
+
     try:
-        last = watch(reader_db, run_id, tmp_path / "live.png", every=0.2, iterations=100,
-                     log=lines.append)
+        last = watch(reader_db, run_id, tmp_path / "live.png", every=0.1, iterations=200, log=log)
     finally:
+        seen_running.set()
         trainer.join()
     assert any(" running, step " in line for line in lines[:-1])      # seen mid-run
     assert lines[-1] == f"run {run_id} is completed: wrote the final dashboard to {tmp_path / 'live.png'}"
