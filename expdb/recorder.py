@@ -44,6 +44,7 @@ class DBRecorder:
         self._sync_timeout_s = sync_timeout_s
         self._finish_timeout_s = finish_timeout_s
         self._writer: BufferedWriter | None = None
+        self._steps = None          # the writer's buffer of step rows, while the run is open
         self._finished = False
         self._best: float | None = None
         self.run_id: int | None = None
@@ -59,14 +60,17 @@ class DBRecorder:
             run_id = self._insert(info)
         self.run_id = run_id
         self._writer = BufferedWriter(self._db._writer, run_id, self._db.where, **self._writer_options)
+        self._steps = self._writer.queue(STEP)
         return run_id
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         # The hot path (once per optimizer step): a tuple appended to a deque, ~2 us.
-        writer = self._writer
-        if writer is None or self._finished:
-            writer = self._open_writer()        # raises the right RecorderStateError
-        writer.add(STEP, encode_step(self.run_id, step, metrics))
+        steps = self._steps
+        if steps is None:
+            self._open_writer()                 # raises the right RecorderStateError
+        steps.append(encode_step(self.run_id, step, metrics))
+        if len(steps) >= self._writer.batch_rows:
+            self._writer.wake()
 
     def log_eval(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         writer = self._open_writer()
@@ -103,7 +107,7 @@ class DBRecorder:
         writer = self._started_writer()
         # Through the writer, so the last rows and the final status commit together.
         writer.set_run_fields(status=status, status_reason=reason, ended_at=utcnow())
-        self._finished = True
+        self._finished, self._steps = True, None
         writer.close(self._finish_timeout_s)
 
     # -- helpers -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ class RunRecord:
     """One row of ``runs``, with its JSON columns parsed into dicts."""
 
     id: int
+    uid: str                        # names the run across databases (see merge)
     name: str
     status: str
     status_reason: str | None

@@ -14,7 +14,7 @@ caller's transaction, so the rollups never disagree with step_metrics.
 from __future__ import annotations
 
 from itertools import groupby
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from sqlalchemy import Connection, text
 
@@ -32,16 +32,17 @@ _BLOCK_ROWS = text(f"SELECT {', '.join(STEP.columns)} FROM step_metrics "
 
 def summarize(run_id: int, block: int, rows: Sequence[tuple]) -> list:
     """The summary of ``rows`` (STEP tuples of one block, each step once, in step order)."""
-    steps = [r[_STEP] for r in rows]
-    nans = [r[_STEP] for r in rows if r[_NAN] is not None]
-    out = [run_id, block, len(rows), min(steps), max(steps), min(nans) if nans else None]
+    columns = list(zip(*rows))                  # transposed in C: one tuple per column
+    steps, nan_marks = columns[_STEP], columns[_NAN]
+    nan_step = None
+    if nan_marks.count(None) != len(nan_marks):
+        nan_step = min(s for s, mark in zip(steps, nan_marks) if mark is not None)
+    out = [run_id, block, len(rows), min(steps), max(steps), nan_step]
     for i in _METRIC_INDEX:
-        values = [r[i] for r in rows]
+        values, kept_steps = columns[i], steps
         if None in values:      # a metric not reported, or NaN: leave those rows out
             kept = [(v, s) for v, s in zip(values, steps) if v is not None]
-            values, kept_steps = [v for v, _ in kept], [s for _, s in kept]
-        else:
-            kept_steps = steps
+            values, kept_steps = tuple(v for v, _ in kept), tuple(s for _, s in kept)
         if values:
             lo, hi = min(values), max(values)
             out += [lo, kept_steps[values.index(lo)], hi, kept_steps[values.index(hi)]]
@@ -74,9 +75,7 @@ class RollupTracker:
 
     def update(self, conn: Connection, rows: list[tuple], paramstyle: str) -> None:
         """Upsert the summaries of the blocks that ``rows`` (just written) touched."""
-        summaries = []
-        for block, group in groupby(rows, key=lambda r: r[_STEP] // ROLLUP_BLOCK):
-            summaries.append(self._fold(conn, block, list(group)))
+        summaries = [self._fold(conn, block, group) for block, group in _blocks(rows)]
         latest = {s[1]: tuple(s) for s in summaries}     # a block may recur: the last one is whole
         conn.exec_driver_sql(ROLLUP.sql(paramstyle), list(latest.values()))
 
@@ -98,6 +97,22 @@ class RollupTracker:
         if open_ is None or block >= open_[1]:
             self._open = summary
         return summary
+
+
+def _blocks(rows: list[tuple]) -> Iterator[tuple[int, list[tuple]]]:
+    """(block, its rows) for each run of consecutive rows in one block. Rows of consecutive
+    steps (the usual batch) are cut by arithmetic; anything else by looking at every row."""
+    steps = [r[_STEP] for r in rows]
+    if steps and steps[-1] - steps[0] == len(steps) - 1 and steps == sorted(steps):
+        start = 0
+        while start < len(rows):
+            block = steps[start] // ROLLUP_BLOCK
+            end = min(len(rows), start + (block + 1) * ROLLUP_BLOCK - steps[start])
+            yield block, rows[start:end]
+            start = end
+        return
+    for block, group in groupby(rows, key=lambda r: r[_STEP] // ROLLUP_BLOCK):
+        yield block, list(group)
 
 
 def load_block(conn: Connection, run_id: int, block: int) -> list | None:

@@ -43,7 +43,8 @@ class BufferedWriter:
                  batch_rows: int = 5000):
         self.run_id = run_id
         self._engine, self._where = engine, where
-        self._interval_s, self._batch_rows = interval_s, batch_rows
+        self._interval_s = interval_s
+        self.batch_rows = self._batch_rows = batch_rows
         self._queues: dict[RowSpec, deque] = {}
         self._calls: deque[Callable[[Connection], Any]] = deque()    # run after the inserts
         self._run_fields: dict[str, Any] = {}   # columns of the runs row to set on the next write
@@ -60,11 +61,19 @@ class BufferedWriter:
 
     # -- called from the training thread ------------------------------------------------
     def add(self, spec: RowSpec, row: tuple) -> None:
-        queue = self._queues.get(spec)
-        if queue is None:
-            queue = self._queues.setdefault(spec, deque())
+        queue = self.queue(spec)
         queue.append(row)
-        if len(queue) >= self._batch_rows and not self._wake.is_set():
+        if len(queue) >= self._batch_rows:
+            self.wake()
+
+    def queue(self, spec: RowSpec) -> deque:
+        """The buffer of ``spec``'s rows: appending a tuple to it is ``add`` without its checks
+        (the recorder's per-step path does that, and calls ``wake`` past ``batch_rows``)."""
+        queue = self._queues.get(spec)
+        return queue if queue is not None else self._queues.setdefault(spec, deque())
+
+    def wake(self) -> None:
+        if not self._wake.is_set():
             self._wake.set()
 
     def add_call(self, call: Callable[[Connection], Any]) -> None:

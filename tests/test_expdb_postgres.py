@@ -67,3 +67,42 @@ def test_deleting_a_run_cascades(postgres_db_url: str):
             conn.execute(text("DELETE FROM runs WHERE id = :id"), {"id": run_id})
         engine.dispose()
         assert db.runs().empty and db.epochs().empty and db.events().empty
+
+
+def test_a_table_locked_by_another_session_delays_rows_not_the_caller(postgres_db_url: str):
+    import time
+
+    import psycopg
+    from sqlalchemy import make_url
+
+    with expdb.open(postgres_db_url) as db:
+        rec = db.recorder(flush_interval_s=0.05, sync_timeout_s=0.1)
+        run_id = rec.start_run(make_info())
+        url = make_url(postgres_db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(url) as blocker:
+            blocker.execute("LOCK TABLE step_metrics IN ACCESS EXCLUSIVE MODE")   # no reads, no writes
+            slowest = 0.0
+            for step in range(300):
+                t0 = time.perf_counter()
+                rec.log_step(step, {"loss": 1.0 / (step + 1)})
+                if step % 100 == 99:
+                    rec.log_epoch(step // 100, {"train_loss": 1.0, "step": step})   # waits at most 0.1 s
+                slowest = max(slowest, time.perf_counter() - t0)
+                time.sleep(0.002)
+            assert rec._writer.pending > 200            # held back (one batch waits inside the server)
+        # the blocker's transaction ends with its connection
+        rec.finish("completed")
+        assert slowest < 0.5
+        assert db.steps(run_id)["step"].tolist() == list(range(300)) and len(db.epochs(run_id)) == 3
+
+
+def test_readonly_open_never_writes(postgres_db_url: str):
+    with expdb.open(postgres_db_url) as db:
+        record_run(db, make_info())
+    with expdb.open(postgres_db_url, readonly=True) as db:
+        assert len(db.steps(1)) == 20
+        with pytest.raises(expdb.ReadOnlyDatabaseError, match="cannot record a run"):
+            db.recorder()
+    fresh = postgres_db_url.replace("search_path%3D", "search_path%3Dmissing_")
+    with pytest.raises(expdb.ReadOnlyDatabaseError, match="holds no experiment database"):
+        expdb.open(fresh, readonly=True)
