@@ -1,8 +1,12 @@
-"""Set up and run a study: config and data checked first, then storage, trials, report."""
+"""Set up and run a study: config, space and data checked first, then storage, workers, report."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,61 +14,103 @@ import optuna
 import pandas as pd
 
 import expdb
-from studies.objective import RUN_ID_ATTR, Objective
-from studies.space import default_space, space_problems
+from studies.lock import StudyLock
+from studies.space import Param, default_space, grid_space, space_problems
+from studies.trial import FAIL_REASON_ATTR, RUN_ID_ATTR
+from studies.worker import FINISHED, StudyContext, work
 from trainer.config import TrainConfig
 from trainer.data import prepare_data
-from trainer.errors import ConfigError, TrainerError
+from trainer.errors import ConfigError
 from trainer.presets import default_preset
 
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+EXIT_TOO_MANY_FAILURES = 3
 
 
-def run_study(args: argparse.Namespace, base: TrainConfig) -> int:
+def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | None) -> int:
     preset = args.preset or default_preset()
-    space = default_space(preset)
-    if problems := space_problems(space):
+    space = space or default_space(preset)
+    if problems := space_problems(space, args.sampler):
         raise ConfigError(problems)
     data = prepare_data(base)  # a bad data source fails here, before anything is written
     study_name = args.study_name or preset
+    storage_url = args.storage or storage_url_for(args.db)
     db = expdb.open(args.db)
-    study = _load_study(args, study_name, base, data)
-    remaining = args.trials - len(finished_trials(study))
-    print(f"study {study_name!r}: {len(finished_trials(study))} finished trials, running {max(0, remaining)} more "
-          f"(storage {args.storage or storage_url(args.db)})")
-    if remaining > 0:
-        objective = Objective(base, space, data, db, study_name, Path(args.out) / study_name)
-        study.optimize(objective, n_trials=remaining, catch=(TrainerError,), callbacks=[_print_trial])
-    _report(study, db, data, Path(args.out) / study_name)
-    return 0
+    study = _load_study(args, study_name, storage_url, base, data, space)
+    ctx = StudyContext(
+        study=study, storage_url=storage_url, db=db, base=base, space=space, data=data, study_name=study_name,
+        out_dir=Path(args.out) / study_name, n_trials=args.trials, lock=StudyLock(storage_url, study_name),
+        max_failures=args.max_failures, stale_after_s=args.stale_after,
+        deadline=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=args.time_budget) if args.time_budget else None,
+        stop_starting_at=time.monotonic() + args.timeout if args.timeout else None)
+    print(f"study {study_name!r}: {len(finished_trials(study))} of {args.trials} trials finished "
+          f"(storage {storage_url}, {args.n_jobs} worker{'s' if args.n_jobs > 1 else ''})")
+    reasons = _run_workers(ctx, args.n_jobs)
+    report(study, db, data, ctx.out_dir)
+    ctx.lock.close()
+    return _exit_code(ctx, reasons)
 
 
-def storage_url(db: str) -> str:
+def storage_url_for(db: str) -> str:
     """Optuna's storage defaults to the experiment database's own file or server."""
     return db if "://" in db else f"sqlite:///{db}"
 
 
-def _load_study(args: argparse.Namespace, study_name: str, base, data) -> optuna.Study:
+def _run_workers(ctx: StudyContext, n_jobs: int) -> list[str]:
+    if n_jobs == 1:
+        return [work(ctx)]
+    # Share the cores: K trials each spinning on all cores' OpenMP threads run many times slower.
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
+    with ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="trial-worker") as pool:
+        return list(pool.map(lambda _: work(ctx), range(n_jobs)))
+
+
+def _exit_code(ctx: StudyContext, reasons: list[str]) -> int:
+    if "failures" in reasons:
+        print(f"stopped after {ctx.failures} failed trials in this session (--max-failures {ctx.max_failures}); "
+              "see the fail reasons above, fix the space or config, and run the command again")
+        return EXIT_TOO_MANY_FAILURES
+    if {"time budget", "timeout"} & set(reasons):
+        left = ctx.n_trials - len(finished_trials(ctx.study))
+        print(f"stopped for the time limit with {left} trials to go; run the same command again to continue")
+    return 0
+
+
+def _load_study(args: argparse.Namespace, study_name: str, storage_url: str, base: TrainConfig, data,
+                space) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = args.storage or storage_url(args.db)
-    engine_kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {"pool_pre_ping": True}
+    storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs)
     steps_per_epoch = ((len(data.train) - 1) // base.block_size) // base.effective_batch
-    # No pruning before the first epoch ends: every trial gets one full epoch of evidence.
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=steps_per_epoch)
     return optuna.create_study(study_name=study_name, storage=storage, direction="minimize",
-                               sampler=optuna.samplers.TPESampler(seed=args.seed), pruner=pruner,
-                               load_if_exists=True)
+                               sampler=make_sampler(args.sampler, args.seed, space),
+                               pruner=make_pruner(args.pruner, steps_per_epoch, base), load_if_exists=True)
+
+
+def make_sampler(name: str, seed: int, space) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_space(space), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(name: str, steps_per_epoch: int, base: TrainConfig) -> optuna.pruners.BasePruner:
+    """No pruning before the first epoch ends: every trial gets one full epoch of evidence."""
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "hyperband":
+        total = steps_per_epoch * base.epochs
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, steps_per_epoch), max_resource=max(2, total))
+    # Optuna prunes from step >= n_warmup_steps on: +1 lets the first epoch end (and be recorded).
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=steps_per_epoch + 1)
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
-
-
-def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    value = f"{trial.value:.4f}" if trial.value is not None else "-"
-    print(f"trial {trial.number} {trial.state.name.lower()}: val loss {value} "
-          f"(run {trial.user_attrs.get(RUN_ID_ATTR)}, {trial.duration.total_seconds():.1f} s)")
 
 
 def results_table(study: optuna.Study) -> pd.DataFrame:
@@ -74,7 +120,8 @@ def results_table(study: optuna.Study) -> pd.DataFrame:
                                                     if t.intermediate_values else math.nan)
         rows.append({"trial": t.number, "state": t.state.name.lower(), "run_id": t.user_attrs.get(RUN_ID_ATTR),
                      "val_loss": loss, "val_ppl": math.exp(loss) if loss < 50 else math.inf,
-                     "seconds": t.duration.total_seconds() if t.duration else math.nan, **t.params})
+                     "seconds": t.duration.total_seconds() if t.duration else math.nan, **t.params,
+                     "note": t.user_attrs.get(FAIL_REASON_ATTR, "")[:60]})
     return pd.DataFrame(rows)
 
 
@@ -85,7 +132,7 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _report(study: optuna.Study, db, data, out_dir: Path) -> None:
+def report(study: optuna.Study, db, data, out_dir: Path) -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(results_table(study).to_string(index=False))
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

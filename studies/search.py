@@ -31,7 +31,25 @@ def build_parser() -> Parser:
                    help="Training preset of every trial (default: quick without a GPU, kaggle-t4 with one).")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON settings applied over the preset.")
     p.add_argument("--out", default="runs", metavar="DIR", help="Trials write to DIR/STUDY/trial-NNNN (default: runs).")
+    p.add_argument("--space", default=None, metavar="FILE",
+                   help="YAML search space (setting: {type: float|int|categorical, low, high, log, step, choices}); "
+                        "default: the preset's space.")
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "cmaes", "grid"),
+                   help="Optuna sampler (default: tpe, seeded by --seed).")
+    p.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
+                   help="Optuna pruner (default: median, never before the first epoch ends).")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="Seed of the sampler (default: 0).")
+    p.add_argument("--timeout", type=parse_duration, default=None, metavar="DURATION",
+                   help="Start no trial after this long (e.g. 45m, 2h).")
+    p.add_argument("--time-budget", type=parse_duration, default=None, metavar="DURATION",
+                   help="This session's time (e.g. 8h30m): no trial starts that cannot finish in it, and the "
+                        "running trial checkpoints and stops before it ends; the next invocation continues it.")
+    p.add_argument("--n-jobs", type=int, default=1, metavar="K", help="Trials run in parallel in this process.")
+    p.add_argument("--max-failures", type=int, default=3, metavar="M",
+                   help="Stop after M failed trials in this session (default: 3).")
+    p.add_argument("--stale-after", type=parse_duration, default=300.0, metavar="DURATION",
+                   help="A running trial of another machine whose run has written nothing for this long is "
+                        "taken over (default: 5m). On this machine a dead worker is detected at once.")
     p.add_argument("--progress", type=parse_bool, default=True, metavar="BOOL",
                    help="Show each trial's progress bar (default: true).")
     return p
@@ -39,20 +57,49 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.trials < 1:
-        fail(PROG, ValueError(f"--trials {args.trials}: use a positive number of trials, e.g. --trials 10"))
+    if problems := _flag_problems(args):
+        from trainer.errors import ConfigError
+        fail(PROG, ConfigError(problems))
     from trainer.cli import config_from_args
     from trainer.errors import TrainerError
+    from studies.space import load_space, space_problems
     try:
         base = config_from_args(preset_args(args))
+        space = load_space(args.space) if args.space else None  # None: the preset's default
+        if space and (problems := space_problems(space, args.sampler)):
+            raise ConfigError(problems)
     except TrainerError as exc:
         fail(PROG, exc)
     # Heavy imports (torch, optuna) only once the flags are known to be good.
     from studies.runner import run_study
+    from trainer.errors import TrainingInterrupted
     try:
-        return run_study(args, base)
+        return run_study(args, base, space)
     except TrainerError as exc:
         fail(PROG, exc)
+    except TrainingInterrupted as exc:
+        print(f"{PROG}: {exc}; the trial is left running: run the same command again to continue it",
+              file=sys.stderr)
+        return exc.exit_code
+
+
+def _flag_problems(args: argparse.Namespace) -> list[str]:
+    checks = [
+        (args.trials >= 1, f"--trials {args.trials}: use a positive number of trials, e.g. --trials 10"),
+        (args.n_jobs >= 1, f"--n-jobs {args.n_jobs}: use 1 or more parallel trials"),
+        (args.max_failures >= 1, f"--max-failures {args.max_failures}: use 1 or more"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '8h30m', '45m', '90s' (trainer.clock's format, shared with --time-budget of a run)."""
+    from trainer.clock import parse_duration as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def preset_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -1,7 +1,10 @@
-"""The main job end to end: a real Optuna study of trainer runs in one SQLite file."""
+"""The main job end to end: real Optuna studies of trainer runs, killed, resumed, shared."""
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pandas as pd
@@ -18,26 +21,47 @@ eval_every: 10
 eval_batches: 4
 progress: false
 """
+TINY_SPACE = """\
+lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+n_layer: {type: int, low: 1, high: 2}
+n_embd: {type: categorical, choices: [32, 48]}
+"""
 
 
-def search(cwd, *flags):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "studies.search", "--config", "tiny.yaml", "--study-name", "t", *flags]
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+def command(*flags, db="experiments.db"):
+    return [sys.executable, "-m", "studies.search", "--config", "tiny.yaml", "--space", "space.yaml",
+            "--study-name", "t", "--db", db, *flags]
+
+
+def env(threads=None):
+    extra = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    return {**os.environ, "PYTHONPATH": ROOT, **extra}
+
+
+def search(cwd, *flags, db="experiments.db", expect=0):
+    result = subprocess.run(command(*flags, db=db), cwd=cwd, env=env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-4000:]
     return result.stdout
 
 
-@pytest.mark.slow
-def test_study_records_linked_runs_and_continues(tmp_path):
+@pytest.fixture
+def study_dir(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY_STUDY)
-    out = search(tmp_path, "--trials", "4", "--seed", "1")
-    assert "best trial" in out and "unigram entropy" in out
+    (tmp_path / "space.yaml").write_text(TINY_SPACE)
+    return tmp_path
 
-    url = f"sqlite:///{tmp_path / 'experiments.db'}"
+
+def url_of(study_dir):
+    return f"sqlite:///{study_dir / 'experiments.db'}"
+
+
+@pytest.mark.slow
+def test_study_records_linked_runs_and_continues(study_dir):
+    out = search(study_dir, "--trials", "4", "--seed", "1")
+    assert "best trial" in out and "unigram entropy" in out
+    url = url_of(study_dir)
     runs = pd.read_sql("select * from runs order by trial_number", url)
-    study = optuna.load_study(study_name="t", storage=url)
-    trials = study.get_trials()
+    trials = optuna.load_study(study_name="t", storage=url).get_trials()
     assert len(runs) == len(trials) == 4
     # linked both ways: trial number on the run, run id on the trial
     assert sorted(runs.trial_number) == [t.number for t in trials]
@@ -45,17 +69,124 @@ def test_study_records_linked_runs_and_continues(tmp_path):
     states = {t.number: t.state.name.lower() for t in trials}
     assert {r.trial_number: r.status for r in runs.itertuples()} == {
         n: {"complete": "completed"}.get(s, s) for n, s in states.items()}
-    # every run has epoch metrics and a recorded checkpoint that exists on disk
-    epochs = pd.read_sql("select run_id, count(*) as n from epoch_metrics group by run_id", url)
+    # every run has epoch metrics and recorded checkpoints
+    epochs = pd.read_sql("select distinct run_id from epoch_metrics", url)
     assert set(epochs.run_id) == set(runs.id)
-    ckpts = pd.read_sql("select run_id, path, kind from checkpoints", url)
-    assert set(ckpts.run_id) == set(runs.id) and all(os.path.isdir(p) for p in ckpts.path)
-    assert (tmp_path / "runs/t/best_dashboard.png").stat().st_size > 10_000
-
+    ckpts = pd.read_sql("select run_id, path, kind, deleted from checkpoints", url)
+    assert set(ckpts.run_id) == set(runs.id)
+    assert all(os.path.isdir(p) for p in ckpts[ckpts.deleted == 0].path)
+    assert (study_dir / "runs/t/best_dashboard.png").stat().st_size > 10_000
     # the same command again: the study already has 4 finished trials, so nothing runs
-    search(tmp_path, "--trials", "4", "--seed", "1")
+    search(study_dir, "--trials", "4", "--seed", "1")
     assert len(optuna.load_study(study_name="t", storage=url).trials) == 4
     # asking for 5 adds exactly one
-    search(tmp_path, "--trials", "5", "--seed", "1")
+    search(study_dir, "--trials", "5", "--seed", "1")
     assert len(optuna.load_study(study_name="t", storage=url).trials) == 5
     assert len(pd.read_sql("select id from runs", url)) == 5
+
+
+@pytest.mark.slow
+def test_a_study_killed_at_random_moments_ends_with_exactly_n_trials(study_dir):
+    """SIGKILL at random moments, restart, until the study says it is done."""
+    rng = random.Random(7)
+    kills = 0
+    for attempt in range(4):
+        proc = subprocess.Popen(command("--trials", "4", "--seed", "2", "--progress", "false"), cwd=study_dir,
+                                env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # The first kill at a random moment of start-up; later ones a random moment into training,
+        # once this invocation has written a new checkpoint (so there is something to continue).
+        if attempt == 0:
+            time.sleep(rng.uniform(0.5, 3))
+        else:
+            _wait_for_new_checkpoint(study_dir, proc, timeout=120)
+            time.sleep(rng.uniform(0, 2))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    assert kills >= 2, "the test should have interrupted the study"
+    search(study_dir, "--trials", "4", "--seed", "2")  # the last restart runs to the end
+    url = url_of(study_dir)
+    trials = optuna.load_study(study_name="t", storage=url).get_trials()
+    assert len(trials) == 4 and all(t.state.is_finished() for t in trials)
+    runs = pd.read_sql("select id, trial_number, status, resume_count from runs", url)
+    assert sorted(runs.trial_number) == [0, 1, 2, 3]  # one run row per trial, never a second
+    resumes = pd.read_sql("select run_id, step from events where kind = 'resume'", url)
+    # a continued trial resumed from its checkpoint's step, not from 0, at least once
+    assert (resumes.step > 0).any(), resumes
+    # and its step history is one continuous sequence: every step once
+    for run_id in runs[runs.resume_count > 0].id:
+        steps = pd.read_sql(f"select step from step_metrics where run_id = {run_id} order by step", url).step
+        assert list(steps) == list(range(1, len(steps) + 1)), run_id
+
+
+def _wait_for_new_checkpoint(study_dir, proc, timeout):
+    def newest():
+        stamps = [p.stat().st_mtime for p in study_dir.glob("runs/t/trial-*/checkpoints/step-*")]
+        return max(stamps, default=0.0)
+    before, deadline = newest(), time.monotonic() + timeout
+    while newest() <= before and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _workers(study_dir, n, flags, db):
+    # One thread each: several processes spinning on all cores' OpenMP threads crawl.
+    procs = [subprocess.Popen(command(*flags, db=db), cwd=study_dir, env=env(threads=1), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+
+
+def _check_shared_study(url, n_trials):
+    trials = optuna.load_study(study_name="t", storage=url).get_trials()
+    assert len(trials) == n_trials
+    assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    runs = pd.read_sql("select id, trial_number, status from runs", url)
+    assert sorted(runs.trial_number) == list(range(n_trials))
+    assert set(runs.status) <= {"completed", "pruned"}
+
+
+@pytest.mark.slow
+def test_three_processes_share_one_sqlite_study(study_dir):
+    _workers(study_dir, 3, ["--trials", "6", "--pruner", "none"], db="experiments.db")
+    _check_shared_study(url_of(study_dir), 6)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_three_processes_share_one_postgres_study(study_dir, postgres_db_url):
+    _workers(study_dir, 3, ["--trials", "6", "--pruner", "none"], db=postgres_db_url)
+    _check_shared_study(postgres_db_url, 6)
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_the_trial_with_a_checkpoint_and_the_next_session_continues(study_dir):
+    out = search(study_dir, "--trials", "2", "--time-budget", "6s", "--pruner", "none")
+    assert "time limit" in out
+    url = url_of(study_dir)
+    run = pd.read_sql("select id, status, status_reason from runs", url).iloc[0]
+    assert run.status == "interrupted"
+    stopped_at = pd.read_sql(f"select max(step) as s from checkpoints where run_id = {run.id}", url).s[0]
+    assert stopped_at > 0
+    search(study_dir, "--trials", "2", "--pruner", "none")
+    resumes = pd.read_sql(f"select step from events where kind = 'resume' and run_id = {run.id}", url)
+    assert list(resumes.step) == [stopped_at]
+    assert len(optuna.load_study(study_name="t", storage=url).trials) == 2
+
+
+def test_failing_trials_are_recorded_and_the_study_stops_at_max_failures(study_dir):
+    """Every trial draws n_embd 30 with 4 heads: a bad combination, recorded as failed."""
+    (study_dir / "space.yaml").write_text("n_embd: {type: categorical, choices: [30]}\n"
+                                          "lr: {type: float, low: 1.0e-3, high: 2.0e-3}\n")
+    out = search(study_dir, "--trials", "5", "--max-failures", "2", expect=3)
+    assert "stopped after 2 failed trials" in out
+    url = url_of(study_dir)
+    trials = optuna.load_study(study_name="t", storage=url).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert all("not divisible by --n-head 4" in t.user_attrs["fail_reason"] for t in trials)
+    runs = pd.read_sql("select trial_number, status, status_reason from runs order by trial_number", url)
+    assert list(runs.status) == ["failed", "failed"]
+    assert runs.status_reason.str.contains("--n-embd 30").all()

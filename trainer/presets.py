@@ -27,6 +27,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# The memory guide's low-memory setting: a quarter of the activations of kaggle-t4's
+# micro-batch and half its context, the same effective batch (4 x 4 = 16 sequences of 256),
+# and checkpoints without the AdamW state (a third of the size; a resume restarts the optimizer).
+PRESETS["low-memory"] = {**PRESETS["kaggle-t4"], "micro_batch": 4, "grad_accum": 4, "block_size": 256,
+                         "precision": "auto", "save_optimizer_state": False}
+
+# The Colab notebook's training modes, for one T4 on WikiText-103: time against quality.
+_WIKITEXT = dict(dataset="wikitext", dataset_config="wikitext-103-raw-v1", tokenizer="gpt2",
+                 grad_clip=1.0, beta1=0.9, beta2=0.999, weight_decay=0.01, save_on_eval=False)
+PRESETS["fast"] = {**_WIKITEXT, "n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 256, "dropout": 0.1,
+                   "micro_batch": 16, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 200, "epochs": 1,
+                   "eval_every": 500, "save_every": 500, "eval_batches": 100}
+PRESETS["balanced"] = {**_WIKITEXT, "n_layer": 6, "n_embd": 384, "n_head": 6, "block_size": 512, "dropout": 0.1,
+                       "micro_batch": 8, "grad_accum": 8, "lr": 6e-4, "warmup_steps": 500, "epochs": 2,
+                       "eval_every": 1000, "save_every": 1000, "eval_batches": 200}
+PRESETS["quality"] = {**_WIKITEXT, "n_layer": 8, "n_embd": 512, "n_head": 8, "block_size": 1024, "dropout": 0.1,
+                      "micro_batch": 4, "grad_accum": 16, "lr": 3e-4, "warmup_steps": 1000, "epochs": 3,
+                      "eval_every": 1000, "save_every": 1000, "eval_batches": 200}
+
 
 def default_preset() -> str:
     import torch  # here, not at the top: --help must not wait for torch

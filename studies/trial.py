@@ -1,0 +1,119 @@
+"""One trial = one trainer run, linked both ways with the experiment database.
+
+A trial taken over from a killed worker runs again with the same parameters, in the same
+output directory, with ``resume="auto"``: the trainer continues from the trial's last
+checkpoint and the database continues the same run row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import socket
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import optuna
+
+from studies.space import suggest_config
+from trainer.errors import StopTraining, TrainerError, TrainingInterrupted
+from trainer.recorder import Recorder, RunInfo
+
+if TYPE_CHECKING:
+    from studies.worker import StudyContext
+
+RUN_ID_ATTR = "run_id"
+FAIL_REASON_ATTR = "fail_reason"
+PRUNED_AT_ATTR = "pruned_at_step"
+
+
+class TrialRecorder:
+    """Forwards everything to the database recorder and reports validation losses to Optuna.
+
+    When the pruner says stop, it raises StopTraining: the trainer ends the run as pruned.
+    """
+
+    def __init__(self, inner: Recorder, trial: optuna.Trial, existing_run_id: int | None):
+        self.inner, self.trial, self.existing_run_id = inner, trial, existing_run_id
+
+    def start_run(self, info: RunInfo) -> int:
+        if self.existing_run_id is not None and info.extra.get("run_id") is None:
+            # Killed before its first checkpoint: the same run row starts over from step 0.
+            info = dataclasses.replace(info, extra={**info.extra, "run_id": self.existing_run_id, "resume_step": 0})
+        run_id = self.inner.start_run(info)
+        self.trial.set_user_attr(RUN_ID_ATTR, run_id)  # the trial -> run link
+        return run_id
+
+    def log_eval(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        self.inner.log_eval(step, epoch, metrics)
+        if not math.isfinite(metrics["val_loss"]):
+            return  # a non-finite loss is no evidence for the pruner; the trainer handles it
+        self.trial.report(metrics["val_loss"], step)
+        if self.trial.should_prune():
+            self.trial.set_user_attr(PRUNED_AT_ATTR, step)
+            raise StopTraining("pruned", f"{type(self.trial.study.pruner).__name__} at step {step}")
+
+    def __getattr__(self, name: str) -> Any:
+        # log_step, log_epoch, log_checkpoint, log_event, finish go straight through.
+        return getattr(self.inner, name)
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    number: int
+    state: str               # complete, pruned, fail, interrupted (left running, to be continued)
+    value: float | None
+    run_id: int | None
+    reason: str | None = None
+
+
+def run_trial(ctx: "StudyContext", trial: optuna.Trial, resumed: bool) -> TrialOutcome:
+    """Train the trial's run and tell Optuna how it ended (unless it is to be continued)."""
+    from trainer.loop import train  # torch is imported only when a trial really runs
+
+    existing = trial.user_attrs.get(RUN_ID_ATTR) if resumed else None
+    values = suggest_config(trial, ctx.space, ctx.base)
+    recorder = TrialRecorder(ctx.db.recorder(study_name=ctx.study_name, trial_number=trial.number), trial, existing)
+    ctx.log(f"trial {trial.number}{' (continued)' if resumed else ''}: {_short(values)}")
+    try:
+        cfg = ctx.trial_config(trial.number, values)
+        result = train(cfg, recorder, data=ctx.data, log=lambda *_: None)
+    except TrainerError as exc:
+        return _fail(ctx, trial, recorder, values, f"{type(exc).__name__}: {exc}")
+    except (TrainingInterrupted, KeyboardInterrupt, SystemExit):
+        raise  # a request to stop: the trial stays running, the next invocation continues it
+    except Exception as exc:  # a trial's crash must not end the study
+        ctx.log(traceback.format_exc(limit=3))
+        return _fail(ctx, trial, recorder, values, f"{type(exc).__name__}: {exc}")
+    run_id = trial.user_attrs.get(RUN_ID_ATTR, result.run_id)
+    if result.status == "completed":
+        ctx.study.tell(trial, result.best_val_loss)
+        return TrialOutcome(trial.number, "complete", result.best_val_loss, run_id)
+    if result.status == "pruned":
+        ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return TrialOutcome(trial.number, "pruned", result.last_val_loss, run_id, result.reason)
+    # Stopped for the session's time budget: left RUNNING, the next invocation continues it.
+    return TrialOutcome(trial.number, "interrupted", None, run_id, result.reason)
+
+
+def _fail(ctx: "StudyContext", trial: optuna.Trial, recorder: TrialRecorder, values: dict[str, Any],
+          reason: str) -> TrialOutcome:
+    trial.set_user_attr(FAIL_REASON_ATTR, reason[:1000])
+    if trial.user_attrs.get(RUN_ID_ATTR) is None:
+        _record_failed_setup(recorder, trial, values, reason)
+    ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return TrialOutcome(trial.number, "fail", None, trial.user_attrs.get(RUN_ID_ATTR), reason)
+
+
+def _record_failed_setup(recorder: TrialRecorder, trial: optuna.Trial, values: dict[str, Any],
+                         reason: str) -> None:
+    """A trial that failed before its run started (say, a bad combination of parameters)
+    still gets a run row, marked failed with the reason, so the database has every trial."""
+    info = RunInfo(name=f"trial-{trial.number}", config=values, dataset={}, tokenizer={}, n_params=0,
+                   device="", precision="", host=socket.gethostname())
+    recorder.start_run(info)
+    recorder.finish("failed", reason[:1000])
+
+
+def _short(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())

@@ -1,0 +1,156 @@
+"""The worker loop: claim an interrupted trial or ask for a new one, run it, repeat.
+
+Each worker (a thread of --n-jobs, or another process on the same storage) takes the
+study lock only to decide what to run next, so that the study ends with exactly --trials
+finished trials and an interrupted trial is continued by exactly one worker.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from studies.lock import StudyLock
+from studies.space import Param
+from studies.trial import RUN_ID_ATTR, TrialOutcome, run_trial
+from trainer.config import TrainConfig
+
+WORKER_ATTR = "worker"
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+RUNNING = (optuna.trial.TrialState.RUNNING,)
+
+
+@dataclass
+class StudyContext:
+    """Everything a worker needs, built and checked once by the runner."""
+
+    study: optuna.Study
+    storage_url: str
+    db: Any                       # expdb.ExperimentDB
+    base: TrainConfig
+    space: list[Param]
+    data: Any                     # trainer.data.PreparedData, shared by all trials
+    study_name: str
+    out_dir: Path
+    n_trials: int
+    lock: StudyLock
+    max_failures: int = 3
+    stale_after_s: float = 300.0
+    deadline: dt.datetime | None = None     # --time-budget: the session's end (timezone-aware)
+    stop_starting_at: float | None = None   # --timeout, a time.monotonic() value
+    log: Callable[..., None] = print
+    failures: int = 0
+    outcomes: list[TrialOutcome] = field(default_factory=list)
+
+    def trial_config(self, number: int, values: dict[str, Any]) -> TrainConfig:
+        """The trial's run: checkpoints at each evaluation so that it can always be continued."""
+        extra: dict[str, Any] = {"deadline": self.deadline.isoformat()} if self.deadline else {}
+        return self.base.replace(**values, **extra, out_dir=str(self.out_dir / f"trial-{number:04d}"),
+                                 run_name=f"{self.study_name}/trial-{number}", resume="auto", save_on_eval=True)
+
+
+def work(ctx: StudyContext) -> str:
+    """Run trials until the study is done; return why this worker stopped."""
+    while True:
+        if ctx.failures >= ctx.max_failures:
+            return "failures"
+        if reason := _out_of_time(ctx):
+            return reason
+        claimed = _next_trial(ctx)
+        if claimed is None:
+            return "done"
+        trial, resumed = claimed
+        outcome = run_trial(ctx, trial, resumed)
+        ctx.outcomes.append(outcome)
+        ctx.log(_describe(outcome))
+        if outcome.state == "fail":
+            ctx.failures += 1
+        if outcome.state == "interrupted":
+            return "time budget"
+
+
+def _next_trial(ctx: StudyContext) -> tuple[optuna.Trial, bool] | None:
+    """Under the study lock: an interrupted trial to continue, else a new one, else None."""
+    with ctx.lock.held():
+        trials = ctx.study.get_trials(deepcopy=False)
+        for frozen in trials:
+            if frozen.state in RUNNING and _is_stale(ctx, frozen):
+                trial = optuna.trial.Trial(ctx.study, frozen._trial_id)
+                _mark_worker(trial)
+                return trial, True
+        if len(trials) >= ctx.n_trials:
+            return None  # every trial is finished or held by a live worker
+        trial = ctx.study.ask()
+        _mark_worker(trial)
+        return trial, False
+
+
+def _mark_worker(trial: optuna.Trial) -> None:
+    trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(),
+                                      "claimed_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+
+
+def _is_stale(ctx: StudyContext, frozen: optuna.trial.FrozenTrial) -> bool:
+    """A running trial nobody works on: its process is gone, or its heartbeat stopped."""
+    worker = frozen.user_attrs.get(WORKER_ATTR) or {}
+    if worker.get("host") == socket.gethostname() and worker.get("pid"):
+        return not _pid_alive(int(worker["pid"]))
+    return _heartbeat_age(ctx, frozen) > ctx.stale_after_s
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _heartbeat_age(ctx: StudyContext, frozen: optuna.trial.FrozenTrial) -> float:
+    """Seconds since the trial's run last wrote to the database (or since the trial started)."""
+    run_id = frozen.user_attrs.get(RUN_ID_ATTR)
+    if run_id is not None:  # expdb keeps naive UTC times
+        return (_utcnow() - ctx.db.run(run_id).updated_at).total_seconds()
+    if frozen.datetime_start is not None:  # optuna keeps naive local times
+        return (dt.datetime.now() - frozen.datetime_start).total_seconds()
+    return float("inf")
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _out_of_time(ctx: StudyContext) -> str | None:
+    if ctx.stop_starting_at is not None and time.monotonic() >= ctx.stop_starting_at:
+        return "timeout"
+    if ctx.deadline is None:
+        return None
+    left = (ctx.deadline - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    needed = typical_trial_seconds(ctx.study)
+    if left <= 0 or (needed is not None and needed > left):
+        ctx.log(f"time budget: {max(left, 0):.0f} s left, a trial takes about {needed or 0:.0f} s; "
+                "no new trial started")
+        return "time budget"
+    return None
+
+
+def typical_trial_seconds(study: optuna.Study) -> float | None:
+    """Median duration of the study's completed trials, the estimate for the next one."""
+    durations = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False, states=FINISHED)
+                 if t.duration is not None and t.state == optuna.trial.TrialState.COMPLETE]
+    return statistics.median(durations) if durations else None
+
+
+def _describe(o: TrialOutcome) -> str:
+    value = f"val loss {o.value:.4f}" if o.value is not None else "no value"
+    why = f" ({o.reason})" if o.reason else ""
+    return f"trial {o.number} {o.state}: {value}, run {o.run_id}{why}"

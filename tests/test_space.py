@@ -1,0 +1,83 @@
+"""Search-space files: every mistake reported before any trial starts."""
+import optuna
+import pytest
+
+from studies.space import DEFAULT_SPACES, Param, grid_space, load_space, space_problems, suggest_config
+from trainer.config import TrainConfig
+from trainer.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_space_loads_and_suggests_within_its_ranges(tmp_path):
+    space = load_space(write(tmp_path, """
+lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+n_layer: {type: int, low: 1, high: 3}
+n_embd: {type: categorical, choices: [64, 96]}
+micro_batch: {type: categorical, choices: [4, 8]}
+"""))
+    assert [p.name for p in space] == ["lr", "n_layer", "n_embd", "micro_batch"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    base = TrainConfig(micro_batch=8, grad_accum=2)
+    for _ in range(20):
+        values = suggest_config(study.ask(), space, base)
+        assert 1e-4 <= values["lr"] <= 1e-2 and values["n_layer"] in (1, 2, 3) and values["n_embd"] in (64, 96)
+        # the effective batch stays 16 whatever micro-batch is drawn
+        assert values["micro_batch"] * values["grad_accum"] == 16
+
+
+def test_every_mistake_is_reported_at_once(tmp_path):
+    path = write(tmp_path, """
+lrr: {type: float, low: 1.0e-4, high: 1.0e-2}
+dropout: {type: float, low: 0.3, high: 0.1}
+n_layer: {type: integer, low: 1, high: 3}
+weight_decay: {type: float, low: 0.0, high: 0.1, log: true}
+n_embd: {type: categorical, choices: []}
+out_dir: {type: categorical, choices: [a, b]}
+warmup_steps: {type: int, low: 1, hgih: 5}
+""")
+    with pytest.raises(ConfigError) as err:
+        load_space(path)
+    problems = "\n".join(err.value.problems)
+    assert "'lrr': not a searchable training setting (did you mean 'lr'?)" in problems
+    assert "'dropout': empty range: low 0.3 is not below high 0.1" in problems
+    assert "'n_layer': type 'integer'" in problems
+    assert "'weight_decay': log scale needs low > 0" in problems
+    assert "'n_embd': categorical needs a non-empty list" in problems
+    assert "'out_dir': not a searchable" in problems
+    assert "'warmup_steps': unknown keys ['hgih']" in problems
+    assert len(err.value.problems) == 8  # warmup_steps also lacks 'high'
+    assert all(p.startswith(f"--space {str(path)!r}") for p in err.value.problems)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "expected a mapping"),
+    ("lr: [1, 2\n", "cannot be parsed"),
+    ("lr: 0.1\n", "expected a mapping like"),
+])
+def test_malformed_files(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_space(write(tmp_path, text))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="--space 'nope.yaml': no such file"):
+        load_space("nope.yaml")
+
+
+def test_grid_needs_finite_values():
+    space = [Param("lr", low=1e-3, high=3e-3), Param("dropout", low=0.0, high=0.2, step=0.1),
+             Param("n_layer", "int", 1, 2)]
+    assert space_problems(space, "tpe") == []
+    assert space_problems(space, "grid") == [
+        "--sampler grid: parameter 'lr' is a float range without 'step'; add a step or use choices"]
+    assert grid_space(space[1:]) == {"dropout": [0.0, 0.1, 0.2], "n_layer": [1, 2]}
+
+
+def test_default_spaces_only_name_real_settings():
+    for name, space in DEFAULT_SPACES.items():
+        assert all(p.name in TrainConfig.__dataclass_fields__ for p in space), name

@@ -1,0 +1,105 @@
+"""Memory: recognising out-of-memory errors, freeing memory, reporting it, and injecting
+faults so that the recovery paths can be tested on a machine without a GPU.
+
+Fault injection (documented in README, "Surviving memory faults"): environment variables
+name the optimizer steps (1-based, comma-separated) at which to fail, once each:
+
+    TRAINER_INJECT_OOM=3,7      the forward pass of the first micro-batch raises
+                                torch.cuda.OutOfMemoryError (the real type, on any device)
+    TRAINER_INJECT_NAN=5,6,7    the step's loss is made NaN before backward
+"""
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+INJECT_OOM_ENV = "TRAINER_INJECT_OOM"
+INJECT_NAN_ENV = "TRAINER_INJECT_NAN"
+MB = 1024 ** 2
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an allocator's out-of-memory error: CUDA's type first, then other backends'
+    messages (MPS, XPU and the CPU raise a RuntimeError that says so)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    """Drop unreachable tensors and return cached GPU blocks to the driver."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class FaultInjector:
+    """Failures to raise at given optimizer steps, each once (so a redone step succeeds)."""
+
+    oom_steps: set[int] = field(default_factory=set)
+    nan_steps: set[int] = field(default_factory=set)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "FaultInjector":
+        env = os.environ if environ is None else environ
+        return cls(_steps(env.get(INJECT_OOM_ENV, ""), INJECT_OOM_ENV),
+                   _steps(env.get(INJECT_NAN_ENV, ""), INJECT_NAN_ENV))
+
+    def before_forward(self, step: int) -> None:
+        if step in self.oom_steps:
+            self.oom_steps.discard(step)
+            raise torch.cuda.OutOfMemoryError(f"injected by {INJECT_OOM_ENV} at step {step}")
+
+    def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step in self.nan_steps:
+            return loss * float("nan")
+        return loss
+
+    def after_step(self, step: int) -> None:
+        self.nan_steps.discard(step)
+
+
+def _steps(text: str, name: str) -> set[int]:
+    try:
+        return {int(s) for s in text.replace(" ", "").split(",") if s}
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected optimizer step numbers like 3,7") from None
+
+
+def memory_report(device: torch.device) -> str:
+    """One line, as the memory guide's check prints it, before training starts."""
+    process = psutil.Process().memory_info().rss / MB
+    available = psutil.virtual_memory().available / MB
+    line = f"memory: process {process:,.0f} MB, system available {available:,.0f} MB"
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / MB
+        line += (f"; GPU allocated {torch.cuda.memory_allocated(device) / MB:,.0f} MB, reserved "
+                 f"{torch.cuda.memory_reserved(device) / MB:,.0f} MB, peak "
+                 f"{torch.cuda.max_memory_allocated(device) / MB:,.0f} MB of {total:,.0f} MB")
+    return line
+
+
+def largest_micro_batch(try_batch, effective_batch: int, device: torch.device, headroom: float = 0.9) -> int:
+    """The largest micro-batch dividing ``effective_batch`` whose forward and backward fit in
+    ``headroom`` of the GPU's memory. ``try_batch(n)`` runs one pass of n sequences."""
+    candidates = [n for n in range(effective_batch, 0, -1) if effective_batch % n == 0]
+    if device.type != "cuda":
+        return candidates[0] if candidates[0] <= 64 else max(n for n in candidates if n <= 64)
+    total = torch.cuda.get_device_properties(device).total_memory
+    for n in candidates:
+        free_memory()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            try_batch(n)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected here
+            if not is_out_of_memory(exc):
+                raise
+            continue
+        if torch.cuda.max_memory_allocated(device) <= headroom * total:
+            return n
+    return 1
