@@ -290,3 +290,23 @@ def test_resume_of_a_missing_or_broken_path_is_a_clear_error(exact_cfg, tiny_dat
         train(exact_cfg.replace(out_dir=str(tmp_path / "run"), resume=str(tmp_path / "empty")),
               data=tiny_data, **QUIET)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_published_but_never_recorded_is_recorded_on_resume(exact_cfg, tiny_data, tmp_path):
+    """SIGKILL between the rename and the recorder call leaves a checkpoint no history knows."""
+    from trainer.model import build_model, build_optimizer
+    from trainer.snapshot import save_checkpoint
+    from trainer.state import TrainState
+
+    cfg = exact_cfg.replace(out_dir=str(tmp_path / "run"))
+    interrupt(cfg, tiny_data, at=13)
+    model = build_model(cfg, tiny_data.vocab_size, tiny_data.tokenizer.eos_token_id)
+    orphan = save_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000012", model=model,
+                             optimizer=build_optimizer(model, cfg), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                             state=TrainState(step=12, micro_batch=4, grad_accum=2, run_id=7),
+                             config=cfg.to_dict(), kind="periodic")
+    rec = ListRecorder()
+    train(cfg.replace(resume="auto", max_steps=14), rec, data=tiny_data, **QUIET)
+    assert (str(orphan.path), "periodic", 12) in rec.checkpoints
+    history = json.loads((tmp_path / "run" / "checkpoints" / HISTORY_FILE).read_text())
+    assert str(orphan.path) in [e["path"] for e in history["checkpoints"]]

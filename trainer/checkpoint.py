@@ -90,6 +90,7 @@ class SavedCheckpoint:
     size_bytes: int
     sha256: str      # of the manifest, which holds every file's sha256
     seconds: float   # how long the write took
+    tmp: Path | None = None   # where it waits until published (None once it is)
 
 
 def step_dir_name(step: int) -> str:
@@ -99,6 +100,15 @@ def step_dir_name(step: int) -> str:
 # -- writing ---------------------------------------------------------------------------
 def write_checkpoint(path: Path, snapshot: Snapshot) -> SavedCheckpoint:
     """Write ``snapshot`` as the checkpoint directory ``path``, atomically; replaces one there."""
+    return publish(prepare_checkpoint(path, snapshot))
+
+
+def prepare_checkpoint(path: Path, snapshot: Snapshot) -> SavedCheckpoint:
+    """Write and fsync every file under a temporary name beside ``path``; ``publish`` renames it.
+
+    The slow part, safe in any thread. Until published it is not a checkpoint (its name
+    starts with a dot, and a restart removes it).
+    """
     start = time.perf_counter()
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
@@ -114,12 +124,18 @@ def write_checkpoint(path: Path, snapshot: Snapshot) -> SavedCheckpoint:
         _write_json(tmp / MANIFEST_FILE, {KEY_FORMAT: FORMAT_VERSION, KEY_CHECKPOINT: asdict(info),
                                           KEY_FILES: files})
         _fsync_dir(tmp)
-        _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    size = sum(f[KEY_BYTES] for f in files.values()) + (path / MANIFEST_FILE).stat().st_size
-    return SavedCheckpoint(path, info, size, sha256_file(path / MANIFEST_FILE), time.perf_counter() - start)
+    size = sum(f[KEY_BYTES] for f in files.values()) + (tmp / MANIFEST_FILE).stat().st_size
+    return SavedCheckpoint(path, info, size, sha256_file(tmp / MANIFEST_FILE), time.perf_counter() - start,
+                           tmp=tmp)
+
+
+def publish(prepared: SavedCheckpoint) -> SavedCheckpoint:
+    """Rename a prepared checkpoint into place: from this moment on it exists."""
+    _replace_dir(prepared.tmp, prepared.path)
+    return replace(prepared, tmp=None)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

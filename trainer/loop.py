@@ -110,7 +110,10 @@ class Trainer:
         self.state = restore(snapshot, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
                              where=f"checkpoint {plan.path}")
         saved = snapshot.state[KEY_CONFIG]
-        if (saved.get("micro_batch"), saved.get("grad_accum")) != (self.cfg.micro_batch, self.cfg.grad_accum):
+        # The run may have lowered its micro-batch (memory); keep that unless the settings changed.
+        split = (self.state.micro_batch, self.state.grad_accum)
+        if (saved.get("micro_batch"), saved.get("grad_accum")) != (self.cfg.micro_batch, self.cfg.grad_accum) \
+                or split[0] * split[1] != self.cfg.effective_batch:
             self.state.micro_batch, self.state.grad_accum = self.cfg.micro_batch, self.cfg.grad_accum
         self.resume_notes = resume_notes(plan, saved, self.cfg)
         if self.store:

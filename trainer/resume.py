@@ -57,7 +57,7 @@ def plan_resume(cfg: TrainConfig) -> ResumePlan:
         except CheckpointError as exc:
             raise CheckpointError(f"--resume {cfg.resume!r}: {exc}; pass a complete checkpoint directory, "
                                   "or --resume auto to pick the newest valid one") from exc
-        return ResumePlan(Path(cfg.resume), manifest["checkpoint"], "named by --resume")
+        return ResumePlan(Path(cfg.resume).resolve(), manifest["checkpoint"], "named by --resume")
     return _newest_valid(cfg)
 
 
@@ -95,9 +95,9 @@ def _newest_valid(cfg: TrainConfig) -> ResumePlan:
         except CheckpointError as exc:
             corrupt.append((c.path, str(exc)))
             continue
-        reason = (f"the newest valid of {len(candidates)} checkpoints found in {where} (written "
+        reason = (f"the newest valid of {len(candidates)} checkpoint(s) found in {where} (written "
                   f"{_age(c.info.written_at)}; step {c.info.step}, epoch {c.info.epoch})")
-        return ResumePlan(c.path, c.info, reason, tuple(corrupt), tuple(passed_over))
+        return ResumePlan(c.path.resolve(), c.info, reason, tuple(corrupt), tuple(passed_over))
     reason = f"--resume auto found no valid checkpoint in {where}; starting fresh"
     return ResumePlan(None, None, reason, tuple(corrupt), tuple(passed_over))
 
@@ -198,7 +198,8 @@ def report_resume(plan: ResumePlan, store: CheckpointStore, step: int, notes: li
     """Record what --resume decided: corrupt checkpoints (moved aside in --out), and the pick."""
     own_root = store.root
     for path, problem in plan.corrupt:
-        moved = store.quarantine(path) if Path(path).resolve().parent == own_root and Path(path).exists() else None
+        own = Path(path).resolve().parent == own_root and Path(path).exists()
+        moved = store.quarantine(path, _step_of(path)) if own else None
         log(f"warning: skipped {path}: {problem}" + (f"; moved to {moved.name}" if moved else ""))
         store.event(EVENT_CORRUPT_CHECKPOINT, step, {"path": str(path), "problem": problem,
                                                      "moved_to": str(moved) if moved else None})
@@ -208,3 +209,10 @@ def report_resume(plan: ResumePlan, store: CheckpointStore, step: int, notes: li
         store.event(EVENT_RESUME_CHECKPOINT, step, {
             "path": str(plan.path), "reason": plan.reason, "weights_only": bool(plan.info.weights_only),
             "config_changes": notes, "passed_over": [p for p, _ in plan.passed_over]})
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(Path(path).name[len(STEP_PREFIX):])
+    except ValueError:
+        return -1

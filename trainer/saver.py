@@ -2,11 +2,13 @@
 
 Training stalls only while the state is copied to host memory; writing, hashing and
 fsyncing happen in a thread. A second save first waits for the write in flight (they
-share the host buffers). Outcomes are handed back to the training thread by ``poll`` and
-``drain``: recorders are not thread-safe, so only that thread records.
+share the host buffers). The training thread itself renames a finished write into place
+(``poll``, ``drain``) and records it right away: recorders are not thread-safe, and a
+checkpoint that exists is then recorded before the next step.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from trainer.checkpoint import CheckpointInfo, SavedCheckpoint, Snapshot, write_checkpoint
+from trainer.checkpoint import CheckpointInfo, SavedCheckpoint, Snapshot, prepare_checkpoint, publish
 from trainer.snapshot import HostBuffers
 
 
@@ -69,7 +71,7 @@ class BackgroundWriter:
     def _write(self, path: Path, snapshot: Snapshot) -> None:
         _lower_priority()
         try:
-            self._outcome = SaveOutcome(path, snapshot.info, write_checkpoint(path, snapshot), None)
+            self._outcome = SaveOutcome(path, snapshot.info, prepare_checkpoint(path, snapshot), None)
         except BaseException as exc:   # handed to the training thread, which reports it
             self._outcome = SaveOutcome(path, snapshot.info, None, exc)
 
@@ -78,7 +80,13 @@ class BackgroundWriter:
             return
         self._thread.join()
         self._thread, self._in_flight = None, None
-        self._finished.append(self._outcome)
+        outcome = self._outcome
+        if outcome.saved is not None:
+            try:
+                outcome = dataclasses.replace(outcome, saved=publish(outcome.saved))
+            except OSError as exc:
+                outcome = dataclasses.replace(outcome, saved=None, error=exc)
+        self._finished.append(outcome)
 
 
 def _lower_priority() -> None:

@@ -110,6 +110,8 @@ class CheckpointStore:
         self._latest_complete: Path | None = None
         self._history: dict[str, Any] = {H_CHECKPOINTS: [], H_EVENTS: []}
         self._budget_warned = False
+        self._done: list[SavedCheckpoint] = []       # recorded, not yet handed to poll's caller
+        self._unrecorded: list[Stored] = []          # published by a run killed before recording them
 
     def open(self, resumed_from: Path | None) -> None:
         """Clear what killed runs left half-written; continue the history of a resumed run."""
@@ -119,12 +121,22 @@ class CheckpointStore:
         if resumed_from is not None:
             resumed_from = Path(resumed_from).resolve()
             self._history = _read_history(self.root / HISTORY_FILE, resumed_from.parent / HISTORY_FILE)
+            known = {e[H_PATH] for e in self._history[H_CHECKPOINTS]}
+            self._unrecorded = [s for s in reversed(scan(self.root)) if str(s.path) not in known]
             self._latest_complete = resumed_from
             if resumed_from.parent == self.root:
                 self._last = (read_manifest(resumed_from)["checkpoint"].step, resumed_from)
 
     def set_run_id(self, run_id: int | None) -> None:
         self._history[H_RUN_ID] = run_id
+
+    def record_unrecorded(self) -> None:
+        """Record the checkpoints a killed run published but could not record (once the run exists)."""
+        for found in self._unrecorded:
+            if found.path.is_dir():
+                self._record(SavedCheckpoint(found.path, found.info, found.size_bytes, found.sha256, 0.0),
+                             found_on_resume=True)
+        self._unrecorded = []
 
     @property
     def latest_path(self) -> str | None:
@@ -142,15 +154,20 @@ class CheckpointStore:
         self.last_stall_s = self.writer.save(path, lambda buffers: capture(kind=kind, buffers=buffers,
                                                                            **capture_args))
         self._last = (step, path)
+        self._handle(self.writer.poll(), final=False)   # the previous write, published while waiting
         return str(path)
 
     def poll(self) -> list[SavedCheckpoint]:
-        """Record and rotate the writes that finished; never blocks."""
-        return self._handle(self.writer.poll(), final=False)
+        """Publish, record and rotate the writes that finished; return them. Never blocks."""
+        self._handle(self.writer.poll(), final=False)
+        done, self._done = self._done, []
+        return done
 
     def drain(self) -> list[SavedCheckpoint]:
-        """Wait for the write in flight; raise CheckpointError if it failed."""
-        return self._handle(self.writer.drain(), final=True)
+        """Wait for the write in flight and do the same; raise CheckpointError if it failed."""
+        self._handle(self.writer.drain(), final=True)
+        done, self._done = self._done, []
+        return done
 
     def event(self, kind: str, step: int, detail: dict[str, Any]) -> None:
         """Record an event in the recorder and in training_history.json."""
@@ -158,19 +175,20 @@ class CheckpointStore:
         self._history[H_EVENTS].append({"kind": kind, "step": step, "time": time.time(), "detail": detail})
         self._write_history()
 
-    def quarantine(self, path: Path) -> Path:
+    def quarantine(self, path: Path, step: int) -> Path:
         """Move a corrupt checkpoint of this folder aside, so nothing takes it for one again."""
+        path = Path(path).resolve()
         target = path.with_name(f"{QUARANTINE_PREFIX}{path.name}-{int(time.time())}")
         os.replace(path, target)
+        self._forget(path, step)
         return target
 
     # -- after a write -------------------------------------------------------------------
-    def _handle(self, outcomes: list[SaveOutcome], final: bool) -> list[SavedCheckpoint]:
-        saved = []
+    def _handle(self, outcomes: list[SaveOutcome], final: bool) -> None:
         for outcome in outcomes:
             if outcome.saved is not None:
                 self._record(outcome.saved)
-                saved.append(outcome.saved)
+                self._done.append(outcome.saved)
                 continue
             self.log(f"warning: checkpoint {outcome.path} could not be written: {outcome.error!r}")
             self.event(EVENT_CHECKPOINT_FAILED, outcome.info.step,
@@ -179,9 +197,8 @@ class CheckpointStore:
                 raise CheckpointError(f"checkpoint {outcome.path} could not be written ({outcome.error}); "
                                       f"the last complete one is listed in {self.root / LATEST_FILE}") \
                     from outcome.error
-        return saved
 
-    def _record(self, saved: SavedCheckpoint) -> None:
+    def _record(self, saved: SavedCheckpoint, found_on_resume: bool = False) -> None:
         path, info = str(saved.path), saved.info
         for entry in self._live_entries(path):     # a checkpoint of this step was replaced
             self._mark_deleted(entry, info.step)
@@ -189,9 +206,10 @@ class CheckpointStore:
         self._history[H_CHECKPOINTS].append({**asdict(info), "name": saved.path.name, H_PATH: path,
                                              H_BYTES: saved.size_bytes, H_SHA256: saved.sha256,
                                              H_DELETED_AT: None})
-        write_text_atomic(self.root / LATEST_FILE, saved.path.name + "\n")  # a hint; resume checks manifests
-        self._latest_complete = saved.path
-        self._rotate(saved)
+        if not found_on_resume:
+            write_text_atomic(self.root / LATEST_FILE, saved.path.name + "\n")  # a hint; resume checks manifests
+            self._latest_complete = saved.path
+            self._rotate(saved)
         self._write_history()
 
     def _rotate(self, newest: SavedCheckpoint) -> None:
@@ -216,11 +234,15 @@ class CheckpointStore:
         aside = doomed.path.with_name(f"{OLD_PREFIX}{doomed.path.name}-{os.getpid()}")
         os.replace(doomed.path, aside)
         shutil.rmtree(aside, ignore_errors=True)
-        entries = self._live_entries(str(doomed.path))
+        self._forget(doomed.path, doomed.info.step)
+
+    def _forget(self, path: Path, step: int) -> None:
+        """Record that the checkpoint at ``path`` is gone."""
+        entries = self._live_entries(str(path))
         for entry in entries:
-            self._mark_deleted(entry, doomed.info.step)
+            self._mark_deleted(entry, step)
         if not entries:    # written before this history began
-            self.recorder.log_event(EVENT_CHECKPOINT_DELETED, doomed.info.step, {"path": str(doomed.path)})
+            self.recorder.log_event(EVENT_CHECKPOINT_DELETED, step, {"path": str(path)})
 
     def _live_entries(self, path: str) -> list[dict[str, Any]]:
         return [e for e in self._history[H_CHECKPOINTS] if e[H_PATH] == path and e[H_DELETED_AT] is None]
