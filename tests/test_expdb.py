@@ -242,6 +242,7 @@ def test_plain_path_creates_a_wal_database_with_foreign_keys(tmp_path: Path):
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1      # NORMAL
     with pytest.raises(expdb.DatabaseNotFoundError, match="no experiment database"):
         expdb.open(tmp_path / "missing.db", create=False)
 
@@ -282,9 +283,31 @@ def test_writer_keeps_every_row_while_another_process_holds_the_lock(sqlite_url:
     blocker.execute("COMMIT")
     blocker.close()
     rec.finish("completed")
-    assert slowest < 0.05
+    assert slowest < 0.5        # a wait for the lock would take its whole 2 s
     assert db.steps(run_id)["step"].tolist() == list(range(step + 1))
     assert db.run(run_id).best_step == step - step % 50
+    db.close()
+
+
+def test_epoch_ends_and_checkpoints_do_not_wait_for_a_locked_database(sqlite_url: str):
+    # The default busy timeout (30 s): the writer thread waits inside SQLite for the lock.
+    db = expdb.open(sqlite_url)
+    rec = db.recorder(flush_interval_s=0.05, sync_timeout_s=0.2)
+    run_id = rec.start_run(make_info())
+    blocker = sqlite3.connect(sqlite_path(sqlite_url), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    rec.log_step(1, step_metrics(1))
+    rec.log_epoch(0, {"train_loss": 1.0, "step": 1})
+    rec.log_checkpoint("ck.pt", "periodic", 1, None, 1, "a")
+    rec.log_event("signal", 1, {"signal": "SIGTERM"})
+    waited = time.monotonic() - started
+    time.sleep(0.5)
+    blocker.execute("COMMIT")
+    blocker.close()
+    rec.finish("completed")
+    assert waited < 1.5, f"three flushes took {waited:.2f} s"      # three times sync_timeout, not 30 s
+    assert len(db.steps(run_id)) == 1 and len(db.epochs(run_id)) == 1 and len(db.events(run_id)) == 1
     db.close()
 
 
