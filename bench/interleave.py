@@ -17,6 +17,10 @@ from typing import Callable
 from bench.common import StepClock
 
 
+class Aborted(Exception):
+    """Raised in a loop at its next step when another loop of the group has failed."""
+
+
 class TurnClock(StepClock):
     """Stamps the cumulative time its loop held the turn, and hands the turn on at each stamp."""
 
@@ -37,6 +41,8 @@ class TurnClock(StepClock):
         self.stamps[step] = self._active
         self._group.pass_turn(self.name)
         self._group.wait_turn(self.name)
+        if self._group.aborted:
+            raise Aborted(f"{self.name}: stopped because another contender failed")
         self._resumed = time.perf_counter()
 
 
@@ -47,6 +53,7 @@ class Interleaved:
         self._cond = threading.Condition()
         self._turn = names[0]
         self._done: set[str] = set()
+        self.aborted = False        # set when a loop fails: the others stop at their next step
 
     def wait_turn(self, name: str) -> None:
         with self._cond:
@@ -81,6 +88,7 @@ def run_interleaved(loops: dict[str, Callable[[StepClock], None]], main: str | N
             loops[name](clock)
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others end
             errors[name] = exc
+            group.aborted = True
         finally:
             group.pass_turn(name, finished=True)
 
@@ -91,6 +99,18 @@ def run_interleaved(loops: dict[str, Callable[[StepClock], None]], main: str | N
     for t in threads:
         t.join()
     if errors:
-        name, exc = next(iter(errors.items()))
+        first = next(iter(errors.items()))
+        name, exc = next(((n, e) for n, e in errors.items() if not _caused_by_abort(e)), first)
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
         raise RuntimeError(f"contender {name!r} failed: {type(exc).__name__}: {exc}") from exc
     return group.clocks
+
+
+def _caused_by_abort(exc: BaseException | None) -> bool:
+    """True for Aborted itself or anything a loop raised while handling it (a wrapped error)."""
+    while exc is not None:
+        if isinstance(exc, Aborted):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -6,10 +6,12 @@ from typing import Any
 ORDER = ("throughput", "logging", "checkpoints", "studies", "dashboards", "gpu")
 
 
-def fmt(x: float | None) -> str:
+def fmt(x: float | None, integer: bool = False) -> str:
     """A number for a table: thousands separators for big ones, three significant digits below."""
     if x is None:
         return "–"
+    if integer:
+        return f"{x:,.0f}"
     a = abs(x)
     if a >= 1000:
         return f"{x:,.0f}"
@@ -22,8 +24,9 @@ def fmt(x: float | None) -> str:
     return f"{x:.3g}"
 
 
-def spread(r: dict[str, Any]) -> str:
-    return fmt(r["min"]) if r["n"] == 1 else f"{fmt(r['min'])} – {fmt(r['max'])}"
+def spread(r: dict[str, Any], integer: bool = False) -> str:
+    lo, hi = fmt(r["min"], integer), fmt(r["max"], integer)
+    return lo if r["n"] == 1 else f"{lo} – {hi}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -33,6 +36,10 @@ def markdown(results: dict[str, Any]) -> str:
              "Every figure is measured side by side in one run, on this shared and noisy machine, "
              "so read the **ratios**: absolute numbers move with the machine's load. "
              "Tables give the median and, after it, the minimum – maximum over the repeats.", "",
+             "Run everything with `python -m bench` (about ten minutes on 2 cores), one part with "
+             f"`python -m bench {'|'.join(ORDER)}` (the other parts keep their last figures), "
+             "`--repeats N` for more rounds; `python -m bench --smoke` checks in seconds that every "
+             "part still runs (its figures mean nothing and go to bench/results/smoke.*).", "",
              f"- date: {meta['date']}"]
     lines += machine_lines(meta["machine"], meta["versions"])
     lines += targets_section(parts)
@@ -72,7 +79,8 @@ def part_section(number: int, p: dict[str, Any]) -> list[str]:
         lines += ["| measurement | median | min – max | unit |", "|---|---:|---:|---|"]
         for r in p["rows"]:
             name = r["name"] + (f" ({r['note']})" if r.get("note") else "")
-            lines.append(f"| {name} | {fmt(r['median'])} | {spread(r)} | {r['unit']} |")
+            integer = all(float(v).is_integer() for v in r["values"]) and r["median"] == int(r["median"])
+            lines.append(f"| {name} | {fmt(r['median'], integer)} | {spread(r, integer)} | {r['unit']} |")
         lines.append("")
     if p["ratios"]:
         lines += ["| ratio | median | min – max |", "|---|---:|---:|"]

@@ -46,10 +46,10 @@ class Sizes:
     grad_accum: int = 1
     device: str = "cpu"
     warmup: int = 3              # optimizer steps before the timed window
-    steps: int = 40              # optimizer steps timed
-    eval_every: int = 20         # 2 evaluations and 2 checkpoints inside the timed window
+    steps: int = 30              # optimizer steps timed
+    eval_every: int = 15         # 2 evaluations and 2 checkpoints inside the timed window
     eval_batches: int = 8
-    save_every: int = 20
+    save_every: int = 15
 
     @property
     def tokens_per_step(self) -> int:

@@ -117,3 +117,20 @@ def test_bad_arguments():
         parse_args(["--repeats", "0"])
     args = parse_args(["--smoke"])
     assert args.parts == list(PARTS) and args.out.name == "smoke.json"
+
+
+def test_a_failing_loop_stops_the_others_at_their_next_step():
+    steps = []
+
+    def good(clock):
+        for step in range(1, 100):
+            steps.append(step)
+            clock.stamp(step)
+
+    def bad(clock):
+        clock.stamp(1)
+        raise ValueError("broken")
+
+    with pytest.raises(RuntimeError, match="'bad' failed: ValueError: broken"):
+        run_interleaved({"good": good, "bad": bad})
+    assert steps == [1, 2]
