@@ -1,0 +1,86 @@
+"""Where an optimizer step's time goes, on the throughput part's model: the pieces timed apart,
+and what one checkpoint of that model costs each loop.
+
+Each iteration times every piece once, in the same order, so load changes hit all pieces
+alike; the medians over the iterations are reported. Both AdamW variants step the same
+parameters (each with its own state): the trainer and the plain loop use the default
+(foreach) implementation on a CPU, the HF Trainer defaults to the fused one.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import TrainConfig
+from trainer.model import build_model
+
+FOREACH = "AdamW step, foreach (trainer, plain loop)"
+FUSED = "AdamW step, fused (HF Trainer's default)"
+STALL = "checkpoint: trainer background save, stall"
+WRITE = "checkpoint: trainer background save, until written and fsynced"
+TORCH_SAVE = "checkpoint: torch.save (plain loop)"
+
+
+def adamw(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def measure(cfg: TrainConfig, vocab_size: int, iterations: int) -> dict[str, list[float]]:
+    """Milliseconds of each piece of a step, ``iterations`` times, then of the saves."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, vocab_size, 0)
+    x = torch.randint(vocab_size, (cfg.micro_batch, cfg.block_size + 1))
+    foreach, fused = adamw(model, cfg, False), adamw(model, cfg, True)
+
+    def forward_backward() -> None:
+        logits = model(input_ids=x[:, :-1]).logits
+        F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+
+    pieces: dict[str, Callable[[], Any]] = {
+        "forward + backward": forward_backward,
+        "clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip),
+        FOREACH: foreach.step,
+        FUSED: fused.step,
+    }
+    forward_backward()
+    for opt in (foreach, fused):        # allocate the optimizer states before timing
+        opt.step()
+    times: dict[str, list[float]] = {name: [] for name in pieces}
+    for _ in range(iterations):
+        model.zero_grad(set_to_none=True)       # as after every optimizer step: fresh gradients
+        for name, piece in pieces.items():
+            start = time.perf_counter()
+            piece()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {**times, **saves(cfg, model, foreach, max(1, iterations // 4))}
+
+
+def saves(cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          iterations: int) -> dict[str, list[float]]:
+    """A checkpoint of this model: the trainer's stall and background write, the plain loop's torch.save.
+    The background write overlaps the trainer's next steps; in the interleaved runs, what outlasts
+    the next step runs during the other contenders' turns."""
+    from bench.checkpoints import Saves
+
+    work = Path(tempfile.mkdtemp(prefix="bench-breakdown-"))
+    try:
+        s = Saves(work, cfg, model, optimizer)
+        s.trainer_background()                  # allocates the reused host buffers
+        s.durable.clear()
+        stall, plain = [], []
+        for _ in range(iterations):
+            stall.append(s.trainer_background() * 1e3)
+            plain.append(s.torch_save(False) * 1e3)
+        return {STALL: stall, WRITE: [t * 1e3 for t in s.durable], TORCH_SAVE: plain}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
