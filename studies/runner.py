@@ -24,6 +24,7 @@ from trainer.errors import ConfigError
 from trainer.presets import default_preset
 
 EXIT_TOO_MANY_FAILURES = 3
+SETUP_LOCK = "<setup>"   # a lock name no study can have: held while tables are created
 
 
 def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | None) -> int:
@@ -34,8 +35,12 @@ def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | 
     data = prepare_data(base)  # a bad data source fails here, before anything is written
     study_name = args.study_name or preset
     storage_url = args.storage or storage_url_for(args.db)
-    db = expdb.open(args.db)
-    study = _load_study(args, study_name, storage_url, base, data, space)
+    # Several workers may start at once on a new database: one of them creates the tables.
+    setup = StudyLock(storage_url, SETUP_LOCK)
+    with setup.held():
+        db = expdb.open(args.db)
+        study = _load_study(args, study_name, storage_url, base, data, space)
+    setup.close()
     ctx = StudyContext(
         study=study, storage_url=storage_url, db=db, base=base, space=space, data=data, study_name=study_name,
         out_dir=Path(args.out) / study_name, n_trials=args.trials, lock=StudyLock(storage_url, study_name),

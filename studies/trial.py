@@ -17,6 +17,7 @@ import optuna
 
 from studies.space import suggest_config
 from trainer.errors import StopTraining, TrainerError, TrainingInterrupted
+from trainer.faults import DIVERGED
 from trainer.recorder import Recorder, RunInfo
 
 if TYPE_CHECKING:
@@ -52,6 +53,12 @@ class TrialRecorder:
         if self.trial.should_prune():
             self.trial.set_user_attr(PRUNED_AT_ATTR, step)
             raise StopTraining("pruned", f"{type(self.trial.study.pruner).__name__} at step {step}")
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        # In a study a diverged run is a dead end to prune, not a fault to fix.
+        if status == "failed" and (reason or "").startswith(DIVERGED):
+            status = "pruned"
+        self.inner.finish(status, reason)
 
     def __getattr__(self, name: str) -> Any:
         # log_step, log_epoch, log_checkpoint, log_event, finish go straight through.
@@ -89,9 +96,14 @@ def run_trial(ctx: "StudyContext", trial: optuna.Trial, resumed: bool) -> TrialO
     if result.status == "completed":
         ctx.study.tell(trial, result.best_val_loss)
         return TrialOutcome(trial.number, "complete", result.best_val_loss, run_id)
-    if result.status == "pruned":
+    if result.status == "pruned" or (result.reason or "").startswith(DIVERGED):
         ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return TrialOutcome(trial.number, "pruned", result.last_val_loss, run_id, result.reason)
+    if result.status == "failed":  # e.g. out of memory at micro-batch 1
+        ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trial_reason = (result.reason or "")[:1000]
+        trial.set_user_attr(FAIL_REASON_ATTR, trial_reason)
+        return TrialOutcome(trial.number, "fail", None, run_id, trial_reason)
     # Stopped for the session's time budget: left RUNNING, the next invocation continues it.
     return TrialOutcome(trial.number, "interrupted", None, run_id, result.reason)
 

@@ -164,17 +164,22 @@ def test_three_processes_share_one_postgres_study(study_dir, postgres_db_url):
 
 @pytest.mark.slow
 def test_a_time_budget_stops_the_trial_with_a_checkpoint_and_the_next_session_continues(study_dir):
-    out = search(study_dir, "--trials", "2", "--time-budget", "6s", "--pruner", "none")
+    (study_dir / "tiny.yaml").write_text(TINY_STUDY.replace("epochs: 2", "epochs: 4"))
+    warm = [sys.executable, "-m", "trainer", "--config", "tiny.yaml", "--no-db", "--max-steps", "1", "--out", "warm"]
+    subprocess.run(warm, cwd=study_dir, env=env(), check=True, capture_output=True, timeout=300)  # token cache
+    out = search(study_dir, "--trials", "1", "--time-budget", "12s", "--pruner", "none", expect=0)
     assert "time limit" in out
     url = url_of(study_dir)
     run = pd.read_sql("select id, status, status_reason from runs", url).iloc[0]
-    assert run.status == "interrupted"
+    assert run.status == "interrupted" and "time budget" in run.status_reason
     stopped_at = pd.read_sql(f"select max(step) as s from checkpoints where run_id = {run.id}", url).s[0]
     assert stopped_at > 0
-    search(study_dir, "--trials", "2", "--pruner", "none")
+    assert optuna.load_study(study_name="t", storage=url).trials[0].state == optuna.trial.TrialState.RUNNING
+    search(study_dir, "--trials", "1", "--pruner", "none")
     resumes = pd.read_sql(f"select step from events where kind = 'resume' and run_id = {run.id}", url)
     assert list(resumes.step) == [stopped_at]
-    assert len(optuna.load_study(study_name="t", storage=url).trials) == 2
+    trials = optuna.load_study(study_name="t", storage=url).trials
+    assert len(trials) == 1 and trials[0].state == optuna.trial.TrialState.COMPLETE
 
 
 def test_failing_trials_are_recorded_and_the_study_stops_at_max_failures(study_dir):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from trainer.cli import Parser, add_config_flags, config_from_args, fail
-from trainer.errors import EXIT_TIME_BUDGET, TrainerError, TrainingInterrupted
+from trainer.errors import EXIT_FAILED, EXIT_TIME_BUDGET, TrainerError, TrainingInterrupted
 
 PROG = "python -m trainer"
 
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TIME_BUDGET
     print(f"{result.status}: run {result.run_id}, {result.steps} steps, best val loss "
           f"{result.best_val_loss:.4f}; final model: {result.final_model}")
+    if result.status == "failed":   # diverged, or out of memory at micro-batch 1
+        print(f"{PROG}: the run failed: {result.reason}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

@@ -30,6 +30,15 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of sequences or 'auto', got {text!r}") from None
+
+
 _TYPES = {"int": int, "float": float, "str": str, "bool": parse_bool, "str | None": str}
 
 
@@ -46,6 +55,8 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset
                                   "help": f.metadata["help"]}
         if f.type == "list[str]":
             kwargs.update(nargs="+", metavar="PATH")
+        elif f.name == "micro_batch":
+            kwargs.update(type=int_or_auto, metavar="N|auto")
         else:
             kwargs.update(type=_TYPES[f.type], metavar=f.name.upper())
         group.add_argument(flag(f.name), **kwargs)
@@ -58,6 +69,9 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
         values.update(load_config_file(args.config))
     values.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")})
     values.update(overrides)
+    if values.get("micro_batch") == "auto":  # keep the preset's micro_batch x grad_accum as the batch
+        values["micro_batch"] = preset_values(args.preset).get("micro_batch", TrainConfig.micro_batch)
+        values["auto_micro_batch"] = True
     return TrainConfig.from_dict(values).check()
 
 

@@ -60,7 +60,10 @@ class TrainConfig:
     beta1: float = _f(0.9, "AdamW beta1.")
     beta2: float = _f(0.99, "AdamW beta2.")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
-    micro_batch: int = _f(16, "Sequences per forward/backward pass.")
+    micro_batch: int = _f(16, "Sequences per forward/backward pass ('auto' on the command line: the "
+                          "largest that fits the GPU, keeping micro-batch x grad-accum).")
+    auto_micro_batch: bool = _f(False, "Find the largest micro-batch that fits the GPU with headroom at the "
+                                "start, keeping the effective batch (what --micro-batch auto sets).")
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
     epochs: int = _f(1, "Passes over the training tokens.")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0: run all epochs).")
@@ -90,6 +93,10 @@ class TrainConfig:
                           "training started: e.g. 8h45m, 90m, 3600s.")
     deadline: str = _f("", "Stop cleanly, with a checkpoint, before this clock time: HH:MM (local, the "
                        "next one) or an ISO date-time.")
+    max_nonfinite_steps: int = _f(5, "Non-finite losses or gradient norms in a row (each skips its update) "
+                                  "before the last good checkpoint is reloaded with half the learning rate; "
+                                  "a second streak ends the run as diverged.")
+    clear_cache_every: int = _f(0, "Return cached GPU memory to the driver every N optimizer steps (0: never).")
     seed: int = _f(1337, "Seed for data order, initialisation and dropout.")
     device: str = _f("auto", "auto, cpu or cuda.", choices=DEVICES)
     progress: bool = _f(True, "Show a tqdm progress bar.")
@@ -113,15 +120,15 @@ class TrainConfig:
                 p.append(f"{flag(name)} {getattr(self, name)!r}: {fix}")
 
         for name in ("n_layer", "n_embd", "n_head", "block_size", "micro_batch", "grad_accum",
-                     "epochs", "eval_every", "log_every", "keep_checkpoints"):
+                     "epochs", "eval_every", "log_every", "keep_checkpoints", "max_nonfinite_steps"):
             need(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "use a positive integer")
-        for name in ("max_steps", "save_every", "warmup_steps", "eval_batches"):
+        for name in ("max_steps", "save_every", "warmup_steps", "eval_batches", "clear_cache_every"):
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "use an integer >= 0")
         need(_finite(self.lr) and self.lr > 0, "lr", "use a positive learning rate such as 3e-4")
         need(_finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "use a value in [0, 1]")
         need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "use a value >= 0")
         need(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "use a value >= 0 (0 disables)")
-        for name in ("save_on_eval", "save_optimizer_state", "progress"):
+        for name in ("save_on_eval", "save_optimizer_state", "progress", "auto_micro_batch"):
             need(isinstance(getattr(self, name), bool), name, "use true or false")
         need(_finite(self.max_checkpoint_gb) and self.max_checkpoint_gb >= 0, "max_checkpoint_gb",
              "use a size in GB such as 15, or 0 for no budget")

@@ -37,6 +37,7 @@ class StopTraining(Exception):
 
 
 # Exit codes of `python -m trainer` (documented in the README).
+EXIT_FAILED = 1                # the run ended failed: diverged, or out of memory at micro-batch 1
 EXIT_USAGE = 2                 # bad flags, data or checkpoint: nothing was written
 EXIT_TIME_BUDGET = 75          # EX_TEMPFAIL: stopped before --time-budget/--deadline; resume later
 EXIT_SIGNALS = {"SIGINT": 130, "SIGTERM": 143, "KeyboardInterrupt": 130}   # 128 + signal number

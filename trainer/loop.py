@@ -26,7 +26,10 @@ from trainer.data import PreparedData, prepare_data
 from trainer.device import Placement, memory_snapshot, place
 from trainer.errors import DataError
 from trainer.interrupts import StopRequests
+from trainer.faults import (clear_cache_if_due, is_nonfinite, pick_micro_batch, recover_from_oom,
+                            reload_before_streak, skip_update)
 from trainer.lifecycle import RunResult, run
+from trainer.memory import FaultInjector, is_out_of_memory, memory_report
 from trainer.model import build_model, build_optimizer, count_parameters
 from trainer.recorder import NullRecorder, Recorder
 from trainer.resume import ResumePlan, plan_resume, resume_notes
@@ -80,8 +83,13 @@ class Trainer:
         self.plan = ResumePlan(None, None, "fresh start")
         self.resume_notes: list[str] = []
         self.tokens_per_s = math.nan
+        self.faults = FaultInjector.from_env()   # TRAINER_INJECT_OOM / TRAINER_INJECT_NAN (trainer.memory)
+        self.reload_after_streak = False
         self.in_step = False            # True while the model and the data position disagree
         self._order: tuple[int, np.ndarray] | None = None
+        if cfg.auto_micro_batch:
+            pick_micro_batch(self)
+        self.log(memory_report(self.device))
         n = count_parameters(self.model)
         self._checkpoint_bytes = 4 * n * (3 if cfg.save_optimizer_state else 1)
 
@@ -155,31 +163,58 @@ class Trainer:
         return self._order[1][state.sample_pos:state.sample_pos + self.cfg.effective_batch]
 
     def optimizer_step(self, sample_ids: np.ndarray) -> tuple[float, float, float]:
-        """One optimizer step over len(sample_ids) sequences; returns (loss, grad norm, lr)."""
-        cfg, model = self.cfg, self.model
-        lr = lr_at(self.state.step, cfg, self.total_steps)
+        """One optimizer step over len(sample_ids) sequences; returns (loss, grad norm, lr).
+
+        Out of memory: the micro-batch is halved and the whole step redone (trainer.faults).
+        """
+        while True:
+            try:
+                return self._optimizer_step(sample_ids)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+                if not is_out_of_memory(exc):
+                    raise
+                recover_from_oom(self, exc)
+
+    def _optimizer_step(self, sample_ids: np.ndarray) -> tuple[float, float, float]:
+        cfg, model, step = self.cfg, self.model, self.state.step + 1
+        lr = lr_at(self.state.step, cfg, self.total_steps) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = np.array_split(sample_ids, len(sample_ids) // self.state.micro_batch)
         total_loss = 0.0
-        for ids in micro_batches:
+        for i, ids in enumerate(micro_batches):
             batch = self.train_blocks.get(ids).to(self.device, non_blocking=True)  # (B, T+1)
             inputs, targets = batch[:, :-1], batch[:, 1:]
+            if i == len(micro_batches) - 1:
+                self.faults.before_forward(step)  # injected OOM: earlier micro-batches' gradients exist
             with self.placement.autocast():
                 logits = model(input_ids=inputs).logits                           # (B, T, vocab)
             # The loss in fp32 whatever the autocast dtype; averaged over the micro-batches.
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / len(micro_batches)
+            loss = self.faults.corrupt_loss(step, loss)
             self.scaler.scale(loss).backward()
             total_loss += loss.item()
         # Unscale before clipping so the threshold applies to the true gradient.
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if is_nonfinite(self, total_loss, grad_norm):
+            self.scaler.update()   # no step: the update is skipped, the weights stay finite
+            skip_update(self, total_loss, grad_norm)
+        else:
+            self._apply_update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.faults.after_step(step)
         self.state.step += 1
         return total_loss, grad_norm, lr
+
+    def _apply_update(self) -> None:
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)   # with fp16, skipped by the scaler itself on overflow
+        self.scaler.update()
+        if scale is not None and self.scaler.get_scale() < scale:
+            self.state.scaler_skips += 1
+        self.state.nonfinite_streak = 0
 
     def _advance(self, n_samples: int, loss: float, seconds: float) -> None:
         state = self.state
@@ -204,6 +239,10 @@ class Trainer:
         if epoch_ended:
             self._end_epoch()
         self._checkpoint_if_due(evaluated or epoch_ended, epoch_ended)
+        clear_cache_if_due(self)
+        if self.reload_after_streak:
+            self.reload_after_streak = False
+            reload_before_streak(self)
 
     def _epoch_used_up(self) -> bool:
         return self.state.sample_pos + self.cfg.effective_batch > self.steps_per_epoch * self.cfg.effective_batch

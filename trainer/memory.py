@@ -84,12 +84,14 @@ def memory_report(device: torch.device) -> str:
     return line
 
 
-def largest_micro_batch(try_batch, effective_batch: int, device: torch.device, headroom: float = 0.9) -> int:
+def largest_micro_batch(try_batch, effective_batch: int, device: torch.device, current: int,
+                        headroom: float = 0.9) -> int:
     """The largest micro-batch dividing ``effective_batch`` whose forward and backward fit in
-    ``headroom`` of the GPU's memory. ``try_batch(n)`` runs one pass of n sequences."""
-    candidates = [n for n in range(effective_batch, 0, -1) if effective_batch % n == 0]
+    ``headroom`` of the GPU's memory; ``try_batch(n)`` runs one pass of n sequences. Without
+    a GPU there is no memory limit to probe: ``current`` is kept."""
     if device.type != "cuda":
-        return candidates[0] if candidates[0] <= 64 else max(n for n in candidates if n <= 64)
+        return current
+    candidates = [n for n in range(effective_batch, 0, -1) if effective_batch % n == 0]
     total = torch.cuda.get_device_properties(device).total_memory
     for n in candidates:
         free_memory()

@@ -15,6 +15,8 @@ EVENT_RESUME_CHECKPOINT = "resume_checkpoint"      # {"path", "reason", "weights
 EVENT_CORRUPT_CHECKPOINT = "corrupt_checkpoint"    # {"path", "problem"}: skipped by --resume auto
 EVENT_SIGNAL = "signal"                            # {"signal", "checkpoint"}
 EVENT_TIME_BUDGET = "time_budget"                  # {"limit_s", "remaining_s", "needed_s", "checkpoint"}
+EVENT_OOM = "oom"                                  # {"old_micro_batch", "new_micro_batch", ...}: recovered
+EVENT_NONFINITE = "nonfinite"                      # {"loss", "grad_norm", "streak"} or {"action": "reload"}
 
 
 @dataclass(frozen=True)

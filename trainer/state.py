@@ -24,6 +24,11 @@ class TrainState:
     run_id: int | None = None
     epoch_seconds: float = 0.0   # time spent in the epoch in progress, summed over resumes
     epoch_losses: list[float] = field(default_factory=list)  # step losses of the epoch in progress
+    lr_scale: float = 1.0        # halved once after a streak of non-finite steps
+    nonfinite_streak: int = 0    # non-finite steps in a row (updates skipped)
+    nonfinite_total: int = 0
+    scaler_skips: int = 0        # fp16 steps the gradient scaler skipped (overflow)
+    oom_recoveries: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

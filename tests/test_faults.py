@@ -1,0 +1,69 @@
+"""Memory faults and non-finite losses, recovered in place, on the CPU through fault injection."""
+import math
+
+import pytest
+
+import expdb
+from trainer.loop import train
+
+
+def run(cfg, data, tmp_path, name, monkeypatch, oom="", nan=""):
+    monkeypatch.setenv("TRAINER_INJECT_OOM", oom)
+    monkeypatch.setenv("TRAINER_INJECT_NAN", nan)
+    db = expdb.open(tmp_path / f"{name}.db")
+    result = train(cfg.replace(out_dir=str(tmp_path / name)), db.recorder(), data=data, log=lambda *_: None)
+    return result, db
+
+
+@pytest.fixture
+def fault_cfg(tiny_cfg):
+    # fp32 and no dropout: the same sequences give the same gradients, however they are split.
+    return tiny_cfg.replace(micro_batch=8, grad_accum=2, epochs=1, max_steps=12, dropout=0.0, precision="fp32")
+
+
+def test_injected_ooms_keep_the_effective_batch_and_every_sample(fault_cfg, tiny_data, tmp_path, monkeypatch):
+    plain, plain_db = run(fault_cfg, tiny_data, tmp_path, "plain", monkeypatch)
+    hit, hit_db = run(fault_cfg, tiny_data, tmp_path, "oom", monkeypatch, oom="3,7")
+    small, small_db = run(fault_cfg.replace(micro_batch=2, grad_accum=8), tiny_data, tmp_path, "small", monkeypatch)
+    assert hit.status == "completed" and hit.steps == plain.steps == 12
+    events = hit_db.events(hit.run_id)
+    ooms = events[events.kind == "oom"]
+    assert list(ooms.step) == [3, 7]
+    assert [(d["old_micro_batch"], d["old_grad_accum"], d["new_micro_batch"], d["new_grad_accum"])
+            for d in ooms.detail] == [(8, 2, 4, 4), (4, 4, 2, 8)]
+    # no sample lost or counted twice: the same tokens seen at every step as without faults
+    assert list(hit_db.steps(hit.run_id).tokens_seen) == list(plain_db.steps(plain.run_id).tokens_seen)
+    # after the recoveries the run trains like one started at micro-batch 2 x 8
+    after = hit_db.steps(hit.run_id).set_index("step").loss.loc[7:]
+    reference = small_db.steps(small.run_id).set_index("step").loss.loc[7:]
+    assert after.to_numpy() == pytest.approx(reference.to_numpy(), rel=1e-4)
+
+
+def test_out_of_memory_at_micro_batch_one_ends_the_run_with_a_checkpoint(fault_cfg, tiny_data, tmp_path, monkeypatch):
+    result, db = run(fault_cfg.replace(micro_batch=1, grad_accum=16), tiny_data, tmp_path, "mb1", monkeypatch, oom="3")
+    assert result.status == "failed" and "out of memory at micro-batch 1 in step 3" in result.reason
+    assert result.steps == 2 and result.final_checkpoint and result.final_checkpoint.endswith("step-0000002")
+    record = db.run(result.run_id)
+    assert record.status == "failed" and "micro-batch 1" in record.status_reason
+
+
+def test_a_nan_streak_reloads_the_last_good_checkpoint_with_half_the_lr(fault_cfg, tiny_data, tmp_path, monkeypatch):
+    cfg = fault_cfg.replace(max_nonfinite_steps=3, save_every=2, warmup_steps=0, schedule="constant")
+    result, db = run(cfg, tiny_data, tmp_path, "nan", monkeypatch, nan="6,7,8")
+    assert result.status == "completed" and result.steps == 12
+    events = db.events(result.run_id)
+    nonfinite = events[events.kind == "nonfinite"]
+    assert list(nonfinite.step[:3]) == [6, 7, 8]
+    reload = [d for d in nonfinite.detail if d.get("action") == "reload"]
+    assert len(reload) == 1 and "step-0000004" in reload[0]["detail"] and reload[0]["lr_scale"] == 0.5
+    steps = db.steps(result.run_id).set_index("step")
+    # steps 5.. were redone from the step-4 checkpoint at half the (constant) learning rate
+    assert steps.lr.loc[4] == pytest.approx(cfg.lr) and steps.lr.loc[5] == pytest.approx(cfg.lr / 2)
+    assert all(math.isfinite(x) for x in steps.loss)  # the redone steps replaced the NaN ones
+
+
+def test_a_second_streak_ends_the_run_as_diverged(fault_cfg, tiny_data, tmp_path, monkeypatch):
+    cfg = fault_cfg.replace(max_nonfinite_steps=3, save_every=2)
+    result, db = run(cfg, tiny_data, tmp_path, "div", monkeypatch, nan="6,7,8,10,11,12")
+    assert result.status == "failed" and result.reason.startswith("diverged: 3 non-finite steps in a row")
+    assert db.run(result.run_id).status == "failed"
