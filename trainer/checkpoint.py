@@ -138,19 +138,22 @@ def publish(prepared: SavedCheckpoint) -> SavedCheckpoint:
     return replace(prepared, tmp=None)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any, durable: bool = True) -> None:
     """Replace ``path`` by ``obj`` as JSON: readers see the old file or the new, never half."""
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, allow_nan=False))
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, allow_nan=False), durable)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
+    """Atomic replace; ``durable`` also fsyncs, so that a power cut cannot undo it."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 # -- reading ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,8 +180,6 @@ def _architecture_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> str:
 
 
 def _age(written_at: float) -> str:
-    import time
-
     minutes = (time.time() - written_at) / 60
     return f"{minutes:.0f} min ago" if minutes < 120 else f"{minutes / 60:.1f} h ago"
 

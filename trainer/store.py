@@ -117,7 +117,10 @@ class CheckpointStore:
         """Clear what killed runs left half-written; continue the history of a resumed run."""
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in [*self.root.glob(f"{TMP_PREFIX}*"), *self.root.glob(f"{OLD_PREFIX}*")]:
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         if resumed_from is not None:
             resumed_from = Path(resumed_from).resolve()
             self._history = _read_history(self.root / HISTORY_FILE, resumed_from.parent / HISTORY_FILE)
@@ -207,7 +210,8 @@ class CheckpointStore:
                                              H_BYTES: saved.size_bytes, H_SHA256: saved.sha256,
                                              H_DELETED_AT: None})
         if not found_on_resume:
-            write_text_atomic(self.root / LATEST_FILE, saved.path.name + "\n")  # a hint; resume checks manifests
+            # Hints, so not fsynced (a resume checks manifests, and records what history missed).
+            write_text_atomic(self.root / LATEST_FILE, saved.path.name + "\n", durable=False)
             self._latest_complete = saved.path
             self._rotate(saved)
         self._write_history()
@@ -252,7 +256,7 @@ class CheckpointStore:
         self.recorder.log_event(EVENT_CHECKPOINT_DELETED, step, {"path": entry[H_PATH]})
 
     def _write_history(self) -> None:
-        write_json_atomic(self.root / HISTORY_FILE, self._history)
+        write_json_atomic(self.root / HISTORY_FILE, self._history, durable=False)
 
 
 def _read_history(*candidates: Path) -> dict[str, Any]:
