@@ -195,3 +195,16 @@ def test_failing_trials_are_recorded_and_the_study_stops_at_max_failures(study_d
     runs = pd.read_sql("select trial_number, status, status_reason from runs order by trial_number", url)
     assert list(runs.status) == ["failed", "failed"]
     assert runs.status_reason.str.contains("--n-embd 30").all()
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_pruned_with_its_reason_and_the_study_completes(study_dir):
+    """A learning rate of 1e4 without clipping really diverges (NaN losses) on the CPU."""
+    (study_dir / "tiny.yaml").write_text(TINY_STUDY + "grad_clip: 0.0\nwarmup_steps: 0\nprecision: fp32\n")
+    (study_dir / "space.yaml").write_text("lr: {type: categorical, choices: [10000.0]}\n")
+    search(study_dir, "--trials", "2", "--pruner", "none")
+    url = url_of(study_dir)
+    trials = optuna.load_study(study_name="t", storage=url).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] * 2
+    runs = pd.read_sql("select status, status_reason from runs", url)
+    assert list(runs.status) == ["pruned", "pruned"] and runs.status_reason.str.startswith("diverged").all()
