@@ -10,6 +10,8 @@ import optuna
 import pandas as pd
 import pytest
 
+from trainer.config import TrainConfig, load_config_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_STUDY = """\
@@ -76,6 +78,17 @@ def test_study_records_linked_runs_and_continues(study_dir):
     assert set(ckpts.run_id) == set(runs.id)
     assert all(os.path.isdir(p) for p in ckpts[ckpts.deleted == 0].path)
     assert (study_dir / "runs/t/best_dashboard.png").stat().st_size > 10_000
+    # the report: top trials, best parameters, and a config the trainer accepts as --config
+    report = subprocess.run([sys.executable, "-m", "studies.report", "--study", "t"], cwd=study_dir, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
+    assert "best trial" in report.stdout and "parameter importances" in report.stdout
+    best = optuna.load_study(study_name="t", storage=url).best_trial
+    saved = load_config_file(study_dir / "runs/t/best_config.yaml")
+    again = TrainConfig.from_dict(saved).check()
+    assert again.lr == pytest.approx(best.params["lr"]) and again.n_layer == best.params["n_layer"]
+    assert again.resume == "" and again.out_dir == "runs/best"
+    assert (study_dir / "runs/t/report.html").stat().st_size > 1_000
     # the same command again: the study already has 4 finished trials, so nothing runs
     search(study_dir, "--trials", "4", "--seed", "1")
     assert len(optuna.load_study(study_name="t", storage=url).trials) == 4
