@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.checkpoint import (KEY_FILES, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE,
-                                CheckpointInfo, read_info, sha256_file, verify_checkpoint)
+                                CheckpointInfo, publish, read_info, sha256_file, verify_checkpoint)
 from trainer.config import TrainConfig
 from trainer.errors import CheckpointError
 from trainer.model import build_model, build_optimizer
@@ -203,6 +203,9 @@ def test_background_writer_stalls_only_for_the_copy_and_saves_in_order(tmp_path)
     writer.save(tmp_path / "b", lambda b: capture(buffers=b, state=TrainState(step=2), **args))
     outcomes = writer.drain()
     assert [o.info.step for o in outcomes] == [1, 2] and all(o.error is None for o in outcomes)
+    assert not (tmp_path / "a").exists()          # written under a temporary name until published
+    for outcome in outcomes:
+        publish(outcome.prepared)
     wa, wb = load_file(str(tmp_path / "a" / MODEL_FILE)), load_file(str(tmp_path / "b" / MODEL_FILE))
     name = "transformer.wte.weight"
     assert torch.equal(wa[name] + 1.0, wb[name])   # each holds the weights of its own step
@@ -217,7 +220,7 @@ def test_a_failed_background_write_is_reported_not_raised_in_the_thread(tmp_path
                                                            scaler=scaler, state=TrainState(step=1),
                                                            config={}, kind="periodic"))
     [outcome] = writer.drain()
-    assert outcome.saved is None and isinstance(outcome.error, OSError)
+    assert outcome.prepared is None and isinstance(outcome.error, OSError)
 
 
 # -- rotation: which checkpoints to delete -------------------------------------------------

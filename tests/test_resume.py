@@ -310,3 +310,19 @@ def test_a_checkpoint_published_but_never_recorded_is_recorded_on_resume(exact_c
     assert (str(orphan.path), "periodic", 12) in rec.checkpoints
     history = json.loads((tmp_path / "run" / "checkpoints" / HISTORY_FILE).read_text())
     assert str(orphan.path) in [e["path"] for e in history["checkpoints"]]
+
+
+def test_a_checkpoint_recorded_but_never_renamed_into_place_is_marked_deleted(exact_cfg, tiny_data, tmp_path):
+    """SIGKILL between the recorder call and the rename: the next resume sets the record straight."""
+    cfg = exact_cfg.replace(out_dir=str(tmp_path / "run"))
+    interrupt(cfg, tiny_data, at=13)
+    root = tmp_path / "run" / "checkpoints"
+    history = json.loads((root / HISTORY_FILE).read_text())
+    ghost = dict(history["checkpoints"][-1], path=str(root / "step-0000015"), name="step-0000015", step=15)
+    history["checkpoints"].append(ghost)
+    (root / HISTORY_FILE).write_text(json.dumps(history))
+    rec = ListRecorder()
+    train(cfg.replace(resume="auto", max_steps=14), rec, data=tiny_data, **QUIET)
+    assert (EVENT_CHECKPOINT_DELETED, 15, {"path": ghost["path"]}) in rec.events
+    history = json.loads((root / HISTORY_FILE).read_text())
+    assert [e["deleted_at"] is not None for e in history["checkpoints"] if e["step"] == 15] == [True]

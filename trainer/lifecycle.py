@@ -86,7 +86,7 @@ def start_run(t: "Trainer") -> None:
     if t.store:
         t.store.set_run_id(state.run_id)
         report_resume(t.plan, t.store, state.step, t.resume_notes, t.log)
-        t.store.record_unrecorded()
+        t.store.reconcile()
     t.log(f"run {state.run_id}: {info.n_params:,} parameters on {info.device}, {t.placement.precision}; "
           f"{t.total_steps} optimizer steps of {cfg.effective_batch} x {cfg.block_size} tokens")
 

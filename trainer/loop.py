@@ -86,6 +86,7 @@ class Trainer:
         self.faults = FaultInjector.from_env()   # TRAINER_INJECT_OOM / TRAINER_INJECT_NAN (trainer.memory)
         self.reload_after_streak = False
         self.in_step = False            # True while the model and the data position disagree
+        self.steps_taken = 0            # optimizer steps taken by this process (a step may be retaken)
         self._order: tuple[int, np.ndarray] | None = None
         if cfg.auto_micro_batch:
             pick_micro_batch(self)
@@ -148,6 +149,7 @@ class Trainer:
                 self.in_step = True
                 sample_ids = self._next_sample_ids()
                 loss, grad_norm, lr = self.optimizer_step(sample_ids)
+                self.steps_taken += 1
                 self._advance(len(sample_ids), loss, time.perf_counter() - started)
                 self.in_step = False
                 self._after_step(bar, loss, grad_norm, lr)
@@ -312,8 +314,8 @@ class Trainer:
         """Start writing a checkpoint of this step (main process only); its path."""
         if self.store is None or self.state.step == 0:
             return None
-        return self.store.save(kind, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
-                               state=self.state, config=self.cfg.to_dict())
+        return self.store.save(kind, self.steps_taken, model=self.model, optimizer=self.optimizer,
+                               scaler=self.scaler, state=self.state, config=self.cfg.to_dict())
 
     def _halt_reason(self) -> str | None:
         if self.stops.requested:

@@ -1,14 +1,14 @@
 """Checkpoint writes in a background thread, one at a time.
 
 Training stalls only while the state is copied to host memory; writing, hashing and
-fsyncing happen in a thread. A second save first waits for the write in flight (they
-share the host buffers). The training thread itself renames a finished write into place
-(``poll``, ``drain``) and records it right away: recorders are not thread-safe, and a
-checkpoint that exists is then recorded before the next step.
+fsyncing happen in a thread, under a temporary name. A second save first waits for the
+write in flight (they share the host buffers). ``poll`` and ``drain`` hand finished
+writes back to the training thread, which records them and then renames them into place
+(trainer.store): recorders are not thread-safe, and a checkpoint must never exist before
+the metrics of the steps it holds are recorded.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from trainer.checkpoint import CheckpointInfo, SavedCheckpoint, Snapshot, prepare_checkpoint, publish
+from trainer.checkpoint import CheckpointInfo, SavedCheckpoint, Snapshot, prepare_checkpoint
 from trainer.snapshot import HostBuffers
 
 
@@ -26,7 +26,7 @@ WRITER_NICENESS = 10
 class SaveOutcome:
     path: Path
     info: CheckpointInfo
-    saved: SavedCheckpoint | None      # None when the write failed
+    prepared: SavedCheckpoint | None   # written under its temporary name; None when the write failed
     error: BaseException | None
 
 
@@ -80,13 +80,7 @@ class BackgroundWriter:
             return
         self._thread.join()
         self._thread, self._in_flight = None, None
-        outcome = self._outcome
-        if outcome.saved is not None:
-            try:
-                outcome = dataclasses.replace(outcome, saved=publish(outcome.saved))
-            except OSError as exc:
-                outcome = dataclasses.replace(outcome, saved=None, error=exc)
-        self._finished.append(outcome)
+        self._finished.append(self._outcome)
 
 
 def _lower_priority() -> None:

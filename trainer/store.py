@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint import (KEY_BYTES, KEY_FILES, MANIFEST_FILE, OLD_PREFIX, STEP_PREFIX, TMP_PREFIX,
-                                CheckpointInfo, SavedCheckpoint, read_manifest, sha256_file, step_dir_name,
+                                CheckpointInfo, SavedCheckpoint, publish, read_manifest, sha256_file, step_dir_name,
                                 write_json_atomic, write_text_atomic)
 from trainer.config import TrainConfig
 from trainer.errors import CheckpointError
@@ -106,7 +106,7 @@ class CheckpointStore:
         self.cfg, self.recorder, self.log = cfg, recorder, log
         self.writer = BackgroundWriter()
         self.last_stall_s = 0.0
-        self._last: tuple[int, Path] | None = None     # (step, path) of the newest save started
+        self._last: tuple[int, int, Path] | None = None   # (step, moment, path) of the newest save started
         self._latest_complete: Path | None = None
         self._history: dict[str, Any] = {H_CHECKPOINTS: [], H_EVENTS: []}
         self._budget_warned = False
@@ -124,40 +124,50 @@ class CheckpointStore:
         if resumed_from is not None:
             resumed_from = Path(resumed_from).resolve()
             self._history = _read_history(self.root / HISTORY_FILE, resumed_from.parent / HISTORY_FILE)
-            known = {e[H_PATH] for e in self._history[H_CHECKPOINTS]}
-            self._unrecorded = [s for s in reversed(scan(self.root)) if str(s.path) not in known]
+            self._unrecorded = [s for s in reversed(scan(self.root)) if not self._live_entries(str(s.path))]
             self._latest_complete = resumed_from
             if resumed_from.parent == self.root:
-                self._last = (read_manifest(resumed_from)["checkpoint"].step, resumed_from)
+                self._last = (read_manifest(resumed_from)["checkpoint"].step, 0, resumed_from)
 
     def set_run_id(self, run_id: int | None) -> None:
         self._history[H_RUN_ID] = run_id
 
-    def record_unrecorded(self) -> None:
-        """Record the checkpoints a killed run published but could not record (once the run exists)."""
+    def reconcile(self) -> None:
+        """After a kill (once the run exists): record checkpoints on disk that the history lacks,
+        and mark deleted those it lists that never got renamed into place."""
+        for entry in list(self._history[H_CHECKPOINTS]):
+            if entry[H_DELETED_AT] is None and Path(entry[H_PATH]).parent == self.root \
+                    and not Path(entry[H_PATH]).is_dir():
+                self._mark_deleted(entry, entry["step"])
         for found in self._unrecorded:
             if found.path.is_dir():
-                self._record(SavedCheckpoint(found.path, found.info, found.size_bytes, found.sha256, 0.0),
-                             found_on_resume=True)
+                self._record(SavedCheckpoint(found.path, found.info, found.size_bytes, found.sha256, 0.0))
         self._unrecorded = []
+        self._write_history()
 
     @property
     def latest_path(self) -> str | None:
         """The newest complete checkpoint of this run (the one resumed from, before any)."""
         return str(self._latest_complete) if self._latest_complete else None
 
-    def save(self, kind: str, **capture_args: Any) -> str:
-        """Start writing a checkpoint of this step (once per step); return its path."""
+    def save(self, kind: str, moment: int, **capture_args: Any) -> str:
+        """Start writing a checkpoint of this step; return its path.
+
+        ``moment`` counts the optimizer steps this process has taken: a second save at the
+        same moment (a signal right after a periodic save) returns the first one's path,
+        while a step retaken after a reload to an older checkpoint is saved anew.
+        """
         step = capture_args["state"].step
-        if self._last and self._last[0] == step:
-            return str(self._last[1])      # this step is already saved (or being saved)
+        if self._last and self._last[:2] == (step, moment):
+            return str(self._last[2])      # this very state is already saved (or being saved)
         if not self.cfg.save_optimizer_state:
             capture_args["optimizer"] = None
         path = self.root / step_dir_name(step)
-        self.last_stall_s = self.writer.save(path, lambda buffers: capture(kind=kind, buffers=buffers,
-                                                                           **capture_args))
-        self._last = (step, path)
-        self._handle(self.writer.poll(), final=False)   # the previous write, published while waiting
+        started = time.perf_counter()
+        self._handle(self.writer.drain(), final=False)    # a second save waits for the first
+        self.writer.save(path, lambda buffers: capture(kind=kind, buffers=buffers, **capture_args))
+        self.last_stall_s = time.perf_counter() - started
+        self._last = (step, moment, path)
         return str(path)
 
     def poll(self) -> list[SavedCheckpoint]:
@@ -189,32 +199,46 @@ class CheckpointStore:
     # -- after a write -------------------------------------------------------------------
     def _handle(self, outcomes: list[SaveOutcome], final: bool) -> None:
         for outcome in outcomes:
-            if outcome.saved is not None:
-                self._record(outcome.saved)
-                self._done.append(outcome.saved)
-                continue
-            self.log(f"warning: checkpoint {outcome.path} could not be written: {outcome.error!r}")
-            self.event(EVENT_CHECKPOINT_FAILED, outcome.info.step,
-                       {"path": str(outcome.path), "error": repr(outcome.error)})
-            if final:
-                raise CheckpointError(f"checkpoint {outcome.path} could not be written ({outcome.error}); "
-                                      f"the last complete one is listed in {self.root / LATEST_FILE}") \
-                    from outcome.error
+            try:
+                if outcome.error is not None:
+                    raise outcome.error
+                self._done.append(self._publish(outcome.prepared))
+            except (OSError, CheckpointError) as exc:
+                self.log(f"warning: checkpoint {outcome.path} could not be written: {exc!r}")
+                self.event(EVENT_CHECKPOINT_FAILED, outcome.info.step, {"path": str(outcome.path), "error": repr(exc)})
+                if final:
+                    raise CheckpointError(f"checkpoint {outcome.path} could not be written ({exc}); the last "
+                                          f"complete one is named in {self.root / LATEST_FILE}") from exc
 
-    def _record(self, saved: SavedCheckpoint, found_on_resume: bool = False) -> None:
+    def _publish(self, prepared: SavedCheckpoint) -> SavedCheckpoint:
+        """Record a written checkpoint, then rename it into place, then rotate.
+
+        In this order a kill leaves nothing unrecorded: the recorder's call also stores the
+        step metrics the checkpoint holds, and what was recorded but never renamed is
+        marked deleted by the next resume (it is in training_history.json).
+        """
+        self._record(prepared)
+        try:
+            saved = publish(prepared)
+        except OSError:
+            self._forget(prepared.path, prepared.info.step)
+            raise
+        # Hints, so not fsynced (a resume checks manifests, and records what history missed).
+        write_text_atomic(self.root / LATEST_FILE, saved.path.name + "\n", durable=False)
+        self._latest_complete = saved.path
+        self._rotate(saved)
+        self._write_history()
+        return saved
+
+    def _record(self, saved: SavedCheckpoint) -> None:
         path, info = str(saved.path), saved.info
-        for entry in self._live_entries(path):     # a checkpoint of this step was replaced
+        for entry in self._live_entries(path):     # a checkpoint of this step is being replaced
             self._mark_deleted(entry, info.step)
-        self.recorder.log_checkpoint(path, info.kind, info.step, info.val_loss, saved.size_bytes, saved.sha256)
         self._history[H_CHECKPOINTS].append({**asdict(info), "name": saved.path.name, H_PATH: path,
                                              H_BYTES: saved.size_bytes, H_SHA256: saved.sha256,
                                              H_DELETED_AT: None})
-        if not found_on_resume:
-            # Hints, so not fsynced (a resume checks manifests, and records what history missed).
-            write_text_atomic(self.root / LATEST_FILE, saved.path.name + "\n", durable=False)
-            self._latest_complete = saved.path
-            self._rotate(saved)
         self._write_history()
+        self.recorder.log_checkpoint(path, info.kind, info.step, info.val_loss, saved.size_bytes, saved.sha256)
 
     def _rotate(self, newest: SavedCheckpoint) -> None:
         stored = scan(self.root)
