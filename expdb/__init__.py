@@ -12,7 +12,7 @@ Tables, views and conventions: docs/schema.md.
 from expdb.db import ExperimentDB, open
 from expdb.errors import (ConflictError, CorruptDatabaseError, DatabaseLockedError, DatabaseNotFoundError,
                           DuplicateRunError, ExpdbError, InvalidValueError, MergeError, NotADatabaseError,
-                          ReadOnlyDatabaseError, RecorderStateError, SchemaError, SchemaTooNewError,
+                          ReadOnlyDatabaseError, RecorderStateError, RunMismatchError, SchemaError, SchemaTooNewError,
                           StorageError, UnknownRunError, WriteError)
 from expdb.merge import MergeReport, merge
 from expdb.models import SCHEMA_VERSION
@@ -22,7 +22,7 @@ from expdb.records import RunRecord
 __all__ = [
     "open", "merge", "ExperimentDB", "DBRecorder", "RunRecord", "MergeReport", "SCHEMA_VERSION",
     "ExpdbError", "DatabaseNotFoundError", "CorruptDatabaseError", "NotADatabaseError", "SchemaTooNewError", "SchemaError",
-    "UnknownRunError", "DuplicateRunError", "InvalidValueError", "RecorderStateError",
+    "UnknownRunError", "RunMismatchError", "DuplicateRunError", "InvalidValueError", "RecorderStateError",
     "StorageError", "DatabaseLockedError", "ConflictError", "WriteError", "ReadOnlyDatabaseError",
     "MergeError",
 ]

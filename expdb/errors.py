@@ -49,6 +49,15 @@ class UnknownRunError(ExpdbError, LookupError):
                          "(list the runs with `python -m expdb --db URL runs`)")
 
 
+class RunMismatchError(UnknownRunError):
+    """A resume named a run id that, in this database, belongs to another run (ids are per
+    database: a checkpoint taken against one file, resumed against a merged one)."""
+
+    def __init__(self, run_id: object, message: str):
+        self.run_id = run_id
+        ExpdbError.__init__(self, message)
+
+
 class DuplicateRunError(ExpdbError):
     """A run already holds this (study_name, trial_number)."""
 

@@ -12,7 +12,7 @@ from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.orm import Session
 
 from expdb import rollups
-from expdb.errors import UnknownRunError
+from expdb.errors import RunMismatchError, UnknownRunError
 from expdb.models import Checkpoint, EpochMetric, EvalMetric, Event, Run, StepMetric
 from expdb.values import to_json, utcnow
 from trainer.recorder import RunInfo
@@ -46,6 +46,12 @@ def resume_run(session: Session, run_id: int, info: RunInfo, resume_step: int) -
     run = session.get(Run, run_id)
     if run is None:
         raise UnknownRunError(run_id)
+    if run.name != info.name and run.out_dir != info.config.get("out_dir"):
+        # Resuming would delete the later history of somebody else's run.
+        raise RunMismatchError(run_id, (
+            f"run {run_id} of this database is {run.name!r} (out_dir {run.out_dir}), not {info.name!r} "
+            f"(out_dir {info.config.get('out_dir')}); it was left alone. Run ids belong to one database: "
+            "resume against the database the checkpoint's run was recorded in, or start a new run"))
     deleted = {model.__tablename__: _delete_after(session, model, run_id, resume_step)
                for model in (StepMetric, EvalMetric, EpochMetric)}
     conn = session.connection()

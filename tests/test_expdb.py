@@ -169,6 +169,15 @@ def test_unknown_run_id_is_a_clear_error(db: expdb.ExperimentDB):
         db.recorder().start_run(make_info(extra={"run_id": 42}))
 
 
+def test_resuming_another_runs_id_is_refused(db: expdb.ExperimentDB):
+    run_id = record_run(db, make_info("mine"))
+    stranger = make_info("theirs", extra={"run_id": run_id, "resume_step": 5})    # e.g. an id from another file
+    with pytest.raises(expdb.RunMismatchError, match="is 'mine'.*not 'theirs'.*left alone") as caught:
+        db.recorder().start_run(stranger)
+    assert isinstance(caught.value, LookupError)       # the trainer then starts a new run
+    assert len(db.steps(run_id)) == STEPS and db.run(run_id).resume_count == 0
+
+
 def test_newer_schema_is_refused(db_url: str):
     expdb.open(db_url).close()
     engine = create_engine(db_url)
