@@ -60,7 +60,10 @@ weight_decay: {type: float, low: 0.0, high: 0.2}
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # One thread: a 32-wide model spends more time synchronising threads than computing, and
+    # this part counts steps and overheads, not speed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
     result = subprocess.run(PROG + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(PROG + args)} exited {result.returncode}:\n"
@@ -127,14 +130,17 @@ def run(repeats: int, smoke: bool, cache_dir: str, log: Callable[[str], None] = 
             row("study wall time, median pruner", col(med, "wall_s"), "s", higher_is_better=False),
             row("study wall time, no pruner", col(none, "wall_s"), "s", higher_is_better=False),
             row("overhead per trial inside the trial", [x for r in med + none for x in r["in_trial_overhead_s"]], "s",
-                higher_is_better=False, note="Optuna trial duration minus the run's duration; every trial"),
+                higher_is_better=False,
+                note="Optuna trial duration minus the run's duration; every trial; a command's first trial "
+                     "also imports torch"),
             row("overhead per trial, whole command", col(med + none, "command_overhead_per_trial_s"), "s",
                 higher_is_better=False, note="(command wall time - sum of run durations) / trials"),
             row("`python -m studies.search --help`", start_up, "s", higher_is_better=False)]
     return part(
         "Studies", settings={**asdict(sizes), "space": SPACE},
         method=("`python -m studies.search` with `--pruner median` and `--pruner none`, same seed, fresh "
-                "database each, alternating; steps = sum over the study's runs of their recorded steps; "
+                "database each, alternating, with OMP_NUM_THREADS=1 (a tiny model); steps = sum over the "
+                "study's runs of their recorded steps; "
                 "a run's duration is started_at to ended_at in expdb (set-up before start_run, the "
                 "sampler and Optuna's bookkeeping fall outside it)"),
         rows=rows,

@@ -9,8 +9,8 @@ everything the loop does per step (logging, evaluation, checkpoints) is counted.
 """
 from __future__ import annotations
 
+import random
 import shutil
-import statistics
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -127,8 +127,10 @@ def contenders(cfg: TrainConfig) -> dict[str, Contender]:
 def one_round(specs: dict[str, Contender], cfg: TrainConfig, data: PreparedData, sizes: Sizes,
               rotate: int, main: str = OURS) -> dict[str, float]:
     """All contenders interleaved step by step, each in a fresh directory; tokens/s of each."""
+    # A new cyclic order every round: each contender follows a different one each time, so none
+    # always runs just after the same neighbour (and whatever that one leaves running).
     names = list(specs)
-    names = names[rotate % len(names):] + names[:rotate % len(names)]
+    random.Random(rotate).shuffle(names)
     work = Path(tempfile.mkdtemp(prefix="bench-tput-"))
     try:
         loops = {n: specs[n].bind(cfg, data, work / f"c{i}") for i, n in enumerate(names)}
@@ -172,19 +174,15 @@ def report(r: dict[str, list[float]], pieces: dict[str, list[float]], sizes: Siz
     ]
     targets = [target(ratios[0]["name"], ratios[0]["median"], TARGET_VS_PLAIN),
                target(ratios[2]["name"], ratios[2]["median"], 1.0)]
-    foreach, fused = (pieces[k] for k in (breakdown.FOREACH, breakdown.FUSED))
-    ratios.append(ratio("step piece: AdamW fused / foreach", fused, foreach))
-    step_ms = 1e3 * sizes.tokens_per_step / statistics.median(r[OURS])
-    saved_ms = statistics.median(foreach) - statistics.median(fused)
-    notes = [f"a fused AdamW step would save {saved_ms:.1f} ms of the trainer's median fp32 step of "
-             f"{step_ms:.0f} ms ({100 * saved_ms / step_ms:.1f}%): the HF Trainer uses it, the trainer and "
-             "the plain loop use the foreach one on a CPU"]
+    ratios.append(ratio("step piece: AdamW fused / foreach", pieces[breakdown.FUSED], pieces[breakdown.FOREACH]))
+    notes = [breakdown.fused_note(pieces)]
     return part(
         "Training throughput",
         settings={**asdict(sizes), "vocab": data.vocab_size, "train_tokens": len(data.train),
                   "corpus": data.dataset_identity["source"]},
         method=("all contenders run in one process, interleaved one optimizer step each in turn (each "
-                "in its own thread; only the one holding the turn computes), so all see the same load; "
+                "in its own thread; only the one holding the turn computes; a new cyclic order every "
+                "round), so all see the same load; "
                 "tokens/s from the time each held the turn between the end of step `warmup` and the end "
                 "of step `warmup + steps`, evaluations and checkpoints included, set-up and the final "
                 "save excluded. Ratios: median over rounds of the per-round ratio"),
