@@ -304,6 +304,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         if self.store is None:
             return
+        self.store.prepare(self.model, self.optimizer)      # once: the buffers the first save copies into
         due = (cfg.save_every and state.step % cfg.save_every == 0) or epoch_ended or (cfg.save_on_eval and evaluated)
         if due and state.step < self.total_steps:     # at the last step the final save follows
             self.save("best" if state.evaluated_now and state.best_step == state.step else "periodic")

@@ -9,18 +9,17 @@ the metrics of the steps it holds are recorded.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from trainer.checkpoint import CheckpointInfo, SavedCheckpoint, Snapshot, prepare_checkpoint
 from trainer.snapshot import HostBuffers
 
-
-WRITER_NICENESS = 10
 
 @dataclass(frozen=True)
 class SaveOutcome:
@@ -42,6 +41,12 @@ class BackgroundWriter:
     def in_flight(self) -> Path | None:
         """The checkpoint being written, if any."""
         return self._in_flight if self._thread is not None else None
+
+    def prepare_buffers(self, sources: dict[tuple[str, str], torch.Tensor]) -> None:
+        """Allocate the host buffers in the background, so that the first save is as quick as the next."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.buffers.reserve, args=(sources,), name="checkpoint-buffers")
+            self._thread.start()
 
     def save(self, path: Path, take_snapshot: Callable[[HostBuffers], Snapshot]) -> float:
         """Wait for the write in flight, snapshot, start writing; return the seconds it stalled."""
@@ -69,7 +74,6 @@ class BackgroundWriter:
         return self.poll()
 
     def _write(self, path: Path, snapshot: Snapshot) -> None:
-        _lower_priority()
         try:
             self._outcome = SaveOutcome(path, snapshot.info, prepare_checkpoint(path, snapshot), None)
         except BaseException as exc:   # handed to the training thread, which reports it
@@ -80,12 +84,7 @@ class BackgroundWriter:
             return
         self._thread.join()
         self._thread, self._in_flight = None, None
-        self._finished.append(self._outcome)
+        if self._outcome is not None:      # None after prepare_buffers
+            self._finished.append(self._outcome)
+            self._outcome = None
 
-
-def _lower_priority() -> None:
-    """Let training threads have the cores first: on Linux a thread has its own nice value."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-    except (AttributeError, OSError):   # not Linux, or not allowed: write at normal priority
-        pass

@@ -31,12 +31,14 @@ class HostBuffers:
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, str], torch.Tensor] = {}
 
+    def reserve(self, sources: dict[tuple[str, str], torch.Tensor]) -> None:
+        """Allocate and touch the buffers for these tensors ahead of the first save (any thread)."""
+        for key, t in sources.items():
+            self._buffer(key, t).zero_()    # the page faults happen here, not during a save
+
     def copy(self, key: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
-            self._buffers[key] = buf
+        buf = self._buffer(key, t)
         if t.is_cuda:
             buf.copy_(t, non_blocking=True)           # the caller synchronizes once
         elif t.dtype in (torch.float32, torch.float64, torch.int64, torch.float16):
@@ -44,6 +46,13 @@ class HostBuffers:
             np.copyto(buf.numpy(), t.numpy())
         else:
             buf.copy_(t)
+        return buf
+
+    def _buffer(self, key: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            self._buffers[key] = buf
         return buf
 
     @property
@@ -56,14 +65,12 @@ def capture(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
             buffers: HostBuffers | None = None) -> Snapshot:
     """Copy everything an exact resume needs; ``optimizer=None`` makes a weights-only snapshot."""
     buffers = buffers or HostBuffers()
-    model_tensors = {name: buffers.copy(("model", name), t) for name, t in unique_state_dict(model).items()}
-    files = {MODEL_FILE: model_tensors}
-    groups = None
+    files: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: {}}
+    for (file, name), t in tensor_sources(model, optimizer).items():
+        files.setdefault(file, {})[name] = buffers.copy((file, name), t)
+    groups = copy.deepcopy(optimizer.state_dict()["param_groups"]) if optimizer is not None else None
     if optimizer is not None:
-        sd = optimizer.state_dict()
-        files[OPTIMIZER_FILE] = {f"state.{idx}.{name}": buffers.copy(("optimizer", f"{idx}.{name}"), t)
-                                 for idx, entry in sd["state"].items() for name, t in entry.items()}
-        groups = copy.deepcopy(sd["param_groups"])
+        files.setdefault(OPTIMIZER_FILE, {})
     if torch.cuda.is_available():
         torch.cuda.synchronize()    # the non_blocking copies above are complete
     files[RNG_FILE] = _torch_rng_tensors()
@@ -111,6 +118,17 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
 
 
 # -- model and optimizer tensors -------------------------------------------------------------
+def tensor_sources(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                   ) -> dict[tuple[str, str], torch.Tensor]:
+    """Every tensor a snapshot copies, keyed by (file, name in that file)."""
+    sources = {(MODEL_FILE, name): t for name, t in unique_state_dict(model).items()}
+    if optimizer is not None:
+        sources.update({(OPTIMIZER_FILE, f"state.{idx}.{name}"): t
+                        for idx, entry in optimizer.state_dict()["state"].items()
+                        for name, t in entry.items()})
+    return sources
+
+
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without the second name of tied weights (GPT-2's lm_head is its wte)."""
     seen, out = set(), {}

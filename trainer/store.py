@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trainer.checkpoint import (KEY_BYTES, KEY_FILES, MANIFEST_FILE, OLD_PREFIX, STEP_PREFIX, TMP_PREFIX,
                                 CheckpointInfo, SavedCheckpoint, publish, read_manifest, sha256_file, step_dir_name,
                                 write_json_atomic, write_text_atomic)
@@ -27,7 +29,7 @@ from trainer.config import TrainConfig
 from trainer.errors import CheckpointError
 from trainer.recorder import EVENT_CHECKPOINT_DELETED, EVENT_CHECKPOINT_FAILED, Recorder
 from trainer.saver import BackgroundWriter, SaveOutcome
-from trainer.snapshot import capture
+from trainer.snapshot import capture, tensor_sources
 
 LATEST_FILE = "latest"
 HISTORY_FILE = "training_history.json"
@@ -110,6 +112,7 @@ class CheckpointStore:
         self._latest_complete: Path | None = None
         self._history: dict[str, Any] = {H_CHECKPOINTS: [], H_EVENTS: []}
         self._budget_warned = False
+        self._prepared = False
         self._done: list[SavedCheckpoint] = []       # recorded, not yet handed to poll's caller
         self._unrecorded: list[Stored] = []          # published by a run killed before recording them
 
@@ -169,6 +172,13 @@ class CheckpointStore:
         self.last_stall_s = time.perf_counter() - started
         self._last = (step, moment, path)
         return str(path)
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Once the optimizer has state: allocate the snapshot buffers in the background."""
+        if not self._prepared:
+            self._prepared = True
+            optimizer = optimizer if self.cfg.save_optimizer_state else None
+            self.writer.prepare_buffers(tensor_sources(model, optimizer))
 
     def poll(self) -> list[SavedCheckpoint]:
         """Publish, record and rotate the writes that finished; return them. Never blocks."""
