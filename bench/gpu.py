@@ -17,7 +17,7 @@ from typing import Any, Callable
 from bench.common import part, ratio, row
 from bench.hf_trainer import run_hf
 from bench.plain_loop import run_plain
-from bench.throughput import Contender, Sizes, one_round, run_ours
+from bench.throughput import Contender, Rounds, Sizes, run_ours
 from trainer.data import prepare_data
 from trainer.device import place
 from trainer.presets import PRESETS
@@ -63,13 +63,10 @@ def run(repeats: int, smoke: bool, cache_dir: str, log: Callable[[str], None] = 
     precision = place(cfg.replace(precision="auto")).precision
     specs = {OURS: Contender(run_ours, "auto"), PLAIN: Contender(run_plain, precision),
              HF: Contender(run_hf, precision)}
-    results: dict[str, list[float]] = {n: [] for n in specs}
-    for r in range(repeats):
-        for name, value in one_round(specs, cfg, data, sizes, r, main=OURS).items():
-            results[name].append(value)
-        log(f"  gpu round {r + 1}/{repeats}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in results.items()))
+    rounds = Rounds.measure(specs, cfg, data, sizes, repeats, log, main=OURS)
+    results = rounds.tokens_per_s
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    rows = [row(f"{n} {precision}", v, "tokens/s") for n, v in results.items()]
+    rows = [row(f"{n} {precision}", v, "tokens/s") for n, v in results.items()] + rounds.step_rows()
     peak = peak_flops(name)
     if peak:
         from trainer.model import build_model
@@ -83,5 +80,6 @@ def run(repeats: int, smoke: bool, cache_dir: str, log: Callable[[str], None] = 
         rows=rows,
         ratios=[ratio(f"{OURS} / {PLAIN}", results[OURS], results[PLAIN]),
                 ratio(f"{HF} / {PLAIN}", results[HF], results[PLAIN]),
-                ratio(f"{OURS} / {HF}", results[OURS], results[HF])],
+                ratio(f"{OURS} / {HF}", results[OURS], results[HF]),
+                rounds.step_ratio(OURS, PLAIN), rounds.step_ratio(OURS, HF)],
         repeats=repeats, smoke=smoke, extra={"measured": True})

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from bench import breakdown
-from bench.common import StepClock, part, ratio, row, target
+from bench import breakdown, steps
+from bench.common import StepClock, part, ratio, row, summary, target
 from bench.hf_trainer import run_hf
 from bench.interleave import run_interleaved
 from bench.plain_loop import run_plain
@@ -125,8 +125,8 @@ def contenders(cfg: TrainConfig) -> dict[str, Contender]:
 
 
 def one_round(specs: dict[str, Contender], cfg: TrainConfig, data: PreparedData, sizes: Sizes,
-              rotate: int, main: str = OURS) -> dict[str, float]:
-    """All contenders interleaved step by step, each in a fresh directory; tokens/s of each."""
+              rotate: int, main: str = OURS) -> dict[str, StepClock]:
+    """All contenders interleaved step by step, each in a fresh directory; the clock of each."""
     # A new cyclic order every round: each contender follows a different one each time, so none
     # always runs just after the same neighbour (and whatever that one leaves running).
     names = list(specs)
@@ -137,11 +137,49 @@ def one_round(specs: dict[str, Contender], cfg: TrainConfig, data: PreparedData,
         for i in range(len(names)):
             (work / f"c{i}").mkdir()
         sync = torch.cuda.synchronize if sizes.device == "cuda" else None
-        clocks = run_interleaved(loops, main=main, sync=sync)
+        return run_interleaved(loops, main=main, sync=sync)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {n: clocks[n].tokens_per_s(sizes.warmup, sizes.warmup + sizes.steps, sizes.tokens_per_step)
-            for n in specs}
+
+
+@dataclass
+class Rounds:
+    """Every round's tokens/s and step durations, per contender."""
+
+    sizes: Sizes
+    tokens_per_s: dict[str, list[float]]
+    steps: dict[str, list[dict[int, float]]]
+
+    @classmethod
+    def measure(cls, specs: dict[str, Contender], cfg: TrainConfig, data: PreparedData, sizes: Sizes,
+                repeats: int, log: Callable[[str], None], main: str = OURS) -> "Rounds":
+        first, last = sizes.warmup, sizes.warmup + sizes.steps
+        out = cls(sizes, {n: [] for n in specs}, {n: [] for n in specs})
+        for r in range(repeats):
+            for name, clock in one_round(specs, cfg, data, sizes, r, main).items():
+                out.tokens_per_s[name].append(clock.tokens_per_s(first, last, sizes.tokens_per_step))
+                out.steps[name].append(steps.durations(clock, first, last))
+            log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in out.tokens_per_s.items()))
+        return out
+
+    @property
+    def busy(self) -> set[int]:
+        s = self.sizes
+        return steps.busy_steps(s.warmup, s.warmup + s.steps, s.eval_every, s.save_every)
+
+    def step_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, rounds in self.steps.items():
+            rows += [row(f"{name}: plain step (no evaluation or checkpoint)", steps.plain_step_ms(rounds, self.busy),
+                         "ms", higher_is_better=False),
+                     row(f"{name}: evaluation + checkpoint, extra time", steps.extra_ms(rounds, self.busy), "ms",
+                         higher_is_better=False)]
+        return rows
+
+    def step_ratio(self, a: str, b: str) -> dict[str, Any]:
+        values = steps.paired_ratio(self.steps[a], self.steps[b], self.busy)
+        return {"name": f"plain steps, paired: {a} / {b}", "note": "speed; median over steps of each round",
+                **summary(values)}
 
 
 def run(repeats: int, smoke: bool, cache_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -151,17 +189,14 @@ def run(repeats: int, smoke: bool, cache_dir: str, log: Callable[[str], None] = 
     specs = contenders(cfg)
     log(f"throughput: {len(data.train):,} training tokens, vocab {data.vocab_size}, {len(specs)} contenders "
         f"interleaved step by step, {sizes.warmup}+{sizes.steps} steps each, {repeats} rounds")
-    results: dict[str, list[float]] = {n: [] for n in specs}
-    for r in range(repeats):
-        for name, value in one_round(specs, cfg, data, sizes, r).items():
-            results[name].append(value)
-        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in results.items()))
+    rounds = Rounds.measure(specs, cfg, data, sizes, repeats, log)
     pieces = breakdown.measure(cfg, data.vocab_size, BREAKDOWN_ITERATIONS if not smoke else 2)
-    return report(results, pieces, sizes, data, repeats, smoke)
+    return report(rounds, pieces, data, repeats, smoke)
 
 
-def report(r: dict[str, list[float]], pieces: dict[str, list[float]], sizes: Sizes, data: PreparedData,
-           repeats: int, smoke: bool) -> dict[str, Any]:
+def report(rounds: Rounds, pieces: dict[str, list[float]], data: PreparedData, repeats: int,
+           smoke: bool) -> dict[str, Any]:
+    r, sizes = rounds.tokens_per_s, rounds.sizes
     auto = next(n for n in r if n.startswith("trainer auto"))
     ratios = [
         ratio(f"{OURS} / {PLAIN}", r[OURS], r[PLAIN]),
@@ -174,7 +209,9 @@ def report(r: dict[str, list[float]], pieces: dict[str, list[float]], sizes: Siz
     ]
     targets = [target(ratios[0]["name"], ratios[0]["median"], TARGET_VS_PLAIN),
                target(ratios[2]["name"], ratios[2]["median"], 1.0)]
-    ratios.append(ratio("step piece: AdamW fused / foreach", pieces[breakdown.FUSED], pieces[breakdown.FOREACH]))
+    ratios += [rounds.step_ratio(OURS, PLAIN), rounds.step_ratio(HF, PLAIN), rounds.step_ratio(OURS, HF),
+               rounds.step_ratio(OURS, OURS_NO_DB),
+               ratio("step piece: AdamW fused / foreach", pieces[breakdown.FUSED], pieces[breakdown.FOREACH])]
     notes = [breakdown.fused_note(pieces)]
     return part(
         "Training throughput",
@@ -186,6 +223,6 @@ def report(r: dict[str, list[float]], pieces: dict[str, list[float]], sizes: Siz
                 "tokens/s from the time each held the turn between the end of step `warmup` and the end "
                 "of step `warmup + steps`, evaluations and checkpoints included, set-up and the final "
                 "save excluded. Ratios: median over rounds of the per-round ratio"),
-        rows=[row(name, values, "tokens/s") for name, values in r.items()]
+        rows=[row(name, values, "tokens/s") for name, values in r.items()] + rounds.step_rows()
         + [row(f"step piece: {name}", values, "ms", higher_is_better=False) for name, values in pieces.items()],
         ratios=ratios, targets=targets, notes=notes, repeats=repeats, smoke=smoke)
