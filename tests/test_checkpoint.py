@@ -68,7 +68,7 @@ def test_round_trip_restores_weights_optimizer_scaler_and_every_rng(tmp_path):
 
     assert (state.step, state.epoch, state.sample_pos) == (2, 1, 24)
     assert state.epoch_losses[0] == 3.5 and np.isnan(state.epoch_losses[1]) and config == CFG.to_dict()
-    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     got_opt = optimizer2.state_dict()
     for idx, entry in expected_opt["state"].items():

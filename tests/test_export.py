@@ -144,5 +144,5 @@ def test_load_checkpoint_of_the_final_checkpoint_matches_the_exported_model(fini
                                     scaler=torch.amp.GradScaler("cpu", enabled=False))
     exported = AutoModelForCausalLM.from_pretrained(finished_run.final_model)
     assert state.step == finished_run.steps and config["epochs"] == 1
-    for (name, a), b in zip(model.state_dict().items(), exported.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), exported.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

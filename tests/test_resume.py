@@ -132,7 +132,7 @@ def test_a_resumed_run_continues_its_database_row(exact_cfg, tiny_data, referenc
     run_id = int(runs.iloc[0]["id"])
     steps = db.steps(run_id)
     assert list(steps["step"]) == list(range(1, 61))
-    assert dict(zip(steps["step"], steps["loss"])) == pytest.approx(reference[0], rel=0, abs=0)
+    assert dict(zip(steps["step"], steps["loss"], strict=True)) == pytest.approx(reference[0], rel=0, abs=0)
     events = db.events(run_id)
     assert {"signal", "resume", EVENT_RESUME_CHECKPOINT, EVENT_CHECKPOINT_DELETED} <= set(events["kind"])
     ckpts = db.checkpoints(run_id)
@@ -276,7 +276,7 @@ def test_save_on_eval_checkpoints_every_evaluation(exact_cfg, tiny_data, tmp_pat
     train(cfg, rec, data=tiny_data, **QUIET)
     assert [s for _, _, s in rec.checkpoints] == [10, 20, 30, 40, 50, 60]
     best, kinds = float("inf"), []
-    for step, loss in rec.evals[:-1]:
+    for _, loss in rec.evals[:-1]:
         kinds.append("best" if loss < best else "periodic")
         best = min(best, loss)
     assert [k for _, k, _ in rec.checkpoints] == kinds + ["final"]

@@ -105,7 +105,7 @@ def step_losses(db_path: Path) -> dict:
     try:
         [run_id] = list(db.runs()["id"])
         steps = db.steps(int(run_id))
-        return dict(zip(steps["step"], steps["loss"]))
+        return dict(zip(steps["step"], steps["loss"], strict=True))
     finally:
         db.close()
 
@@ -121,7 +121,7 @@ def test_sigkill_at_random_moments_ten_times_loses_nothing(tmp_path, shared_cach
         expected = newest_complete(root)
         proc, log = start(tmp_path, f"round-{i}", shared_cache, "--out", "run", "--db", "exp.db", "--resume", "auto")
         try:
-            if not wait_until(lambda: started(log), proc):
+            if not wait_until(lambda log=log: started(log), proc):
                 break                                   # it finished before it could be killed
             text = log.read_text()
             if expected is None:

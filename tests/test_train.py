@@ -1,14 +1,13 @@
 """The training loop on a tiny model and a slice of the default corpus, on the CPU."""
 import math
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from trainer.checkpoint import MANIFEST_FILE, MODEL_FILE, verify_checkpoint
-from trainer.config import TrainConfig
-from trainer.errors import CheckpointError, DataError, StopTraining
+from trainer.errors import CheckpointError, DataError
 from trainer.loop import train
 from trainer_fixtures import ListRecorder
 
@@ -48,7 +47,7 @@ def test_gradient_accumulation_matches_the_large_batch(tiny_cfg, tiny_data, tmp_
     base = tiny_cfg.replace(epochs=1, max_steps=3)
     train(base.replace(micro_batch=8, grad_accum=1, out_dir=str(tmp_path / "big")), big, data=tiny_data)
     train(base.replace(micro_batch=4, grad_accum=2, out_dir=str(tmp_path / "acc")), acc, data=tiny_data)
-    for (_, m1), (_, m2) in zip(big.steps, acc.steps):
+    for (_, m1), (_, m2) in zip(big.steps, acc.steps, strict=True):
         assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-4)
 
 
@@ -88,6 +87,6 @@ def test_a_corrupt_checkpoint_is_refused(tiny_cfg, tiny_data):
     open(weights, "wb").write(bytes(blob))
     with pytest.raises(CheckpointError, match="sha256"):
         verify_checkpoint(result.final_checkpoint)
-    (tmp := __import__("pathlib").Path(result.final_checkpoint) / MANIFEST_FILE).unlink()
+    (Path(result.final_checkpoint) / MANIFEST_FILE).unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         train(tiny_cfg, data=tiny_data, resume=result.final_checkpoint)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import (KEY_CONFIG, MANIFEST_FILE, STATE_FILE, STEP_PREFIX, CheckpointInfo,
+from trainer.checkpoint import (KEY_CHECKPOINT, KEY_CONFIG, MANIFEST_FILE, STATE_FILE, STEP_PREFIX, CheckpointInfo,
                                 read_manifest, verify_checkpoint)
 from trainer.config import TrainConfig, flag
 from trainer.errors import CheckpointError, ConfigError
@@ -53,12 +53,8 @@ def plan_resume(cfg: TrainConfig) -> ResumePlan:
         _refuse_to_overwrite(cfg)
         return ResumePlan(None, None, "no --resume")
     if cfg.resume != "auto":
-        try:
-            manifest = verify_checkpoint(Path(cfg.resume))
-        except CheckpointError as exc:
-            raise CheckpointError(f"--resume {cfg.resume!r}: {exc}; pass a complete checkpoint directory, "
-                                  "or --resume auto to pick the newest valid one") from exc
-        return ResumePlan(Path(cfg.resume).resolve(), manifest["checkpoint"], "named by --resume")
+        manifest = _named_checkpoint(cfg, verify_checkpoint)
+        return ResumePlan(Path(cfg.resume).resolve(), manifest[KEY_CHECKPOINT], "named by --resume")
     return _newest_valid(cfg)
 
 
@@ -69,11 +65,15 @@ def precheck_resume(cfg: TrainConfig) -> None:
     elif cfg.resume == "auto":
         _check_own_fit(cfg, scan(checkpoints_root(cfg)))
     else:
-        try:
-            read_manifest(Path(cfg.resume))
-        except CheckpointError as exc:
-            raise CheckpointError(f"--resume {cfg.resume!r}: {exc}; pass a complete checkpoint directory, "
-                                  "or --resume auto to pick the newest valid one") from exc
+        _named_checkpoint(cfg, read_manifest)
+
+
+def _named_checkpoint(cfg: TrainConfig, check) -> dict[str, Any]:
+    try:
+        return check(Path(cfg.resume))
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume {cfg.resume!r}: {exc}; pass a complete checkpoint directory, "
+                              "or --resume auto to pick the newest valid one") from exc
 
 
 def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
@@ -112,7 +112,7 @@ def _search(cfg: TrainConfig) -> tuple[list[Stored], list[tuple[str, str]]]:
             if d.resolve().parent == own_root:
                 continue
             try:
-                info = read_manifest(d)["checkpoint"]
+                info = read_manifest(d)[KEY_CHECKPOINT]
                 mismatch = _architecture_mismatch(_saved_config(d), cfg)
             except CheckpointError as exc:
                 skipped.append((str(d), str(exc)))

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import (KEY_BYTES, KEY_FILES, MANIFEST_FILE, OLD_PREFIX, STEP_PREFIX, TMP_PREFIX,
-                                CheckpointInfo, SavedCheckpoint, publish, read_manifest, sha256_file, step_dir_name,
-                                write_json_atomic, write_text_atomic)
+from trainer.checkpoint import (KEY_BYTES, KEY_CHECKPOINT, KEY_FILES, MANIFEST_FILE, OLD_PREFIX, STEP_PREFIX,
+                                TMP_PREFIX, CheckpointInfo, SavedCheckpoint, publish, read_manifest, sha256_file,
+                                step_dir_name, write_json_atomic, write_text_atomic)
 from trainer.config import TrainConfig
 from trainer.errors import CheckpointError
 from trainer.recorder import EVENT_CHECKPOINT_DELETED, EVENT_CHECKPOINT_FAILED, Recorder
@@ -64,7 +64,7 @@ def scan(root: Path) -> list[Stored]:
         except CheckpointError:
             continue     # without a complete manifest, a checkpoint does not exist
         size = sum(f[KEY_BYTES] for f in manifest[KEY_FILES].values()) + (d / MANIFEST_FILE).stat().st_size
-        found.append(Stored(d, manifest["checkpoint"], size, sha256_file(d / MANIFEST_FILE)))
+        found.append(Stored(d, manifest[KEY_CHECKPOINT], size, sha256_file(d / MANIFEST_FILE)))
     return sorted(found, key=newest_first)
 
 
@@ -130,7 +130,7 @@ class CheckpointStore:
             self._unrecorded = [s for s in reversed(scan(self.root)) if not self._live_entries(str(s.path))]
             self._latest_complete = resumed_from
             if resumed_from.parent == self.root:
-                self._last = (read_manifest(resumed_from)["checkpoint"].step, 0, resumed_from)
+                self._last = (read_manifest(resumed_from)[KEY_CHECKPOINT].step, 0, resumed_from)
 
     def set_run_id(self, run_id: int | None) -> None:
         self._history[H_RUN_ID] = run_id
