@@ -95,6 +95,7 @@ class Saves:
 
     def trainer_background(self) -> float:
         """The stall the training thread sees; the write is then waited for, untimed for the stall."""
+        from trainer.checkpoint import publish
         from trainer.snapshot import capture
 
         path = self._fresh("background")
@@ -104,6 +105,7 @@ class Saves:
         self.durable.append(time.perf_counter() - start)
         if outcome.error:
             raise outcome.error
+        publish(outcome.prepared)      # the rename the trainer does once the run's rows are recorded
         self.sizes["background"] = dir_size(path)
         return stalled
 

@@ -83,6 +83,7 @@ class StepClock:
     """Timestamps at the end of optimizer steps, taken at the same point in every loop."""
 
     stamps: dict[int, float] = field(default_factory=dict)
+    costs: dict[str, float] = field(default_factory=dict)   # seconds of side work, by kind (bench.throughput)
 
     def stamp(self, step: int) -> None:
         self.stamps[step] = time.perf_counter()

@@ -110,6 +110,12 @@ class DBRecorder:
         self._finished, self._steps = True, None
         writer.close(self._finish_timeout_s)
 
+    @property
+    def writer_cpu_s(self) -> float:
+        """CPU seconds the background writer has spent on this run's rows so far: with the
+        time of the calls themselves, what recording costs a training process."""
+        return self._writer.cpu_s if self._writer is not None else 0.0
+
     # -- helpers -------------------------------------------------------------------------
     def _insert(self, info: RunInfo) -> int:
         # RunInfo's own study fields win: the trainer knows best which trial it runs.

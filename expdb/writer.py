@@ -55,6 +55,7 @@ class BufferedWriter:
         self._requested = self._written = 0     # flush requests asked / served
         self._deadline = float("inf")           # when close() gives up retrying
         self.last_error: ExpdbError | None = None
+        self.cpu_s = 0.0                        # CPU time the thread has spent writing (a cost gauge)
         self._thread = threading.Thread(target=self._loop, name=f"expdb-writer-run{run_id}", daemon=True)
         self._thread.start()
         atexit.register(self._close_at_exit)    # a daemon thread dies with the interpreter
@@ -120,7 +121,10 @@ class BufferedWriter:
             self._wake.clear()
             with self._done:
                 serving = self._requested
-            if self._write_pending():
+            started = time.thread_time()
+            written = self._write_pending()
+            self.cpu_s += time.thread_time() - started
+            if written:
                 delay = self._interval_s
                 with self._done:
                     self._written = max(self._written, serving)

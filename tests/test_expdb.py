@@ -101,6 +101,22 @@ def test_lifecycle_reads_back_what_was_logged(db: expdb.ExperimentDB):
     assert runs.loc[0, "duration_s"] >= 0 and runs.loc[0, "config"]["lr"] == 1e-3
 
 
+def test_writer_cpu_time_counts_the_writes_of_its_own_thread(sqlite_url: str):
+    with expdb.open(sqlite_url) as db:
+        rec = db.recorder(flush_interval_s=3600)
+        rec.start_run(make_info())
+        assert rec.writer_cpu_s == 0.0          # nothing written yet
+        opened = time.perf_counter()
+        for step in range(1, STEPS + 1):
+            rec.log_step(step, step_metrics(step))
+        rec.log_epoch(0, {"train_loss": 4.0, "step": STEPS})     # flushes
+        after_flush = rec.writer_cpu_s
+        elapsed = time.perf_counter() - opened
+        rec.finish("completed")
+    assert 0.0 < after_flush <= elapsed         # CPU of one thread, never more than the wall time
+    assert rec.writer_cpu_s >= after_flush
+
+
 def test_resume_continues_the_row_and_replaces_later_history(db: expdb.ExperimentDB):
     first = db.recorder()
     run_id = first.start_run(make_info("r"))

@@ -67,3 +67,35 @@ def test_a_second_streak_ends_the_run_as_diverged(fault_cfg, tiny_data, tmp_path
     result, db = run(cfg, tiny_data, tmp_path, "div", monkeypatch, nan="6,7,8,10,11,12")
     assert result.status == "failed" and result.reason.startswith("diverged: 3 non-finite steps in a row")
     assert db.run(result.run_id).status == "failed"
+
+
+def test_gradient_scaler_overflows_are_skipped_and_recorded(fault_cfg, tiny_data, tmp_path, monkeypatch):
+    # The fp16 path's bookkeeping on the CPU: a real GradScaler, and gradients that overflow in
+    # the first 3 optimizer steps (a backward hook on the embedding), as a fresh fp16 scale
+    # overflows half precision on a GPU. The loss itself stays finite.
+    import torch
+
+    import trainer.loop
+    from trainer.device import Placement
+
+    monkeypatch.setattr(Placement, "grad_scaler", lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
+    backward_calls = []
+
+    def build_overflowing_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        def overflow(grad):
+            backward_calls.append(1)
+            return grad * math.inf if len(backward_calls) <= 3 * fault_cfg.grad_accum else grad
+        model.transformer.wte.weight.register_hook(overflow)
+        return model
+
+    build_model = trainer.loop.build_model
+    monkeypatch.setattr(trainer.loop, "build_model", build_overflowing_model)
+    result, db = run(fault_cfg, tiny_data, tmp_path, "scaler", monkeypatch)
+    assert result.status == "completed" and result.steps == 12
+    events = db.events(result.run_id)
+    skips = events[events.kind == "scaler_skip"]
+    assert list(skips.step) == [1, 2, 3]
+    assert [(d["scale"], d["total"]) for d in skips.detail] == [(2.0 ** 15, 1), (2.0 ** 14, 2), (2.0 ** 13, 3)]
+    assert not (events.kind == "nonfinite").any()    # the scaler's own skips are no divergence streak
+    assert db.steps(result.run_id).loss.notna().all()

@@ -31,7 +31,7 @@ from trainer.faults import (clear_cache_if_due, is_nonfinite, pick_micro_batch, 
 from trainer.lifecycle import RunResult, run
 from trainer.memory import FaultInjector, is_out_of_memory, memory_report
 from trainer.model import build_model, build_optimizer, count_parameters
-from trainer.recorder import NullRecorder, Recorder
+from trainer.recorder import EVENT_SCALER_SKIP, NullRecorder, Recorder
 from trainer.resume import ResumePlan, plan_resume, resume_notes
 from trainer.schedule import lr_at
 from trainer.snapshot import restore
@@ -214,8 +214,10 @@ class Trainer:
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)   # with fp16, skipped by the scaler itself on overflow
         self.scaler.update()
-        if scale is not None and self.scaler.get_scale() < scale:
+        if scale is not None and self.scaler.get_scale() < scale:   # it found inf/NaN gradients
             self.state.scaler_skips += 1
+            self.recorder.log_event(EVENT_SCALER_SKIP, self.state.step + 1,
+                                    {"scale": self.scaler.get_scale(), "total": self.state.scaler_skips})
         self.state.nonfinite_streak = 0
 
     def _advance(self, n_samples: int, loss: float, seconds: float) -> None:

@@ -17,6 +17,7 @@ EVENT_SIGNAL = "signal"                            # {"signal", "checkpoint"}
 EVENT_TIME_BUDGET = "time_budget"                  # {"limit_s", "remaining_s", "needed_s", "checkpoint"}
 EVENT_OOM = "oom"                                  # {"old_micro_batch", "new_micro_batch", ...}: recovered
 EVENT_NONFINITE = "nonfinite"                      # {"loss", "grad_norm", "streak"} or {"action": "reload"}
+EVENT_SCALER_SKIP = "scaler_skip"                  # {"scale", "total"}: fp16 overflow, skipped by the scaler
 
 
 @dataclass(frozen=True)
