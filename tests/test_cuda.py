@@ -54,15 +54,16 @@ def tokens_per_step(db, run_id):
     return set(db.steps(run_id).tokens_seen.diff().dropna())
 
 
-def test_fp16_trains_with_its_gradient_scaler(gpu_cfg, full_tiny_data, tmp_path):
-    result, db = run(gpu_cfg.replace(precision="fp16", max_steps=40), full_tiny_data, tmp_path, "fp16")
-    assert result.status == "completed" and result.steps == 40
+def test_fp16_trains_with_its_gradient_scaler(tiny_cfg, tiny_data, tmp_path):
+    # 2 epochs of 30 steps, as the CPU tests train, in fp16 autocast with loss scaling
+    result, db = run(tiny_cfg.replace(device="cuda", precision="fp16"), tiny_data, tmp_path, "fp16")
+    assert result.status == "completed" and result.steps == 60
     assert db.run(result.run_id).precision == "fp16"
     loss = db.steps(result.run_id).loss
     assert loss.notna().all() and loss.iloc[-5:].mean() < loss.iloc[:5].mean()
     events = db.events(result.run_id)
     assert not (events.kind == "nonfinite").any()
-    # each overflow the scaler skipped is an event; in 40 steps its scale can only have halved
+    # each overflow the scaler skipped is an event; in 60 steps its scale can only have halved
     scales = [d["scale"] for d in events[events.kind == "scaler_skip"].detail]
     assert scales == [2.0 ** 16 / 2 ** (k + 1) for k in range(len(scales))]
     epoch = db.epochs(result.run_id).iloc[-1]
@@ -101,8 +102,8 @@ def test_micro_batch_one_that_does_not_fit_ends_the_run_with_its_reason(gpu_cfg,
     cfg = gpu_cfg.replace(precision="fp32", block_size=1024, n_embd=64, n_head=16, n_layer=2,
                           micro_batch=1, grad_accum=2)
     one = peak_bytes(cfg, full_tiny_data, tmp_path, "p1")
-    _, probe = run(cfg.replace(max_steps=1), full_tiny_data, tmp_path, "n")
-    static = 16 * probe.runs().n_params.iloc[0]      # fp32 weights, gradients and AdamW's two moments
+    n_params = expdb.open(tmp_path / "p1.db").runs()["n_params"].to_numpy().ravel()[0]
+    static = 16 * int(n_params)         # fp32 weights, gradients and AdamW's two moments
     assert one > 3 * static, "activations must dominate for this test to mean anything"
     capped_gpu(int(static + (one - static) / 3))
     result, db = run(cfg, full_tiny_data, tmp_path, "mb1")
