@@ -29,12 +29,12 @@ def live_dashboard(db: Any, run_id: int, every: float = 10, max_updates: int | N
     ``db``: an open expdb database, or its path or URL. Returns the last records shown
     (None if interrupted before the first).
     """
+    if every <= 0:
+        raise ValueError(f"every={every}: use a positive number of seconds, e.g. every=10")
     try:
         from IPython.display import Image, display
     except ImportError as e:
         raise ImportError(NO_IPYTHON) from e
-    if every <= 0:
-        raise ValueError(f"every={every}: use a positive number of seconds, e.g. every=10")
     db = _open(db)
     handle, data, shown = None, None, 0
     try:
