@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import TrainConfig
-from trainer.model import build_model
+from trainer.model import build_model, build_optimizer
 
 FOREACH = "AdamW step, foreach (trainer, plain loop)"
 FUSED = "AdamW step, fused (HF Trainer's default)"
@@ -27,12 +27,11 @@ WRITE = "checkpoint: trainer background save, until written and fsynced"
 TORCH_SAVE = "checkpoint: torch.save (plain loop)"
 
 
-def adamw(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+def fused_copy(optimizer: torch.optim.AdamW) -> torch.optim.AdamW:
+    """The same parameter groups and settings in the fused implementation (its own state)."""
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    defaults = optimizer.defaults
+    return torch.optim.AdamW(groups, lr=defaults["lr"], betas=defaults["betas"], fused=True)
 
 
 def measure(cfg: TrainConfig, vocab_size: int, iterations: int) -> dict[str, list[float]]:
@@ -40,7 +39,8 @@ def measure(cfg: TrainConfig, vocab_size: int, iterations: int) -> dict[str, lis
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, vocab_size, 0)
     x = torch.randint(vocab_size, (cfg.micro_batch, cfg.block_size + 1))
-    foreach, fused = adamw(model, cfg, False), adamw(model, cfg, True)
+    foreach = build_optimizer(model, cfg)      # the trainer's own: foreach on a CPU
+    fused = fused_copy(foreach)
 
     def forward_backward() -> None:
         logits = model(input_ids=x[:, :-1]).logits

@@ -251,7 +251,8 @@ def report(rounds: Rounds, pieces: dict[str, list[float]], data: PreparedData, r
         ratio(f"{PLAIN_BF16} / {PLAIN}", r[PLAIN_BF16], r[PLAIN]),
         ratio(f"{auto} / {PLAIN_BF16}", r[auto], r[PLAIN_BF16]),
     ]
-    logging_share = next(x for x in rounds.logging_rows(OURS) if "share of a plain step" in x["name"])
+    recording = rounds.logging_rows(OURS)
+    logging_share = next(x for x in recording if "share of a plain step" in x["name"])
     targets = [target(ratios[0]["name"], ratios[0]["median"], TARGET_VS_PLAIN),
                target(ratios[2]["name"], ratios[2]["median"], 1.0),
                target("per-step logging, share of a plain step", logging_share["median"], 1.0, at_least=False,
@@ -276,6 +277,6 @@ def report(rounds: Rounds, pieces: dict[str, list[float]], data: PreparedData, r
                 "of step `warmup + steps`, evaluations and checkpoints included, set-up and the final "
                 "save excluded. Ratios: median over rounds of the per-round ratio"),
         rows=[row(name, values, "tokens/s") for name, values in r.items()] + rounds.step_rows()
-        + rounds.logging_rows(OURS)
+        + recording
         + [row(f"step piece: {name}", values, "ms", higher_is_better=False) for name, values in pieces.items()],
         ratios=ratios, targets=targets, notes=notes, repeats=repeats, smoke=smoke)

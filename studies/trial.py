@@ -61,7 +61,7 @@ class TrialRecorder:
         self.inner.finish(status, reason)
 
     def __getattr__(self, name: str) -> Any:
-        # log_step, log_epoch, log_checkpoint, log_event, finish go straight through.
+        # log_step, log_epoch, log_checkpoint and log_event go straight through.
         return getattr(self.inner, name)
 
 

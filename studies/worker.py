@@ -145,8 +145,8 @@ def _out_of_time(ctx: StudyContext) -> str | None:
 
 def typical_trial_seconds(study: optuna.Study) -> float | None:
     """Median duration of the study's completed trials, the estimate for the next one."""
-    durations = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False, states=FINISHED)
-                 if t.duration is not None and t.state == optuna.trial.TrialState.COMPLETE]
+    durations = [t.duration.total_seconds() for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.duration is not None]
     return statistics.median(durations) if durations else None
 
 

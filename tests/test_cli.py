@@ -39,6 +39,16 @@ def test_bad_flags_fail_clearly_and_write_nothing(module, flags, expected, tmp_p
     assert sorted(os.listdir(tmp_path)) == sorted(p for p in os.listdir(tmp_path) if p.endswith(".yaml"))
 
 
+def test_bad_fault_injection_setting_fails_clearly_and_writes_nothing(tmp_path, data_cache):
+    env = {**os.environ, "PYTHONPATH": ROOT, "TRAINER_INJECT_OOM": "3;7"}
+    result = subprocess.run([sys.executable, "-m", "trainer", "--preset", "quick", "--subset", "0.01",
+                             "--cache-dir", str(data_cache)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "TRAINER_INJECT_OOM='3;7': expected optimizer step numbers like 3,7" in result.stderr
+    assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []
+
+
 def _write_config(tmp_path, flags):
     """The study takes hyperparameters from --config: turn `--flag value` into a YAML file."""
     if flags[0] == "--epochs":

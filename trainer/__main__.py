@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         fail(PROG, exc)
     from trainer.data import prepare_data
     from trainer.loop import train
+    from trainer.memory import FaultInjector
     from trainer.resume import precheck_resume
     try:
+        FaultInjector.from_env()  # a bad TRAINER_INJECT_* answers before anything is written
         precheck_resume(cfg)      # a bad --resume or --out answers before the data is prepared
         data = prepare_data(cfg)  # before the database is touched: bad data writes nothing
         recorder = None if args.no_db else _open_recorder(args.db)

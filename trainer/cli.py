@@ -64,13 +64,14 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     """Build and check the run's config from --preset, --config and the flags."""
-    values = preset_values(args.preset)
+    preset = preset_values(args.preset)
+    values = dict(preset)
     if args.config:
         values.update(load_config_file(args.config))
     values.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")})
     values.update(overrides)
     if values.get("micro_batch") == "auto":  # keep the preset's micro_batch x grad_accum as the batch
-        values["micro_batch"] = preset_values(args.preset).get("micro_batch", TrainConfig.micro_batch)
+        values["micro_batch"] = preset.get("micro_batch", TrainConfig.micro_batch)
         values["auto_micro_batch"] = True
     return TrainConfig.from_dict(values).check()
 

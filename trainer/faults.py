@@ -15,7 +15,9 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from trainer.checkpoint import read_checkpoint
 from trainer.errors import StopTraining
@@ -103,9 +105,6 @@ def reload_before_streak(t: "Trainer") -> None:
 
 def pick_micro_batch(t: "Trainer") -> None:
     """--micro-batch auto: the largest micro-batch that fits, at the same effective batch."""
-    import numpy as np
-    import torch.nn.functional as F
-
     def try_batch(n: int) -> None:
         batch = t.train_blocks.get(np.arange(n) % len(t.train_blocks)).to(t.device)
         with t.placement.autocast():

@@ -4,8 +4,9 @@ faults so that the recovery paths can be tested on a machine without a GPU.
 Fault injection (documented in README, "Surviving memory faults"): environment variables
 name the optimizer steps (1-based, comma-separated) at which to fail, once each:
 
-    TRAINER_INJECT_OOM=3,7      the forward pass of the first micro-batch raises
-                                torch.cuda.OutOfMemoryError (the real type, on any device)
+    TRAINER_INJECT_OOM=3,7      the forward pass of the last micro-batch raises
+                                torch.cuda.OutOfMemoryError (the real type, on any device),
+                                after the earlier micro-batches have left their gradients
     TRAINER_INJECT_NAN=5,6,7    the step's loss is made NaN before backward
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 import psutil
 import torch
+
+from trainer.errors import ConfigError
 
 INJECT_OOM_ENV = "TRAINER_INJECT_OOM"
 INJECT_NAN_ENV = "TRAINER_INJECT_NAN"
@@ -68,7 +71,7 @@ def _steps(text: str, name: str) -> set[int]:
     try:
         return {int(s) for s in text.replace(" ", "").split(",") if s}
     except ValueError:
-        raise ValueError(f"{name}={text!r}: expected optimizer step numbers like 3,7") from None
+        raise ConfigError([f"{name}={text!r}: expected optimizer step numbers like 3,7"]) from None
 
 
 def memory_report(device: torch.device) -> str:
