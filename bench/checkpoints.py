@@ -1,12 +1,12 @@
 """Checkpoints and exports on the kaggle-t4 model shape, with AdamW state populated.
 
 Stall: how long the training thread is blocked by one save. The trainer saves in the
-background (``trainer.saver.BackgroundWriter``: the training thread only copies the state into
+background (``trainer.checkpoints.writer.BackgroundWriter``: the training thread only copies the state into
 reused host buffers; a thread writes the atomic directory of safetensors + JSON + sha256
 manifest, every file fsynced). Against it: nanoGPT's ``torch.save({"model", "optimizer"})``
 into the page cache, the same followed by an fsync (the durability the trainer's files get),
 and the trainer's own synchronous ``save_checkpoint``. Export: the trainer's JSON export of
-the weights (``trainer.portable.export_json``, base64 of the raw bytes) and its Hugging Face
+the weights (``trainer.checkpoints.export_json``, base64 of the raw bytes) and its Hugging Face
 export against the lists-of-floats JSON ``json.dump({k: t.tolist()})``.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Saves:
     """The contenders, each writing into a fresh path under ``work`` and removing the last one."""
 
     def __init__(self, work: Path, cfg: TrainConfig, model, optimizer):
-        from trainer.saver import BackgroundWriter
+        from trainer.checkpoints.writer import BackgroundWriter
 
         self.work, self.cfg, self.model, self.optimizer = work, cfg, model, optimizer
         self.writer = BackgroundWriter()
@@ -95,8 +95,8 @@ class Saves:
 
     def trainer_background(self) -> float:
         """The stall the training thread sees; the write is then waited for, untimed for the stall."""
-        from trainer.checkpoint import publish
-        from trainer.snapshot import capture
+        from trainer.checkpoints.capture import capture
+        from trainer.checkpoints.format import publish
 
         path = self._fresh("background")
         start = time.perf_counter()
@@ -105,12 +105,12 @@ class Saves:
         self.durable.append(time.perf_counter() - start)
         if outcome.error:
             raise outcome.error
-        publish(outcome.prepared)      # the rename the trainer does once the run's rows are recorded
+        publish(outcome)      # the rename the trainer does once the run's rows are recorded
         self.sizes["background"] = dir_size(path)
         return stalled
 
     def trainer_sync(self) -> float:
-        from trainer.snapshot import save_checkpoint
+        from trainer.checkpoints import save_checkpoint
         return self._timed("trainer_sync", lambda p: save_checkpoint(p, **self._capture_args()))
 
     def torch_save(self, fsync: bool) -> float:
@@ -127,13 +127,13 @@ class Saves:
         return self._timed("hf_export", lambda p: export_hf(self.model, tokenizer, self.cfg, p))
 
     def trainer_json(self, checkpoint: Path, weights_only: bool) -> float:
-        from trainer.portable import export_json
+        from trainer.checkpoints import export_json
         name = "json_weights" if weights_only else "json_full"
         return self._timed(name, lambda p: export_json(checkpoint, p, weights_only=weights_only))
 
     def lists_of_floats(self) -> float:
         """Every weight once (GPT-2's lm_head is its wte, as in the trainer's exports)."""
-        from trainer.snapshot import unique_state_dict
+        from trainer.checkpoints.capture import unique_state_dict
 
         def save(path: Path) -> None:
             with open(path, "w") as f:
@@ -142,7 +142,7 @@ class Saves:
 
 
 def has_json_export() -> bool:
-    return importlib.util.find_spec("trainer.portable") is not None
+    return importlib.util.find_spec("trainer.checkpoints.portable") is not None
 
 
 def tiny_tokenizer():
@@ -215,7 +215,7 @@ def report(sizes: Sizes, n_params: int, stalls: dict, durable: list[float], expo
                          [sizes_mb["json_weights"]])]
     notes = ["reference for the lists-of-floats JSON of the kaggle-t4 weights: 18.6 s and 433 MB"]
     if "trainer export_json, weights" not in exports:
-        notes.append("the trainer has no JSON export (trainer.portable) in this checkout: not measured")
+        notes.append("the trainer has no JSON export (trainer.checkpoints.portable) in this checkout: not measured")
     return part(
         "Checkpoints and exports", settings={**asdict(sizes), "n_params": n_params},
         method=("wall time of the save call on the training thread (the stall); fresh path each time, the "

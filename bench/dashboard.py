@@ -1,19 +1,21 @@
 """Dashboards: render time of a long run's dashboard against plotting every raw point.
 
+    python -m bench dashboards                  # part of the benchmark suite (docs/benchmarks.md)
+
 A synthetic run of 100,000 and of 1,000,000 steps is written once through expdb's recorder
-(per-step metrics, an evaluation every 1,000 steps, four epochs). Then, alternating:
+(``bench.synthetic``: per-step metrics, an evaluation every 1,000 steps, four epochs). Then,
+alternating:
 - ours: ``dashboards.fetch_run_data`` (read through expdb + build the records, which thin each
   step series to a bounded number of points) and ``dashboards.render_run_dashboard`` (the
-  six-panel PNG), timed apart and together;
+  six-panel PNG), timed apart and together; and the same records rendered as the HTML page;
 - naive: every step row read with ``db.steps`` and every point drawn with matplotlib
   (loss, perplexity, learning rate, gradient norm), saved as a PNG of the same size and dpi.
-HTML: the size of our plotly page (when the dashboards have one) against a plotly figure of
-every raw point with plotly.js inline, as ``fig.write_html`` writes it by default.
+HTML: the size of our plotly page against a plotly figure of every raw point with plotly.js
+inline, as ``fig.write_html`` writes it by default.
 """
 from __future__ import annotations
 
 import io
-import math
 import shutil
 import tempfile
 import time
@@ -24,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bench.common import alternate, part, ratio, row, timed
+from bench.synthetic import write_synthetic_run
 
 PANELS = ("loss", "perplexity", "lr", "grad_norm")
 
@@ -41,29 +44,8 @@ SMOKE = Sizes(runs=(2_000,), eval_every=100)
 
 def write_run(db: Any, n_steps: int, sizes: Sizes) -> int:
     """A training-like run through the public recorder API; returns its id."""
-    from trainer.recorder import RunInfo
-
-    rng = np.random.default_rng(0)
-    t = np.arange(1, n_steps + 1) / n_steps
-    loss = 2.5 + 6.0 * np.exp(-8 * t) + rng.normal(0, 0.08, n_steps)
-    grad = 0.4 + 0.6 * np.exp(-5 * t) + np.abs(rng.normal(0, 0.05, n_steps))
-    lr = 5e-5 + 4.5e-4 * 0.5 * (1 + np.cos(math.pi * t))
-    per_epoch = n_steps // sizes.epochs
-    rec = db.recorder(batch_rows=20_000, flush_interval_s=5.0)
-    rec.start_run(RunInfo(name=f"synthetic-{n_steps}", config={"grad_clip": 1.0, "lr": 5e-4}, dataset={},
-                          tokenizer={}, n_params=19_000_000, device="cpu", precision="fp32", host="bench"))
-    for i in range(n_steps):
-        step = i + 1
-        rec.log_step(step, {"loss": float(loss[i]), "lr": float(lr[i]), "grad_norm": float(grad[i]),
-                            "tokens_per_s": 8000.0, "epoch": i // per_epoch, "tokens_seen": step * 2048})
-        if step % sizes.eval_every == 0:
-            val = float(loss[i]) + 0.1
-            rec.log_eval(step, i // per_epoch, {"val_loss": val, "val_ppl": math.exp(val)})
-        if step % per_epoch == 0:
-            rec.log_epoch(step // per_epoch - 1, {"train_loss": float(loss[i]), "val_loss": float(loss[i]) + 0.1,
-                                                  "step": step, "epoch_seconds": 100.0, "mem_process_mb": 900.0})
-    rec.finish("completed")
-    return rec.run_id
+    return write_synthetic_run(db, n_steps, name=f"synthetic-{n_steps}", eval_every=sizes.eval_every,
+                               steps_per_epoch=n_steps // sizes.epochs, gpu=False)
 
 
 # -- ours -------------------------------------------------------------------------------
@@ -79,12 +61,15 @@ def ours_render(data) -> bytes:
     return buf.getvalue()
 
 
-def ours_html_bytes(db: Any, run_id: int, work: Path) -> tuple[int, int] | None:
-    """Sizes of our run page: alone (plotly.js in a file beside it) and with plotly.js inline.
-    None where the dashboards have no HTML page."""
+def ours_html(db: Any, run_id: int, work: Path) -> None:
+    """Read, build and write our run page (plotly.js in a file beside it)."""
     import dashboards
-    if not hasattr(dashboards, "render_run"):
-        return None
+    dashboards.render_run(ours_read(db, run_id), work / "ours.html", plotlyjs="directory")
+
+
+def ours_html_bytes(db: Any, run_id: int, work: Path) -> tuple[int, int]:
+    """Sizes of our run page: alone (plotly.js in a file beside it) and with plotly.js inline."""
+    import dashboards
     data = ours_read(db, run_id)
     dashboards.render_run(data, work / "ours.html", plotlyjs="directory")
     dashboards.render_run(data, work / "inline" / "ours.html", plotlyjs="inline")
@@ -96,9 +81,12 @@ def naive_png(db: Any, run_id: int) -> bytes:
     """Every step row, every point, one panel per metric; the dashboard's figure size and dpi."""
     from matplotlib.figure import Figure
 
+    from dashboards.run_png import FIGSIZE
+    from dashboards.style import DPI
+
     steps = db.steps(run_id)
     evals = db.evals(run_id)
-    fig = Figure(figsize=(18, 10), layout="constrained")
+    fig = Figure(figsize=FIGSIZE, layout="constrained")
     axes = fig.subplots(2, 2).flat
     x = steps["step"].to_numpy()
     series = {"loss": steps["loss"], "perplexity": np.exp(steps["loss"]), "lr": steps["lr"],
@@ -109,7 +97,7 @@ def naive_png(db: Any, run_id: int) -> bytes:
             ax.plot(evals["step"], evals["val_loss"], marker="o", ms=3)
         ax.set_title(name)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150)
+    fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
 
 
@@ -151,24 +139,26 @@ def run(repeats: int, smoke: bool, log: Callable[[str], None] = print) -> dict[s
                 return time.perf_counter() - t0
 
             ours_render(ours_read(db, run_id))           # fonts and imports, not timed
-            times = alternate({"ours": ours, "naive": lambda: timed(lambda: naive_png(db, run_id))}, repeats, log)
+            ours_html(db, run_id, work)                  # plotly and plotly.min.js, not timed
+            times = alternate({"ours": ours, "naive": lambda: timed(lambda: naive_png(db, run_id)),
+                               "ours_html": lambda: timed(lambda: ours_html(db, run_id, work))}, repeats, log)
             label = f"{n:,} steps"
             render_s = [total - read for total, read in zip(times["ours"], read_s)]
             rows += [row(f"{label}: ours, read + build + render PNG", times["ours"], "s", higher_is_better=False),
                      row(f"{label}: ours, read + build", read_s, "s", higher_is_better=False),
                      row(f"{label}: ours, render PNG", render_s, "s", higher_is_better=False),
+                     row(f"{label}: ours, read + build + render HTML", times["ours_html"], "s",
+                         higher_is_better=False),
                      row(f"{label}: naive matplotlib, every point", times["naive"], "s", higher_is_better=False)]
             ratios.append(ratio(f"{label}: naive / ours (PNG, end to end)", times["naive"], times["ours"]))
-            ours_html = ours_html_bytes(db, run_id, work)
+            page, inline = ours_html_bytes(db, run_id, work)
             naive_html = naive_html_bytes(db, run_id)
-            if ours_html is not None:
-                page, inline = ours_html
-                rows += [row(f"{label}: ours, HTML page (plotly.js in a file beside it)", [page / 1e6], "MB",
-                             higher_is_better=False),
-                         row(f"{label}: ours, HTML page, plotly.js inline", [inline / 1e6], "MB",
-                             higher_is_better=False)]
-                ratios.append(ratio(f"{label}: naive / ours (HTML size, plotly.js inline in both)",
-                                    [naive_html], [inline]))
+            rows += [row(f"{label}: ours, HTML page (plotly.js in a file beside it)", [page / 1e6], "MB",
+                         higher_is_better=False),
+                     row(f"{label}: ours, HTML page, plotly.js inline", [inline / 1e6], "MB",
+                         higher_is_better=False)]
+            ratios.append(ratio(f"{label}: naive / ours (HTML size, plotly.js inline in both)",
+                                [naive_html], [inline]))
             rows.append(row(f"{label}: naive plotly HTML, every point, plotly.js inline", [naive_html / 1e6],
                             "MB", higher_is_better=False))
         db.close()

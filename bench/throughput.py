@@ -104,9 +104,9 @@ class ClockRecorder:
 
 def run_ours(cfg: TrainConfig, data: PreparedData, precision: str, out_dir: Path, clock: StepClock,
              database: bool = True) -> None:
-    """``trainer.loop.train`` as users run it: per-step records into a real expdb database."""
+    """``trainer.run.train`` as users run it: per-step records into a real expdb database."""
     import expdb
-    from trainer.loop import train
+    from trainer.run import train
 
     db = expdb.open(out_dir / "experiments.db") if database else None
     try:

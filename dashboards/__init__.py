@@ -1,10 +1,13 @@
 """Training dashboards drawn from the experiment database (expdb) alone.
 
-Each picture is built first as plain records (NamedTuples) from expdb reads, then rendered:
-``data`` + ``training`` (PNG) / ``run_html`` (HTML) for one run's six panels,
-``compare_data`` + ``compare`` / ``compare_html`` for runs and studies side by side,
-``report`` for a study's Optuna report, ``tables`` for CSV/JSON, ``live`` and ``notebook``
-for re-rendering while a run trains. ``python -m dashboards`` is the CLI.
+Each picture is built first as plain records (NamedTuples) from expdb reads, then rendered;
+files are named by picture and output, and renderers import the records, never the reverse:
+``run_data`` (records in ``run_records``, title and markers in ``run_meta``) -> ``run_png`` /
+``run_html`` for one run's six panels; ``compare_data`` -> ``compare_png`` / ``compare_html``
+for runs and studies side by side; ``report_data`` -> ``report_html`` for a study's Optuna
+report; ``tables`` for CSV/JSON; ``style`` holds the colours and sizes every renderer shares;
+``live`` and ``notebook`` re-render while a run trains. This module is the front door (the
+functions below pick the renderer by the output's suffix); ``python -m dashboards`` is the CLI.
 
 plotly and optuna are imported only by the functions that need them.
 """
@@ -12,14 +15,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
-from dashboards.compare import render_comparison
 from dashboards.compare_data import ComparisonData, build_comparison, fetch_comparison
-from dashboards.data import build_run_data, fetch_run_data
-from dashboards.records import RunDashboardData
+from dashboards.compare_png import render_comparison_png
+from dashboards.run_data import build_run_data, fetch_run_data
+from dashboards.run_png import build_figure, render_run_dashboard
+from dashboards.run_records import RunDashboardData
 from dashboards.series import reduce_minmax
-from dashboards.training import build_figure, render_run_dashboard
 
 __all__ = ["ComparisonData", "RunDashboardData", "build_comparison", "build_figure",
            "build_run_data", "fetch_comparison", "fetch_run_data", "reduce_minmax",
@@ -44,6 +47,20 @@ def render_run(data: RunDashboardData, out: str | os.PathLike, plotlyjs: str = "
     else:
         render_run_dashboard(data, out)
     return out
+
+
+def render_comparison(data: ComparisonData, out: str | os.PathLike | IO[bytes],
+                      fmt: str | None = None, plotlyjs: str = "directory") -> None:
+    """Write PNG or HTML (``fmt``, else the suffix of ``out``; file objects default to PNG)."""
+    fmt = fmt or (Path(out).suffix.lstrip(".").lower() if isinstance(out, (str, os.PathLike)) else "png")
+    if fmt == "html":
+        from dashboards.compare_html import render_comparison_html
+
+        render_comparison_html(data, out, plotlyjs)
+    elif fmt == "png":
+        render_comparison_png(data, out)
+    else:
+        raise ValueError(f"format {fmt!r}: use png or html")
 
 
 def write_run_dashboard(db: Any, run_id: int, out_path: str | os.PathLike,
@@ -71,9 +88,16 @@ def write_study_report(db_url: str | os.PathLike, study_name: str, out: str | os
     ``db_url``: the experiment database (path or URL); ``storage``: the Optuna storage URL,
     by default the same database. Raises ``dashboards.errors.ReportError`` for an unknown study.
     """
-    from dashboards.report import write_report
+    from dashboards.report_data import fetch_report
+    from dashboards.report_html import render_report
+    from dashboards.source import open_existing
 
-    return write_report(db_url, study_name, out, storage, plotlyjs)
+    with open_existing(db_url, "db_url") as db:
+        data, study = fetch_report(db, study_name, storage or db.url)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render_report(data, study, out, plotlyjs)
+    return out
 
 
 def write_table(db: Any, out: str | os.PathLike, run_id: int | None = None,

@@ -103,6 +103,8 @@ def _check_path(kind: str, value: str) -> list[str]:
     if not path.parent.is_dir():
         return [f"{flag} {value}: directory {path.parent} does not exist; create it first or "
                 "write elsewhere"]
+    if path.is_dir():
+        return [f"{flag} {value}: is a directory; pass a file name such as {path / ('dashboard' + allowed[0])}"]
     return []
 
 
@@ -124,20 +126,27 @@ def _check_watch(args: argparse.Namespace, mode: str, given: dict[str, str]) -> 
 
 
 def open_db(url: str) -> Any:
+    """The database, checked first by reading only: opening an empty file or another program's
+    database would create expdb's tables in it."""
+    import expdb
     from dashboards.source import open_existing
 
+    if "://" in url or Path(url).is_file():
+        try:
+            expdb.check_database(url, create=False, write=False)
+        except expdb.ExpdbError as e:
+            raise UsageError(f"--db {url}: {e}") from e
     return open_existing(url, "--db")
 
 
 def prepare(db: Any, args: argparse.Namespace, outputs: dict[str, Path]
             ) -> list[tuple[Path, Callable[[], object]]]:
     """Read and check everything; return the writes still to do, in order."""
-    from dashboards import render_run
-    from dashboards.compare import render_comparison
+    from dashboards import render_comparison, render_run
     from dashboards.compare_data import fetch_comparison
-    from dashboards.data import fetch_run_data
+    from dashboards.run_data import fetch_run_data
     from dashboards.tables import fetch_table, to_csv, to_json
-    from dashboards.output import write_atomic
+    from trainer.files import atomic_write_bytes as write_atomic
 
     ids = known_runs(db, args)
     if args.study is not None and set(outputs) - {"report"}:
@@ -161,7 +170,7 @@ def prepare(db: Any, args: argparse.Namespace, outputs: dict[str, Path]
 
 
 def report_writer(db: Any, args: argparse.Namespace, out: Path) -> tuple[Path, Callable[[], object]]:
-    from dashboards.report import fetch_report
+    from dashboards.report_data import fetch_report
     from dashboards.report_html import render_report
 
     data, study = fetch_report(db, args.study, args.storage or db.url)

@@ -13,11 +13,12 @@ import json
 import math
 from typing import Any, NamedTuple, Sequence
 
-import numpy as np
 import pandas as pd
 
-from dashboards.data import validation_points
+from dashboards.run_data import validation_points
 from dashboards.series import MAX_POINTS, reduce_minmax
+from trainer.files import finite_or_none
+from trainer.metrics import perplexity
 
 OBJECTIVE = "best validation loss (nats)"
 MAX_BACKGROUND = 50            # grey curves behind the top k; more would be a smear
@@ -25,6 +26,7 @@ MAX_BACKGROUND = 50            # grey curves behind the top k; more would be a s
 BOOKKEEPING = frozenset({"out_dir", "run_name", "cache_dir", "progress", "device", "resume",
                          "resume_from", "deadline", "time_budget", "save_every", "log_every"})
 NO_VALIDATION = "no validation yet"
+NO_PARAMS = "no hyperparameter differs between these runs"
 
 
 class Curve(NamedTuple):
@@ -60,6 +62,11 @@ class ComparisonData(NamedTuple):
     trials: tuple[TrialBest, ...]       # every run, in trial (or id) order
     params: tuple[ParamPoints, ...]     # each differing hyperparameter against the objective
     notes: tuple[str, ...]
+
+
+def shown_notes(data: ComparisonData) -> tuple[str, ...]:
+    """The notes under the picture: the data's own, and a word when no parameter differs."""
+    return data.notes + (() if data.params or not data.trials else (NO_PARAMS,))
 
 
 def fetch_comparison(db: Any, run_ids: Sequence[int] | None = None, study: str | None = None,
@@ -119,7 +126,7 @@ def build_curve(row: pd.Series, evals: pd.DataFrame | None, epochs: pd.DataFrame
                 one_study: bool = False, max_points: int = MAX_POINTS) -> Curve:
     x, y, _ = validation_points(evals, epochs)
     x, y = reduce_minmax(x, y, max_points)
-    best = _finite(row.get("best_val_loss"))
+    best = finite_or_none(row.get("best_val_loss"))
     if best is None and y.size:
         best = float(y.min())
     state = str(row["status"])
@@ -131,9 +138,9 @@ def trial_bests(runs: pd.DataFrame, one_study: bool) -> tuple[TrialBest, ...]:
     order = runs.sort_values(["trial_number", "id"] if one_study else ["id"], kind="stable")
     out = []
     for _, r in order.iterrows():
-        best = _finite(r.get("best_val_loss"))
+        best = finite_or_none(r.get("best_val_loss"))
         out.append(TrialBest(int(r["id"]), run_label(r, one_study, short=True), str(r["status"]),
-                             None if best is None else _exp(best)))
+                             None if best is None else perplexity(best)))
     return tuple(out)
 
 
@@ -172,14 +179,3 @@ def _param(name: str, values: list[Any], scored: pd.DataFrame) -> ParamPoints:
 def _scalar(value: Any) -> Any:
     return json.dumps(value, default=str) if isinstance(value, (list, dict)) else value
 
-
-def _finite(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _exp(value: float) -> float:
-    return float(np.exp(value)) if value < 700 else math.inf

@@ -11,9 +11,9 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from dashboards.compare import NO_PARAMS, PARAM_COLS, STATES, state_style
-from dashboards.compare_data import OBJECTIVE, ComparisonData, ParamPoints
+from dashboards.compare_data import OBJECTIVE, ComparisonData, ParamPoints, shown_notes
 from dashboards.output import html_page, write_html
+from dashboards.style import NOTE_COLOR, PARAM_COLS, STATES, state_style
 
 DASHES = {"completed": "solid", "pruned": "dash"}
 
@@ -36,13 +36,13 @@ def comparison_plotly(data: ComparisonData) -> go.Figure:
     add_bests(fig, data)
     for i, p in enumerate(data.params):
         add_param(fig, p, 2 + i // PARAM_COLS, 1 + i % PARAM_COLS)
-    notes = data.notes + (() if data.params or not data.trials else (NO_PARAMS,))
+    notes = shown_notes(data)
     fig.update_layout(title=dict(text=data.title, x=0.5), template="plotly_white",
                       height=520 + 300 * rows, legend=dict(font=dict(size=10)),
                       margin=dict(b=60 + 18 * len(notes)))
     for i, note in enumerate(notes):
         fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=0, yshift=-40 - 18 * i,
-                           showarrow=False, xanchor="left", font=dict(color="gray"))
+                           showarrow=False, xanchor="left", font=dict(color=NOTE_COLOR))
     return fig
 
 
@@ -81,7 +81,7 @@ def add_bests(fig: go.Figure, data: ComparisonData) -> None:
             {t.state for t in data.trials} - set(STATES)):
         ts = [t for t in data.trials if t.state == state]
         fig.add_trace(go.Bar(x=[t.label for t in ts], y=[t.best_ppl for t in ts], name=state,
-                             legendgroup=f"state-{state}", marker_color=state_style(state)["color"],
+                             legendgroup=f"state-{state}", marker_color=state_style(state).color,
                              hovertemplate="%{x}<br>best perplexity %{y:.4g}<extra>" + state + "</extra>"),
                       row=1, col=4)
     values = [t.best_ppl for t in data.trials if t.best_ppl]
@@ -97,7 +97,7 @@ def add_param(fig: go.Figure, p: ParamPoints, row: int, col: int) -> None:
         st = state_style(state)
         fig.add_trace(go.Scatter(
             x=[p.values[i] for i in idx], y=[p.objective[i] for i in idx], mode="markers",
-            marker=dict(symbol=st["symbol"], color=st["color"], size=9, line=dict(width=0.5)),
+            marker=dict(symbol=st.symbol, color=st.color, size=9, line=dict(width=0.5)),
             name=state, legendgroup=f"state-{state}", showlegend=False,
             text=[f"run {p.run_ids[i]}" for i in idx],
             hovertemplate=f"%{{text}} ({state})<br>{p.name} %{{x}}<br>loss %{{y:.4f}}<extra></extra>"),
@@ -110,4 +110,4 @@ def add_param(fig: go.Figure, p: ParamPoints, row: int, col: int) -> None:
 def _note(fig: go.Figure, text: str, index: int) -> None:
     ref = "" if index == 1 else str(index)
     fig.add_annotation(text=text, xref=f"x{ref} domain", yref=f"y{ref} domain", x=0.5, y=0.5,
-                       showarrow=False, font=dict(color="gray", size=14))
+                       showarrow=False, font=dict(color=NOTE_COLOR, size=14))

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dashboards import render_run
-from dashboards.data import fetch_run_data
-from dashboards.records import RunDashboardData
+from dashboards.run_data import fetch_run_data
+from dashboards.run_records import RunDashboardData
 
 
 def watch(db: Any, run_id: int, out: str | os.PathLike, every: float,

@@ -14,9 +14,9 @@ import os
 import time
 from typing import Any
 
-from dashboards.data import fetch_run_data
-from dashboards.records import RunDashboardData
-from dashboards.training import render_run_dashboard
+from dashboards.run_data import fetch_run_data
+from dashboards.run_png import render_run_dashboard
+from dashboards.run_records import RunDashboardData
 
 NO_IPYTHON = ("live_dashboard needs IPython (it is part of Jupyter and Colab); install it with "
               "`pip install ipython`, or use `python -m dashboards --run ID --watch SECONDS`")

@@ -1,7 +1,7 @@
 """Writing outputs: whole files only, and HTML that opens offline.
 
-Every file is rendered into memory first and then put in place with ``os.replace``, so a
-failure leaves nothing half-written and a viewer refreshing during ``--watch`` never reads a
+Every file is rendered into memory first and then put in place with ``os.replace``
+(``trainer.files.atomic_write_bytes``), so a failure leaves nothing half-written and a viewer refreshing during ``--watch`` never reads a
 partial image.
 
 plotly.js (about 4.8 MB) is needed by every HTML page. ``PLOTLYJS_MODES``:
@@ -14,33 +14,19 @@ No mode loads anything from the network.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import IO, Iterable
+
+from trainer.files import atomic_write_bytes
 
 PLOTLYJS_MODES = ("directory", "inline")
 PLOTLYJS_FILE = "plotly.min.js"
 
 
-def write_atomic(path: str | os.PathLike, payload: bytes) -> Path:
-    """Write ``payload`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def emit(out: str | os.PathLike | IO[bytes], payload: bytes) -> None:
     """``payload`` to a path (atomically) or to a binary file object."""
     if isinstance(out, (str, os.PathLike)):
-        write_atomic(out, payload)
+        atomic_write_bytes(out, payload)
     else:
         out.write(payload)
 
@@ -69,7 +55,7 @@ def ensure_plotlyjs(folder: str | os.PathLike, mode: str) -> Path | None:
     target = Path(folder) / PLOTLYJS_FILE
     js = get_plotlyjs().encode("utf-8")
     if not (target.is_file() and target.stat().st_size == len(js)):
-        write_atomic(target, js)
+        atomic_write_bytes(target, js)
     return target
 
 

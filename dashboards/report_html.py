@@ -11,7 +11,7 @@ import os
 from typing import IO, Any, Callable
 
 from dashboards.output import html_page, write_html
-from dashboards.report import Plot, ReportData, TrialRow
+from dashboards.report_data import Plot, ReportData, TrialRow
 
 CSS = """<style>
 body { font-family: system-ui, sans-serif; margin: 16px 24px; color: #222; }

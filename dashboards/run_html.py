@@ -1,6 +1,6 @@
 """Draw a ``RunDashboardData`` as an interactive HTML page with plotly (zoom, hover, toggle).
 
-Same records and panels as the PNG (``dashboards.training``); long step series arrive already
+Same records and panels as the PNG (``dashboards.run_png``); long step series arrive already
 reduced (min/max per bucket), and are handed to plotly as numpy arrays, which it stores as
 base64 binary instead of decimal text, so a 1,000,000-step run is a page of about 100 kB
 (plus plotly.js, see ``dashboards.output``).
@@ -16,25 +16,24 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboards.output import html_page, write_html
-from dashboards.records import Marker, Panel, RunDashboardData, Series
+from dashboards.run_records import Marker, Panel, RunDashboardData, Series
+from dashboards.style import NOTE_COLOR, ROLE_COLORS, event_style
 
 ROWS, COLS = 2, 3
 LINE = dict(mode="lines")
+# role -> plotly Scatter options; the colour of each role is dashboards.style's
 STYLES: dict[str, dict[str, Any]] = {
-    "train_step": dict(LINE, line=dict(color="#1f77b4", width=1), opacity=0.5),
-    "train_smooth": dict(LINE, line=dict(color="#1f77b4", width=2)),
-    "train_epoch": dict(mode="markers", marker=dict(color="navy", size=9)),
-    "val": dict(mode="lines+markers", line=dict(color="#ff7f0e", width=2), marker=dict(size=5)),
-    "lr": dict(LINE, line=dict(color="#2ca02c", width=2)),
-    "grad": dict(LINE, line=dict(color="#9467bd", width=1)),
-    "mem_allocated": dict(mode="lines+markers", line=dict(color="#1f77b4"), marker=dict(symbol="circle")),
-    "mem_reserved": dict(mode="lines+markers", line=dict(color="#ff7f0e"), marker=dict(symbol="square")),
-    "mem_peak": dict(mode="lines+markers", line=dict(color="#d62728"), marker=dict(symbol="triangle-up")),
-    "mem_process": dict(mode="lines+markers", line=dict(color="#8c564b")),
+    "train_step": dict(LINE, line=dict(width=1), opacity=0.5),
+    "train_smooth": dict(LINE, line=dict(width=2)),
+    "train_epoch": dict(mode="markers", marker=dict(size=9)),
+    "val": dict(mode="lines+markers", line=dict(width=2), marker=dict(size=5)),
+    "lr": dict(LINE, line=dict(width=2)),
+    "grad": dict(LINE, line=dict(width=1)),
+    "mem_allocated": dict(mode="lines+markers", marker=dict(symbol="circle")),
+    "mem_reserved": dict(mode="lines+markers", marker=dict(symbol="square")),
+    "mem_peak": dict(mode="lines+markers", marker=dict(symbol="triangle-up")),
+    "mem_process": dict(mode="lines+markers"),
 }
-MARKER_STYLES = {"resume": ("#2ca02c", "dot", "resume"), "oom": ("#d62728", "dash", "out of memory"),
-                 "nonfinite": ("magenta", "dashdot", "non-finite"),
-                 "best": ("goldenrod", "solid", "best checkpoint")}
 
 
 def render_run_html(data: RunDashboardData, out: str | os.PathLike | IO[bytes],
@@ -74,22 +73,29 @@ def add_series(fig: go.Figure, s: Series, row: int, col: int, shown: set[str],
     shown.add(s.label)
     if s.role == "clip":                   # a trace, not a shape: it gets a legend entry and hover
         fig.add_trace(go.Scatter(x=list(x_span), y=[s.y[0]] * 2, mode="lines",
-                                 line=dict(color="red", dash="dash", width=1), **common),
+                                 line=dict(color=ROLE_COLORS["clip"], dash="dash", width=1), **common),
                       row=row, col=col)
         return
     x, y = np.asarray(s.x, dtype=float), np.asarray(s.y, dtype=float)
     if s.role == "epoch_seconds":
-        fig.add_trace(go.Bar(x=x, y=y, marker_color="#17becf", **common), row=row, col=col)
+        fig.add_trace(go.Bar(x=x, y=y, marker_color=ROLE_COLORS[s.role], **common), row=row, col=col)
     else:
-        fig.add_trace(go.Scatter(x=x, y=y, **STYLES[s.role], **common), row=row, col=col)
+        fig.add_trace(go.Scatter(x=x, y=y, **_colored(STYLES[s.role], ROLE_COLORS[s.role]), **common),
+                      row=row, col=col)
+
+
+def _colored(style: dict[str, Any], color: str) -> dict[str, Any]:
+    """``style`` with ``color`` on its line and its markers."""
+    return dict(style, line=dict(style.get("line", {}), color=color),
+                marker=dict(style.get("marker", {}), color=color))
 
 
 def add_markers(fig: go.Figure, markers: tuple[Marker, ...], row: int, col: int,
                 shown: set[str]) -> None:
     """Vertical lines at event steps, each kind named once in the legend."""
     for m in markers:
-        color, dash, name = MARKER_STYLES.get(m.kind, ("gray", "dot", m.kind))
-        line = dict(color=color, dash=dash, width=1.5)
+        style = event_style(m.kind)
+        line, name = dict(color=style.color, dash=style.plotly_dash, width=1.5), style.label
         fig.add_vline(x=m.step, line=line, row=row, col=col)
         if name not in shown:              # shapes have no legend entry: an empty trace does
             shown.add(name)
@@ -115,5 +121,5 @@ def finish_axes(fig: go.Figure, panel: Panel, index: int, row: int, col: int) ->
                            x=0.5 if centred else 0.02, y=0.5 if centred else 0.03,
                            xanchor="center" if centred else "left",
                            yanchor="middle" if centred else "bottom",
-                           font=dict(color="dimgray", size=14 if centred else 11),
+                           font=dict(color=NOTE_COLOR, size=14 if centred else 11),
                            bgcolor="rgba(255,255,255,0.85)")

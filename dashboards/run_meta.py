@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dashboards.records import Marker, Title
+from dashboards.run_records import Marker, Title
 from dashboards.series import column
 
 MARKER_KINDS = ("resume", "oom", "nonfinite")   # events drawn as vertical lines on step panels

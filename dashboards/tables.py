@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from dashboards.compare_data import differing, flat_configs
-from dashboards.output import write_atomic
+from trainer.files import atomic_write_bytes
+from trainer.metrics import perplexity
 
 RUN_COLUMNS = ("kind", "epoch", "step", "train_loss", "val_loss", "val_ppl", "lr", "grad_norm",
                "epoch_seconds", "tokens_per_s", "mem_process_mb", "mem_gpu_allocated_mb",
@@ -56,7 +57,7 @@ def summary_table(runs: pd.DataFrame, header: tuple[tuple[str, Any], ...]) -> Ta
     """``runs``: rows of db.runs() (a study's, or any)."""
     runs = runs.rename(columns={"id": "run_id"}).sort_values(
         ["study_name", "trial_number", "run_id"], kind="stable", na_position="last")
-    runs = runs.assign(best_ppl=[_exp(v) for v in runs["best_val_loss"]])
+    runs = runs.assign(best_ppl=[_perplexity(v) for v in runs["best_val_loss"]])
     configs = flat_configs(runs)
     names = differing(configs)
     params = pd.DataFrame([{f"param_{n}": c.get(n) for n in names} for c in configs],
@@ -98,7 +99,7 @@ def write_metrics_table(db: Any, out: str | os.PathLike, run_id: int | None = No
         raise ValueError(f"{out}: a table is a .csv or .json file")
     table = fetch_table(db, run_id, study, run_ids)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(out, to_csv(table) if out.suffix.lower() == ".csv" else to_json(table))
+    return atomic_write_bytes(out, to_csv(table) if out.suffix.lower() == ".csv" else to_json(table))
 
 
 def _rows(df: pd.DataFrame, columns: tuple[str, ...]) -> tuple[tuple[Any, ...], ...]:
@@ -122,6 +123,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _exp(value: Any) -> float | None:
-    v = _plain(value)
-    return None if v is None else math.exp(min(float(v), 700.0))
+def _perplexity(loss: Any) -> float | None:
+    v = _plain(loss)
+    return None if v is None else perplexity(float(v))

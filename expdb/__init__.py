@@ -16,11 +16,12 @@ from expdb.errors import (ConflictError, CorruptDatabaseError, DatabaseLockedErr
                           StorageError, UnknownRunError, WriteError)
 from expdb.merge import MergeReport, merge
 from expdb.models import SCHEMA_VERSION
+from expdb.precheck import check_database, check_storage_file, study_names
 from expdb.recorder import DBRecorder
 from expdb.records import RunRecord
 
 __all__ = [
-    "open", "merge", "ExperimentDB", "DBRecorder", "RunRecord", "MergeReport", "SCHEMA_VERSION",
+    "open", "merge", "check_database", "check_storage_file", "study_names", "ExperimentDB", "DBRecorder", "RunRecord", "MergeReport", "SCHEMA_VERSION",
     "ExpdbError", "DatabaseNotFoundError", "CorruptDatabaseError", "NotADatabaseError", "SchemaTooNewError", "SchemaError",
     "UnknownRunError", "RunMismatchError", "DuplicateRunError", "InvalidValueError", "RecorderStateError",
     "StorageError", "DatabaseLockedError", "ConflictError", "WriteError", "ReadOnlyDatabaseError",

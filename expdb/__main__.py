@@ -22,7 +22,7 @@ import pandas as pd
 
 import expdb
 from expdb import maintenance
-from expdb.errors import ExpdbError
+from expdb.errors import ExpdbError, UnknownRunError
 from expdb.values import jsonable
 
 TABLES = ("steps", "evals", "epochs", "checkpoints", "events")
@@ -64,20 +64,58 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        refuse_before_writing(args)
         status, text = COMMANDS[args.command](args)
         if getattr(args, "out", None):
             args.out.write_text(text, encoding="utf-8")
         else:
             sys.stdout.write(text)
-    except (ExpdbError, OSError) as exc:     # OSError: --out in a missing directory, a closed pipe
-        print(f"expdb: error: {exc}", file=sys.stderr)
+    except UnknownRunError as exc:
+        print(f"expdb: error: RUN {args.run}: {exc}", file=sys.stderr)
+        return 2
+    except (ExpdbError, OSError) as exc:     # OSError: an unwritable --out, a closed pipe
+        for line in str(exc).splitlines():
+            print(f"expdb: error: {line}", file=sys.stderr)
         return 2
     return status
 
 
+def refuse_before_writing(args: argparse.Namespace) -> None:
+    """Every database and output path checked, reading only, before a command runs; one
+    ExpdbError listing each problem (naming its flag) when any fails."""
+    if args.command == "merge":
+        checks = [(f"merge source {src!r}: ", src, False) for src in args.sources]
+        checks.append((f"--into {args.into or args.db!r}: ", args.into or args.db, True))
+    else:
+        checks = [(f"--db {args.db!r}: ", args.db, False)]
+    problems = []
+    for prefix, url, create in checks:
+        try:
+            expdb.check_database(url, create=create, write=False)   # a read-only --into: merge says why
+        except ExpdbError as exc:
+            problems.append(prefix + str(exc))
+    if out_problem := _out_problem(getattr(args, "out", None)):
+        problems.append(out_problem)
+    if problems:
+        raise ExpdbError("\n".join(problems))
+
+
+def _out_problem(out: Path | None) -> str | None:
+    if out is None:
+        return None
+    if out.is_dir():
+        return f"--out {str(out)!r}: is a directory; pass a file name such as {out / 'run.csv'}"
+    if not out.parent.is_dir():
+        return f"--out {str(out)!r}: directory {out.parent} does not exist; create it first or write elsewhere"
+    return None
+
+
 def _open(args: argparse.Namespace) -> expdb.ExperimentDB:
     """An existing database; read-only by itself where its place is not writable."""
-    return expdb.open(args.db, create=False)
+    try:
+        return expdb.open(args.db, create=False)
+    except ExpdbError as exc:
+        raise ExpdbError(f"--db {args.db!r}: {exc}") from exc
 
 
 def cmd_runs(args: argparse.Namespace) -> tuple[int, str]:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from expdb import reads
 from expdb import runs as run_rows
-from expdb.engine import DEFAULT_BUSY_TIMEOUT_S, enable_wal, locate, make_engines, session_scope, translated
+from expdb.engine import DEFAULT_BUSY_TIMEOUT_S, WriteAccess, enable_wal, locate, make_engines, translated
 from expdb.errors import ReadOnlyDatabaseError, UnknownRunError
 from expdb.models import FLOAT_COLUMNS, Checkpoint, EpochMetric, EvalMetric, Event, Run
 from expdb.records import RunRecord
@@ -61,7 +61,8 @@ class ExperimentDB:
         except BaseException:
             self._reader.dispose()
             raise
-        self._sessions = sessionmaker(bind=self._writer, expire_on_commit=False)
+        self._write_access = WriteAccess(self._writer, sessionmaker(bind=self._writer, expire_on_commit=False),
+                                         self.where)
 
     def __repr__(self) -> str:
         return f"ExperimentDB({self.where!r}{', readonly' if self.readonly else ''})"
@@ -86,7 +87,7 @@ class ExperimentDB:
         (see DBRecorder).
         """
         self.require_writable("record a run")
-        return DBRecorder(self, study_name, trial_number, **options)
+        return DBRecorder(self._write_access, study_name, trial_number, **options)
 
     def mark_checkpoint_deleted(self, run_id: int, path: str) -> int:
         """Flag a checkpoint file of a run as deleted (the row stays); returns rows changed."""
@@ -103,7 +104,7 @@ class ExperimentDB:
     @contextmanager
     def _write_session(self) -> Iterator[Session]:
         self.require_writable("write")
-        with session_scope(self._sessions, self.where) as session:
+        with self._write_access.session() as session:
             yield session
 
     # -- reading -----------------------------------------------------------------------

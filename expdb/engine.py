@@ -239,3 +239,19 @@ def session_scope(factory: sessionmaker, where: str = "the experiment database")
         raise
     finally:
         session.close()
+
+
+@dataclass(frozen=True)
+class WriteAccess:
+    """What a writer of one database writes with: the writer engine (for the background
+    writer), its sessions and the database's name for messages. ExperimentDB hands this
+    to its recorders, so that they never reach into the database object."""
+
+    engine: Engine
+    sessions: sessionmaker
+    where: str
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with session_scope(self.sessions, self.where) as session:
+            yield session

@@ -37,7 +37,6 @@ SCHEMA_VERSION = 2
 VERSION_TABLE = "expdb_schema_version"
 
 RUN_STATUSES = ("running", "completed", "pruned", "failed", "interrupted")
-CHECKPOINT_KINDS = ("periodic", "best", "emergency", "final")   # documented, not enforced
 ROLLUP_BLOCK = 64                   # steps per step_rollups row: block = step // ROLLUP_BLOCK
 ROLLUP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s")
 

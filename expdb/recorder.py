@@ -11,18 +11,16 @@ rows are still unwritten at the end.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from expdb import runs as run_rows
+from expdb.engine import WriteAccess
 from expdb.errors import ConflictError, DuplicateRunError, InvalidValueError, RecorderStateError
 from expdb.models import RUN_STATUSES
 from expdb.rows import CHECKPOINT, EPOCH, EVAL, EVENT, STEP, encode_step
 from expdb.values import as_int, to_json, utcnow
 from expdb.writer import BufferedWriter
 from trainer.recorder import RunInfo
-
-if TYPE_CHECKING:
-    from expdb.db import ExperimentDB
 
 log = logging.getLogger("expdb")
 
@@ -32,12 +30,16 @@ _VAL_LOSS = EVAL.columns.index("val_loss")
 
 
 class DBRecorder:
-    """Records one run. Create it with ``ExperimentDB.recorder()``; ``run_id`` is set by start_run."""
+    """Records one run. Create it with ``ExperimentDB.recorder()``; ``run_id`` is set by start_run.
 
-    def __init__(self, db: "ExperimentDB", study_name: str | None = None,
+    ``access`` is what it writes with (the database's writer engine and sessions): the
+    recorder never sees the ExperimentDB itself.
+    """
+
+    def __init__(self, access: WriteAccess, study_name: str | None = None,
                  trial_number: int | None = None, *, flush_interval_s: float = 0.5,
                  batch_rows: int = 5000, sync_timeout_s: float = 0.25, finish_timeout_s: float = 60.0):
-        self._db = db
+        self._access = access
         self._study_name = study_name
         self._trial_number = trial_number
         self._writer_options = dict(interval_s=flush_interval_s, batch_rows=batch_rows)
@@ -59,7 +61,7 @@ class DBRecorder:
         else:
             run_id = self._insert(info)
         self.run_id = run_id
-        self._writer = BufferedWriter(self._db._writer, run_id, self._db.where, **self._writer_options)
+        self._writer = BufferedWriter(self._access.engine, run_id, self._access.where, **self._writer_options)
         self._steps = self._writer.queue(STEP)
         return run_id
 
@@ -122,19 +124,19 @@ class DBRecorder:
         study = info.study_name if info.study_name is not None else self._study_name
         trial = info.trial_number if info.trial_number is not None else self._trial_number
         try:
-            with self._db._write_session() as session:
+            with self._access.session() as session:
                 return run_rows.insert_run(session, info, study, trial)
         except ConflictError as exc:
             if study is None or trial is None:
                 raise
-            with self._db._write_session() as session:
+            with self._access.session() as session:
                 existing = run_rows.find_trial_run(session, study, trial)
             raise DuplicateRunError(
                 f"study {study!r} trial {trial} already has run {existing}; resume it with "
                 f"RunInfo.extra['run_id']={existing} or use another trial number") from exc
 
     def _resume(self, info: RunInfo, run_id: int, resume_step: int) -> int:
-        with self._db._write_session() as session:
+        with self._access.session() as session:
             self._best, _ = run_rows.resume_run(session, run_id, info, resume_step)
         return run_id
 

@@ -27,21 +27,14 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.top < 1:
-        fail(PROG, ValueError(f"--top {args.top}: use 1 or more"))
+    refuse_before_writing(args)
     import optuna
 
     import expdb
     from studies.runner import results_table, storage_url_for
 
     storage = args.storage or storage_url_for(args.db)
-    if "://" not in args.db and not Path(args.db).is_file():
-        fail(PROG, ValueError(f"--db {args.db!r}: no such database; pass the experiments.db the study wrote"))
-    try:
-        study = optuna.load_study(study_name=args.study, storage=storage)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        fail(PROG, ValueError(f"--study {args.study!r}: no such study in {storage}; it has {', '.join(names) or 'none'}"))
+    study = optuna.load_study(study_name=args.study, storage=storage)
     table = results_table(study)
     print(table.sort_values("val_loss").head(args.top).to_string(index=False))
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -59,6 +52,39 @@ def main(argv: list[str] | None = None) -> int:
     from dashboards import write_study_report
     print(f"report: {write_study_report(args.db, args.study, out / 'report.html', storage=storage)}")
     return 0
+
+
+def refuse_before_writing(args) -> None:
+    """Every check before Optuna opens the storage (which creates its tables in any file it
+    opens) and before --out is made: exit 2 listing each problem, having written nothing."""
+    import expdb
+    from trainer.config import folder_problem
+    from trainer.errors import ConfigError
+
+    problems = [] if args.top >= 1 else [f"--top {args.top}: use 1 or more"]
+    if problem := folder_problem(Path(args.out or Path("runs") / args.study)):
+        problems.append(f"--out {args.out or Path('runs') / args.study!r}: {problem}")
+    try:
+        expdb.check_database(args.db, create=False, write=False)
+    except expdb.ExpdbError as exc:
+        problems.append(f"--db {args.db!r}: {exc}")
+    else:
+        problems += _study_problems(args, args.storage or args.db)   # Optuna's tables beside expdb's by default
+    if problems:
+        fail(PROG, ConfigError(problems))
+
+
+def _study_problems(args, storage: str) -> list[str]:
+    import expdb
+
+    flag = f"--storage {args.storage!r}" if args.storage else f"--db {args.db!r}"
+    try:
+        names = expdb.study_names(storage)
+    except expdb.ExpdbError as exc:
+        return [f"{flag}: {exc}"]
+    if args.study not in names:
+        return [f"--study {args.study!r}: no such study in {flag}; it has {', '.join(names) or 'none'}"]
+    return []
 
 
 def _print_importances(study, completed) -> None:

@@ -17,17 +17,23 @@ import expdb
 from studies.lock import StudyLock
 from studies.space import Param, default_space, grid_space, space_problems
 from studies.trial import FAIL_REASON_ATTR, RUN_ID_ATTR
-from studies.worker import FINISHED, StudyContext, work
+from studies.context import StudyContext
+from studies.worker import FINISHED, work
+from trainer.clock import SimulatedTime, wall_clock
 from trainer.config import TrainConfig
 from trainer.data import prepare_data
 from trainer.errors import ConfigError
+from trainer.metrics import perplexity
 from trainer.presets import default_preset
+from trainer.schedule import steps_per_epoch
 
 EXIT_TOO_MANY_FAILURES = 3
 SETUP_LOCK = "<setup>"   # a lock name no study can have: held while tables are created
 
 
-def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | None) -> int:
+def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | None,
+              time_source: SimulatedTime | None = None) -> int:
+    """``time_source``: the study's and its trials' clock (simulated in tests); None: real time."""
     preset = args.preset or default_preset()
     space = space or default_space(preset)
     if problems := space_problems(space, args.sampler):
@@ -45,8 +51,10 @@ def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | 
         study=study, storage_url=storage_url, db=db, base=base, space=space, data=data, study_name=study_name,
         out_dir=Path(args.out) / study_name, n_trials=args.trials, lock=StudyLock(storage_url, study_name),
         max_failures=args.max_failures, stale_after_s=args.stale_after,
-        deadline=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=args.time_budget) if args.time_budget else None,
-        stop_starting_at=time.monotonic() + args.timeout if args.timeout else None)
+        deadline=wall_clock(time_source).astimezone(dt.timezone.utc) + dt.timedelta(seconds=args.time_budget)
+        if args.time_budget else None,
+        stop_starting_at=(time_source or time.monotonic)() + args.timeout if args.timeout else None,
+        time_source=time_source)
     print(f"study {study_name!r}: {len(finished_trials(study))} of {args.trials} trials finished "
           f"(storage {storage_url}, {args.n_jobs} worker{'s' if args.n_jobs > 1 else ''})")
     reasons = _run_workers(ctx, args.n_jobs)
@@ -87,10 +95,10 @@ def _load_study(args: argparse.Namespace, study_name: str, storage_url: str, bas
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {"pool_pre_ping": True}
     storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs)
-    steps_per_epoch = ((len(data.train) - 1) // base.block_size) // base.effective_batch
+    per_epoch = steps_per_epoch(len(data.train), base)
     return optuna.create_study(study_name=study_name, storage=storage, direction="minimize",
                                sampler=make_sampler(args.sampler, args.seed, space),
-                               pruner=make_pruner(args.pruner, steps_per_epoch, base), load_if_exists=True)
+                               pruner=make_pruner(args.pruner, per_epoch, base), load_if_exists=True)
 
 
 def make_sampler(name: str, seed: int, space) -> optuna.samplers.BaseSampler:
@@ -124,7 +132,7 @@ def results_table(study: optuna.Study) -> pd.DataFrame:
         loss = t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
                                                     if t.intermediate_values else math.nan)
         rows.append({"trial": t.number, "state": t.state.name.lower(), "run_id": t.user_attrs.get(RUN_ID_ATTR),
-                     "val_loss": loss, "val_ppl": math.exp(loss) if loss < 50 else math.inf,
+                     "val_loss": loss, "val_ppl": perplexity(loss),
                      "seconds": t.duration.total_seconds() if t.duration else math.nan, **t.params,
                      "note": t.user_attrs.get(FAIL_REASON_ATTR, "")[:60]})
     return pd.DataFrame(rows)
@@ -145,7 +153,7 @@ def report(study: optuna.Study, db, data, out_dir: Path) -> None:
         print("no completed trial yet")
         return
     best = study.best_trial
-    print(f"best trial {best.number}: val loss {best.value:.4f} (perplexity {math.exp(best.value):.2f}); "
+    print(f"best trial {best.number}: val loss {best.value:.4f} (perplexity {perplexity(best.value):.2f}); "
           f"unigram entropy of the validation tokens {unigram_entropy(data.val):.4f} nats")
     print("best parameters: " + ", ".join(f"{k}={v}" for k, v in best.params.items()))
     run_id = best.user_attrs.get(RUN_ID_ATTR)

@@ -57,11 +57,10 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from trainer.errors import ConfigError, TrainerError
     if problems := _flag_problems(args):
-        from trainer.errors import ConfigError
         fail(PROG, ConfigError(problems))
     from trainer.cli import config_from_args
-    from trainer.errors import TrainerError
     from studies.space import load_space, space_problems
     try:
         base = config_from_args(preset_args(args))
@@ -70,17 +69,38 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(problems)
     except TrainerError as exc:
         fail(PROG, exc)
+    refuse_before_writing(args, base)
     # Heavy imports (torch, optuna) only once the flags are known to be good.
     from studies.runner import run_study
+    from trainer.clock import SimulatedTime
     from trainer.errors import TrainingInterrupted
     try:
-        return run_study(args, base, space)
+        return run_study(args, base, space, time_source=SimulatedTime.from_env())  # read once, here
     except TrainerError as exc:
         fail(PROG, exc)
     except TrainingInterrupted as exc:
         print(f"{PROG}: {exc}; the trial is left running: run the same command again to continue it",
               file=sys.stderr)
         return exc.exit_code
+
+
+def refuse_before_writing(args: argparse.Namespace, base) -> None:
+    """Every check that needs no data, all at once, before the token cache, the database, the
+    study's lock file or its folders exist; exit 2 listing each problem."""
+    import expdb
+    from trainer.cli import collect_problems, environment_checks
+    from trainer.config import folder_problem
+    from trainer.errors import ConfigError, TrainerError
+
+    checks = environment_checks(base) + [
+        (f"--db {args.db!r}: ", lambda: expdb.check_database(args.db, create=True, write=True))]
+    if args.storage:
+        checks.append((f"--storage {args.storage!r}: ", lambda: expdb.check_storage_file(args.storage)))
+    problems = collect_problems(checks, errors=(TrainerError, expdb.ExpdbError))
+    if problem := folder_problem(Path(args.out)):
+        problems.append(f"--out {args.out!r}: {problem}")
+    if problems:
+        fail(PROG, ConfigError(problems))
 
 
 def _flag_problems(args: argparse.Namespace) -> list[str]:

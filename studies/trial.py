@@ -10,18 +10,15 @@ import dataclasses
 import math
 import socket
 import traceback
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 
+from studies.context import StudyContext, TrialOutcome
 from studies.space import suggest_config
 from trainer.errors import StopTraining, TrainerError, TrainingInterrupted
 from trainer.faults import DIVERGED
 from trainer.recorder import Recorder, RunInfo
-
-if TYPE_CHECKING:
-    from studies.worker import StudyContext
 
 RUN_ID_ATTR = "run_id"
 FAIL_REASON_ATTR = "fail_reason"
@@ -65,18 +62,9 @@ class TrialRecorder:
         return getattr(self.inner, name)
 
 
-@dataclass(frozen=True)
-class TrialOutcome:
-    number: int
-    state: str               # complete, pruned, fail, interrupted (left running, to be continued)
-    value: float | None
-    run_id: int | None
-    reason: str | None = None
-
-
-def run_trial(ctx: "StudyContext", trial: optuna.Trial, resumed: bool) -> TrialOutcome:
+def run_trial(ctx: StudyContext, trial: optuna.Trial, resumed: bool) -> TrialOutcome:
     """Train the trial's run and tell Optuna how it ended (unless it is to be continued)."""
-    from trainer.loop import train  # torch is imported only when a trial really runs
+    from trainer.run import train  # torch is imported only when a trial really runs
 
     existing = trial.user_attrs.get(RUN_ID_ATTR) if resumed else None
     values = suggest_config(trial, ctx.space, ctx.base)
@@ -84,7 +72,7 @@ def run_trial(ctx: "StudyContext", trial: optuna.Trial, resumed: bool) -> TrialO
     ctx.log(f"trial {trial.number}{' (continued)' if resumed else ''}: {_short(values)}")
     try:
         cfg = ctx.trial_config(trial.number, values)
-        result = train(cfg, recorder, data=ctx.data, log=lambda *_: None)
+        result = train(cfg, recorder, data=ctx.data, log=lambda *_: None, time_source=ctx.time_source)
     except TrainerError as exc:
         return _fail(ctx, trial, recorder, values, f"{type(exc).__name__}: {exc}")
     except (TrainingInterrupted, KeyboardInterrupt, SystemExit):
@@ -108,7 +96,7 @@ def run_trial(ctx: "StudyContext", trial: optuna.Trial, resumed: bool) -> TrialO
     return TrialOutcome(trial.number, "interrupted", None, run_id, result.reason)
 
 
-def _fail(ctx: "StudyContext", trial: optuna.Trial, recorder: TrialRecorder, values: dict[str, Any],
+def _fail(ctx: StudyContext, trial: optuna.Trial, recorder: TrialRecorder, values: dict[str, Any],
           reason: str) -> TrialOutcome:
     trial.set_user_attr(FAIL_REASON_ATTR, reason[:1000])
     if trial.user_attrs.get(RUN_ID_ATTR) is None:

@@ -11,49 +11,16 @@ import os
 import socket
 import statistics
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
 
 import optuna
 
-from studies.lock import StudyLock
-from studies.space import Param
-from studies.trial import RUN_ID_ATTR, TrialOutcome, run_trial
-from trainer.config import TrainConfig
+from studies.context import StudyContext, TrialOutcome
+from studies.trial import RUN_ID_ATTR, run_trial
+from trainer.clock import SimulatedTime, wall_clock
 
 WORKER_ATTR = "worker"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 RUNNING = (optuna.trial.TrialState.RUNNING,)
-
-
-@dataclass
-class StudyContext:
-    """Everything a worker needs, built and checked once by the runner."""
-
-    study: optuna.Study
-    storage_url: str
-    db: Any                       # expdb.ExperimentDB
-    base: TrainConfig
-    space: list[Param]
-    data: Any                     # trainer.data.PreparedData, shared by all trials
-    study_name: str
-    out_dir: Path
-    n_trials: int
-    lock: StudyLock
-    max_failures: int = 3
-    stale_after_s: float = 300.0
-    deadline: dt.datetime | None = None     # --time-budget: the session's end (timezone-aware)
-    stop_starting_at: float | None = None   # --timeout, a time.monotonic() value
-    log: Callable[..., None] = print
-    failures: int = 0
-    outcomes: list[TrialOutcome] = field(default_factory=list)
-
-    def trial_config(self, number: int, values: dict[str, Any]) -> TrainConfig:
-        """The trial's run: checkpoints at each evaluation so that it can always be continued."""
-        extra: dict[str, Any] = {"deadline": self.deadline.isoformat()} if self.deadline else {}
-        return self.base.replace(**values, **extra, out_dir=str(self.out_dir / f"trial-{number:04d}"),
-                                 run_name=f"{self.study_name}/trial-{number}", resume="auto", save_on_eval=True)
 
 
 def work(ctx: StudyContext) -> str:
@@ -130,12 +97,14 @@ def _utcnow() -> dt.datetime:
 
 
 def _out_of_time(ctx: StudyContext) -> str | None:
-    if ctx.stop_starting_at is not None and time.monotonic() >= ctx.stop_starting_at:
+    """Why no trial may start now, on the study's clock (simulated in tests: trainer.clock)."""
+    clock = ctx.time_source or time.monotonic
+    if ctx.stop_starting_at is not None and clock() >= ctx.stop_starting_at:
         return "timeout"
     if ctx.deadline is None:
         return None
-    left = (ctx.deadline - dt.datetime.now(dt.timezone.utc)).total_seconds()
-    needed = typical_trial_seconds(ctx.study)
+    left = (ctx.deadline - wall_clock(ctx.time_source).astimezone(dt.timezone.utc)).total_seconds()
+    needed = typical_trial_seconds(ctx.study, ctx.time_source)
     if left <= 0 or (needed is not None and needed > left):
         ctx.log(f"time budget: {max(left, 0):.0f} s left, a trial takes about {needed or 0:.0f} s; "
                 "no new trial started")
@@ -143,10 +112,17 @@ def _out_of_time(ctx: StudyContext) -> str | None:
     return None
 
 
-def typical_trial_seconds(study: optuna.Study) -> float | None:
-    """Median duration of the study's completed trials, the estimate for the next one."""
-    durations = [t.duration.total_seconds() for t in study.get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.duration is not None]
+def typical_trial_seconds(study: optuna.Study, time_source: SimulatedTime | None = None) -> float | None:
+    """Median duration of the study's completed trials, the estimate for the next one.
+
+    On simulated time a trial lasts its steps times the simulated step (its last reported
+    step: a completed trial is evaluated at its end), as real durations are the machine's speed.
+    """
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if time_source is not None:
+        durations = [max(t.intermediate_values) * time_source.step_s for t in completed if t.intermediate_values]
+    else:
+        durations = [t.duration.total_seconds() for t in completed if t.duration is not None]
     return statistics.median(durations) if durations else None
 
 

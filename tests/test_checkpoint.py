@@ -12,15 +12,17 @@ import torch
 
 from safetensors.torch import load_file
 
-from trainer.checkpoint import (KEY_FILES, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE,
-                                CheckpointInfo, publish, read_info, sha256_file, verify_checkpoint)
+from trainer.checkpoints import (MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, CheckpointInfo,
+                                 load_checkpoint, read_info, save_checkpoint, verify_checkpoint)
+# Internals, tested on purpose: the manifest's keys, publishing, the background writer, rotation.
+from trainer.checkpoints.capture import capture
+from trainer.checkpoints.format import KEY_FILES, publish, sha256_file
+from trainer.checkpoints.store import plan_rotation
+from trainer.checkpoints.writer import BackgroundWriter
 from trainer.config import TrainConfig
 from trainer.errors import CheckpointError
 from trainer.model import build_model, build_optimizer
-from trainer.saver import BackgroundWriter
-from trainer.snapshot import capture, load_checkpoint, save_checkpoint
 from trainer.state import TrainState
-from trainer.store import Stored, plan_rotation
 
 CFG = TrainConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=300, dropout=0.1)
 
@@ -205,7 +207,7 @@ def test_background_writer_stalls_only_for_the_copy_and_saves_in_order(tmp_path)
     assert [o.info.step for o in outcomes] == [1, 2] and all(o.error is None for o in outcomes)
     assert not (tmp_path / "a").exists()          # written under a temporary name until published
     for outcome in outcomes:
-        publish(outcome.prepared)
+        publish(outcome)
     wa, wb = load_file(str(tmp_path / "a" / MODEL_FILE)), load_file(str(tmp_path / "b" / MODEL_FILE))
     name = "transformer.wte.weight"
     assert torch.equal(wa[name] + 1.0, wb[name])   # each holds the weights of its own step
@@ -220,18 +222,18 @@ def test_a_failed_background_write_is_reported_not_raised_in_the_thread(tmp_path
                                                            scaler=scaler, state=TrainState(step=1),
                                                            config={}, kind="periodic"))
     [outcome] = writer.drain()
-    assert outcome.prepared is None and isinstance(outcome.error, OSError)
+    assert outcome.tmp is None and isinstance(outcome.error, OSError)
 
 
 # -- rotation: which checkpoints to delete -------------------------------------------------
 def stored(step, written_at=None, val_loss=None, size=100):
-    info = CheckpointInfo(step=step, epoch=0, kind="periodic", val_loss=val_loss, run_id=1,
-                          weights_only=False, written_at=float(written_at if written_at is not None else step))
-    return Stored(Path(f"step-{step}"), info, size, "x")
+    return CheckpointInfo(step=step, epoch=0, kind="periodic", val_loss=val_loss, run_id=1, weights_only=False,
+                          written_at=float(written_at if written_at is not None else step),
+                          path=Path(f"step-{step}"), size_bytes=size, sha256="x")
 
 
 def steps(records):
-    return sorted(s.info.step for s in records)
+    return sorted(s.step for s in records)
 
 
 def test_rotation_keeps_the_newest_and_the_best():

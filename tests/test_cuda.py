@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import expdb
-from trainer.loop import train
+from trainer.run import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (none visible): the CPU tests inject these faults")

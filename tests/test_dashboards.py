@@ -12,12 +12,12 @@ import pytest
 from matplotlib.image import imread
 
 import dashboards
-from dashboards.data import (NO_EPOCHS, NO_STEPS, NO_VALIDATION, build_run_data, fetch_run_data,
-                             mid_epoch_steps)
-from dashboards.records import Marker, Panel, Series, Title
+from dashboards.run_data import (NO_EPOCHS, NO_STEPS, NO_VALIDATION, build_run_data, fetch_run_data,
+                                 mid_epoch_steps)
 from dashboards.run_html import render_run_html, run_figure
+from dashboards.run_png import build_figure, padded, render_run_dashboard
+from dashboards.run_records import Marker, Panel, Series, Title
 from dashboards.series import reduce_minmax
-from dashboards.training import build_figure, padded, render_run_dashboard
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONFIG = dict(n_layer=2, n_embd=64, n_head=2, block_size=32, lr=0.001, micro_batch=8,

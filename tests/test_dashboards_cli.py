@@ -18,7 +18,7 @@ expdb = pytest.importorskip("expdb")
 
 @pytest.fixture(scope="module")
 def study_file(tmp_path_factory):
-    from dashboards.synthetic import write_study
+    from bench.synthetic import write_study
 
     path = tmp_path_factory.mktemp("db") / "exp.db"
     with expdb.open(path) as db:

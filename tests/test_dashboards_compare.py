@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dashboards.compare import comparison_figure, render_comparison
+from dashboards import render_comparison
 from dashboards.compare_data import (ComparisonData, Curve, ParamPoints, TrialBest,
                                      build_comparison, fetch_comparison)
 from dashboards.compare_html import comparison_plotly
+from dashboards.compare_png import comparison_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -99,7 +100,7 @@ def test_figures_label_every_panel_and_show_pruned_as_such():
 @pytest.fixture(scope="module")
 def study_db(tmp_path_factory):
     expdb = pytest.importorskip("expdb")
-    from dashboards.synthetic import write_study
+    from bench.synthetic import write_study
 
     db = expdb.open(tmp_path_factory.mktemp("study") / "exp.db")
     write_study(db, "mini", 6, pruned=(2, 4))

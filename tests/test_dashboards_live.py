@@ -74,7 +74,7 @@ def test_watch_renders_while_the_run_trains_then_stops_when_it_ends(writer_db, r
     assert lines[-1] == f"run {run_id} is completed: wrote the final dashboard to {tmp_path / 'live.png'}"
     assert last.loss.series[0].x[-1] == 60.0 and last.validation.x[-1] == 60.0
     assert (tmp_path / "live.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".live")] == []   # no temp left
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no temp file left
 
 
 def test_cli_watch_is_bounded_by_iterations(writer_db, tmp_path, capsys, monkeypatch):

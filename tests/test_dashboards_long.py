@@ -3,7 +3,7 @@
 A 1,000,000-step and a 100,000-step run written through expdb's recorder (with a crash and a
 resume), rendered to PNG and HTML; the HTML pages opened in headless Chromium, which must
 draw every plot and log nothing to the console. Speed is measured by
-``python -m dashboards.benchmark``, not asserted here.
+``python -m bench dashboards``, not asserted here.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import subprocess
 import pytest
 from matplotlib.image import imread
 
+from bench.synthetic import curves, write_study, write_synthetic_run
 from dashboards import render_run
-from dashboards.data import fetch_run_data
-from dashboards.records import Marker
-from dashboards.synthetic import curves, write_study, write_synthetic_run
-from dashboards.training import render_run_dashboard
+from dashboards.run_data import fetch_run_data
+from dashboards.run_png import render_run_dashboard
+from dashboards.run_records import Marker
 
 pytestmark = pytest.mark.slow
 expdb = pytest.importorskip("expdb")

@@ -16,8 +16,8 @@ from optuna.trial import TrialState, create_trial  # noqa: E402
 
 import dashboards  # noqa: E402
 from dashboards.errors import ReportError  # noqa: E402
-from dashboards.report import (NO_COMPLETED, PLOTS, Plot, ReportData, TrialRow, build_report,  # noqa: E402
-                               fetch_report, plot_notes)
+from dashboards.report_data import (NO_COMPLETED, PLOTS, Plot, ReportData, TrialRow, build_report,  # noqa: E402
+                                    fetch_report, plot_notes)
 from dashboards.report_html import render_report  # noqa: E402
 
 DISTS = dict(lr=FloatDistribution(1e-4, 1e-2, log=True), n_layer=IntDistribution(1, 4))
@@ -95,7 +95,7 @@ def test_report_of_an_empty_study_is_all_notes():
 @pytest.fixture(scope="module")
 def study_db(tmp_path_factory):
     expdb = pytest.importorskip("expdb")
-    from dashboards.synthetic import write_study
+    from bench.synthetic import write_study
 
     path = tmp_path_factory.mktemp("study") / "exp.db"
     db = expdb.open(path)

@@ -67,7 +67,7 @@ def test_summary_table_has_differing_params_and_perplexity():
 @pytest.fixture
 def study_db(tmp_path):
     expdb = pytest.importorskip("expdb")
-    from dashboards.synthetic import write_study
+    from bench.synthetic import write_study
 
     with expdb.open(tmp_path / "exp.db") as db:
         write_study(db, "mini", 3, pruned=(1,))

@@ -151,7 +151,7 @@ class TimedRecorder:
 
 @pytest.mark.slow
 def test_training_goes_on_while_another_process_locks_the_database_for_5_s(tmp_path: Path, tiny_cfg, tiny_data):
-    from trainer.loop import train
+    from trainer.run import train
 
     path = tmp_path / "experiments.db"
     db = expdb.open(path)

@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 
 from trainer import export as export_cli
 from trainer import generate as generate_cli
-from trainer.checkpoint import MODEL_FILE, OPTIMIZER_FILE, read_checkpoint, read_info
-from trainer.loop import train
-from trainer.snapshot import load_checkpoint
+from trainer.checkpoints import MODEL_FILE, OPTIMIZER_FILE, load_checkpoint, read_checkpoint, read_info
+from trainer.run import train
 
 
 @pytest.fixture(scope="module")

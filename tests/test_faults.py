@@ -4,7 +4,7 @@ import math
 import pytest
 
 import expdb
-from trainer.loop import train
+from trainer.run import train
 
 
 def run(cfg, data, tmp_path, name, monkeypatch, oom="", nan=""):

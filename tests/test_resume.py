@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import MODEL_FILE, OPTIMIZER_FILE, read_info
+from trainer.checkpoints import HISTORY_FILE, LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE, read_info, save_checkpoint
 from trainer.errors import CheckpointError, ConfigError, TrainingInterrupted
-from trainer.loop import train
+from trainer.run import train
 from trainer.recorder import (EVENT_CHECKPOINT_DELETED, EVENT_CORRUPT_CHECKPOINT, EVENT_RESUME_CHECKPOINT,
                               EVENT_SIGNAL, EVENT_TIME_BUDGET)
-from trainer.store import HISTORY_FILE, LATEST_FILE
 from trainer_fixtures import ListRecorder
 
 QUIET = dict(log=lambda *_: None)
@@ -295,7 +294,6 @@ def test_resume_of_a_missing_or_broken_path_is_a_clear_error(exact_cfg, tiny_dat
 def test_a_checkpoint_published_but_never_recorded_is_recorded_on_resume(exact_cfg, tiny_data, tmp_path):
     """SIGKILL between the rename and the recorder call leaves a checkpoint no history knows."""
     from trainer.model import build_model, build_optimizer
-    from trainer.snapshot import save_checkpoint
     from trainer.state import TrainState
 
     cfg = exact_cfg.replace(out_dir=str(tmp_path / "run"))

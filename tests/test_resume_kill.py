@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import MODEL_FILE, TMP_PREFIX, read_info, verify_checkpoint
+from trainer.checkpoints import MODEL_FILE, read_info, verify_checkpoint
 from trainer.errors import CheckpointError
+from trainer.files import TMP_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny model; one thread, so that the test's speed does not depend on how busy the machine is.

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import MANIFEST_FILE, MODEL_FILE, verify_checkpoint
+from trainer.checkpoints import MANIFEST_FILE, MODEL_FILE, verify_checkpoint
 from trainer.errors import CheckpointError, DataError
-from trainer.loop import train
+from trainer.run import train
 from trainer_fixtures import ListRecorder
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from trainer.cli import Parser, add_config_flags, config_from_args, fail
-from trainer.errors import EXIT_FAILED, EXIT_TIME_BUDGET, TrainerError, TrainingInterrupted
+from trainer.cli import Parser, add_config_flags, collect_problems, config_from_args, environment_checks, fail
+from trainer.errors import EXIT_FAILED, EXIT_TIME_BUDGET, ConfigError, TrainerError, TrainingInterrupted
 
 PROG = "python -m trainer"
 
@@ -32,16 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)  # checked before the heavy imports: bad flags answer at once
     except TrainerError as exc:
         fail(PROG, exc)
+    refuse_before_writing(cfg, args)
+    from trainer.clock import SimulatedTime
     from trainer.data import prepare_data
-    from trainer.loop import train
-    from trainer.memory import FaultInjector
-    from trainer.resume import precheck_resume
+    from trainer.run import train
+    time_source = SimulatedTime.from_env()   # read once, here; None: real time
     try:
-        FaultInjector.from_env()  # a bad TRAINER_INJECT_* answers before anything is written
-        precheck_resume(cfg)      # a bad --resume or --out answers before the data is prepared
-        data = prepare_data(cfg)  # before the database is touched: bad data writes nothing
+        data = prepare_data(cfg)  # the first write (the token cache), after every check passed
         recorder = None if args.no_db else _open_recorder(args.db)
-        result = train(cfg, recorder, data=data)
+        result = train(cfg, recorder, data=data, time_source=time_source)
     except TrainerError as exc:
         fail(PROG, exc)
     except TrainingInterrupted as stop:
@@ -57,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: the run failed: {result.reason}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def refuse_before_writing(cfg, args) -> None:
+    """Every check that needs no data, all at once; exit 2 listing each problem, having written nothing."""
+    import expdb
+    from trainer.checkpoints import precheck_resume
+
+    checks = environment_checks(cfg) + [("", lambda: precheck_resume(cfg))]   # a bad --resume or --out
+    if not args.no_db:
+        checks.append((f"--db {args.db!r}: ", lambda: expdb.check_database(args.db, create=True, write=True)))
+    if problems := collect_problems(checks, errors=(TrainerError, expdb.ExpdbError)):
+        fail(PROG, ConfigError(problems))
 
 
 def _open_recorder(url: str):

@@ -7,10 +7,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 from trainer.config import TrainConfig, flag, load_config_file
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, TrainerError
 from trainer.presets import PRESETS, preset_values
 
 
@@ -74,6 +75,34 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
         values["micro_batch"] = preset.get("micro_batch", TrainConfig.micro_batch)
         values["auto_micro_batch"] = True
     return TrainConfig.from_dict(values).check()
+
+
+Check = tuple[str, Callable[[], object]]   # (what to put before its message, a function that raises)
+
+
+def collect_problems(checks: Iterable[Check], errors: tuple[type[Exception], ...] = (TrainerError,)) -> list[str]:
+    """Run every check; the problems of those that raise ``errors``, one line each.
+
+    Every check runs, so one invocation lists every problem; none of them writes anything.
+    """
+    problems: list[str] = []
+    for prefix, check in checks:
+        try:
+            check()
+        except errors as exc:
+            lines = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            problems += [prefix + " ".join(line.split()) for line in lines]
+    return problems
+
+
+def environment_checks(cfg: TrainConfig) -> list[Check]:
+    """What every run can check before its data is prepared, beyond its config: the
+    TRAINER_INJECT_* and TRAINER_SIMULATED_STEP_S settings, the device and the precision."""
+    from trainer.clock import SimulatedTime
+    from trainer.device import place
+    from trainer.memory import FaultInjector
+
+    return [("", FaultInjector.from_env), ("", SimulatedTime.from_env), ("", lambda: place(cfg))]
 
 
 def fail(prog: str, error: Exception, code: int = 2) -> NoReturn:

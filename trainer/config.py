@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,17 +145,31 @@ class TrainConfig:
         if _is_int(self.n_embd) and _is_int(self.n_head) and self.n_head > 0 and self.n_embd % self.n_head:
             p.append(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: "
                      "pick a width that is a multiple of the number of heads")
+        p += self._data_file_problems() + self._folder_problems() + self._resume_problems() + self._time_problems()
+        if self.dataset and self.data_files:
+            p.append("--dataset and --data-files both given: pass only one data source")
+        if self.dataset_config and not self.dataset:
+            p.append(f"--dataset-config {self.dataset_config!r} without --dataset: name the dataset too")
+        return p
+
+    def _data_file_problems(self) -> list[str]:
+        p = []
         for path in self.data_files:
             if not Path(path).is_file():
                 p.append(f"--data-files {path!r}: no such file; check the path (or leave out --data-files "
                          "to train on the default corpus)")
             elif Path(path).suffix.lower() not in DATA_FILE_SUFFIXES:
                 p.append(f"--data-files {path!r}: unsupported file type; use {', '.join(DATA_FILE_SUFFIXES)}")
-        p += self._resume_problems() + self._time_problems()
-        if self.dataset and self.data_files:
-            p.append("--dataset and --data-files both given: pass only one data source")
-        if self.dataset_config and not self.dataset:
-            p.append(f"--dataset-config {self.dataset_config!r} without --dataset: name the dataset too")
+            elif Path(path).stat().st_size == 0:
+                p.append(f"--data-files {path!r}: the file is empty; pass a file that holds text")
+        return p
+
+    def _folder_problems(self) -> list[str]:
+        """--out and --cache-dir must be directories this process can write, or be creatable."""
+        p = []
+        for flag_name, value in (("--out", self.out_dir), ("--cache-dir", self.cache_dir)):
+            if isinstance(value, str) and (problem := folder_problem(Path(value))):
+                p.append(f"{flag_name} {value!r}: {problem}")
         return p
 
     def _resume_problems(self) -> list[str]:
@@ -246,6 +261,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if "config" in values and isinstance(values["config"], dict):
         values = values["config"]
     return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used (or created) as a directory to write in; None when it can."""
+    if path.exists() and not path.is_dir():
+        return "it is a file, not a directory; pass a directory name"
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, so no directory can be made under it; pass another path"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable; pass a path in a writable directory"
+    return None
 
 
 def _is_int(v: Any) -> bool:

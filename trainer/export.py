@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -59,7 +60,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from trainer.errors import CheckpointError, ConfigError
-    from trainer.portable import export_json, import_json
+    from trainer.checkpoints import export_json, import_json
 
     problem = _check_paths(args)
     if problem:
@@ -70,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             out = export_json(Path(args.checkpoint), Path(args.out), weights_only=args.weights_only)
         else:
             out = import_json(Path(args.json_file), Path(args.out))
-    except CheckpointError as exc:
-        fail(PROG, exc)
+    except CheckpointError as exc:   # nothing was written: both write beside --out, then rename
+        source = f"CHECKPOINT_DIR {args.checkpoint!r}" if args.command == "json" else f"JSON_FILE {args.json_file!r}"
+        fail(PROG, CheckpointError(f"{source}: {exc}"))
     size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir()))
     print(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.2f} s")
     return 0
@@ -81,13 +83,22 @@ def _check_paths(args) -> str | None:
     if args.command == "json":
         if not Path(args.checkpoint).is_dir():
             return f"CHECKPOINT_DIR {args.checkpoint!r}: no such directory; pass a step-NNNNNNN checkpoint directory"
-        if not Path(args.out).parent.resolve().is_dir():
-            return f"--out {args.out!r}: its directory does not exist; create it first"
-        return None
+        if Path(args.out).is_dir():
+            return f"--out {args.out!r}: is a directory; pass the name of the JSON file to write"
+        return _parent_problem(args.out)
     if not Path(args.json_file).is_file():
         return f"JSON_FILE {args.json_file!r}: no such file; pass a file written by `{PROG} json`"
     if Path(args.out).exists():
         return f"--out {args.out!r} already exists; pass a new directory name (nothing is overwritten)"
+    return _parent_problem(args.out)
+
+
+def _parent_problem(out: str) -> str | None:
+    parent = Path(out).absolute().parent
+    if not parent.is_dir():
+        return f"--out {out!r}: its directory {parent} does not exist; create it first"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out!r}: its directory {parent} is not writable; write elsewhere"
     return None
 
 

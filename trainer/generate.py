@@ -23,17 +23,24 @@ def build_parser() -> Parser:
     return p
 
 
+def model_dir_problem(model_dir: str) -> str | None:
+    """Why ``model_dir`` is not a model directory this loads, or None."""
+    if not (Path(model_dir) / "config.json").is_file():
+        return (f"MODEL_DIR {model_dir!r}: no config.json there; pass a final_model/ directory "
+                "written by python -m trainer")
+    if not (Path(model_dir) / "model.safetensors").is_file():
+        return (f"MODEL_DIR {model_dir!r}: no model.safetensors there; only safetensors weights are "
+                "loaded (a pytorch_model.bin is a pickle, which can run code when loaded)")
+    return None
+
+
 def generate(model_dir: str, prompt: str, *, max_new_tokens: int = 100, temperature: float = 0.8,
              top_k: int = 50, top_p: float = 0.95, num_samples: int = 1, seed: int = 0) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (Path(model_dir) / "config.json").is_file():
-        raise CheckpointError(f"MODEL_DIR {model_dir!r}: no config.json there; pass a final_model/ directory "
-                              "written by python -m trainer")
-    if not (Path(model_dir) / "model.safetensors").is_file():
-        raise CheckpointError(f"MODEL_DIR {model_dir!r}: no model.safetensors there; only safetensors weights are "
-                              "loaded (a pytorch_model.bin is a pickle, which can run code when loaded)")
+    if problem := model_dir_problem(model_dir):
+        raise CheckpointError(problem)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True).eval()
     torch.manual_seed(seed)
@@ -55,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         (0 < args.top_p <= 1, f"--top-p {args.top_p}: use a value in (0, 1]"),
         (args.num_samples > 0, f"--num-samples {args.num_samples}: use a positive number"),
     ) if not ok]
+    if problem := model_dir_problem(args.model_dir):   # before torch and transformers are imported
+        problems.append(problem)
     if problems:
         from trainer.errors import ConfigError
         fail(PROG, ConfigError(problems))

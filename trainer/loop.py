@@ -1,65 +1,63 @@
-"""The training run: set up once, then optimizer steps, evaluations, checkpoints.
+"""The training loop: optimizer steps, and what happens between two of them.
 
-``train(cfg, recorder)`` is the whole public surface. The optimizer step reads top to
-bottom in ``Trainer.optimizer_step``; what happens between two steps (logging,
-evaluation, epoch end, checkpoint, whether to stop) in ``Trainer._after_step`` and
-``Trainer._halt_reason``. How a run starts and ends (the recorder's row, final and
-emergency checkpoints, signals, the time budget) is in ``trainer.lifecycle``.
+``Trainer.run_steps`` is the loop. The optimizer step reads top to bottom in
+``Trainer._optimizer_step``; what happens between two steps (logging, evaluation, epoch
+end, checkpoint, a reload after non-finite steps) in ``Trainer._after_step``. Faults are
+decided in trainer.faults, which returns what to do; the loop applies it. How a run
+starts and ends (the recorder's row, final and emergency checkpoints, signals, the time
+budget) is trainer.run, which drives this loop: the loop returns why it stopped and never
+calls back.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from trainer.batches import PackedBlocks
-from trainer.checkpoint import KEY_CONFIG, read_checkpoint
-from trainer.clock import StopClock, seconds_allowed
+from trainer.checkpoints import CheckpointStore, ResumePlan, load_checkpoint, resume_notes
+from trainer.clock import StopClock
 from trainer.config import TrainConfig
-from trainer.data import PreparedData, prepare_data
-from trainer.device import Placement, memory_snapshot, place
+from trainer.data import PreparedData
+from trainer.device import Placement, memory_snapshot
 from trainer.errors import DataError
+from trainer.faults import count_nonfinite, is_nonfinite, pick_micro_batch, reload_before_streak, split_after_oom
 from trainer.interrupts import StopRequests
-from trainer.faults import (clear_cache_if_due, is_nonfinite, pick_micro_batch, recover_from_oom,
-                            reload_before_streak, skip_update)
-from trainer.lifecycle import RunResult, run
-from trainer.memory import FaultInjector, is_out_of_memory, memory_report
-from trainer.model import build_model, build_optimizer, count_parameters
-from trainer.recorder import EVENT_SCALER_SKIP, NullRecorder, Recorder
-from trainer.resume import ResumePlan, plan_resume, resume_notes
-from trainer.schedule import lr_at
-from trainer.snapshot import restore
+from trainer.memory import FaultInjector, clear_cache_if_due, is_out_of_memory, memory_report
+from trainer.metrics import perplexity
+from trainer.model import build_model, build_optimizer, count_parameters, next_token_loss
+from trainer.recorder import EVENT_SCALER_SKIP, Recorder
+from trainer.schedule import lr_at, steps_per_epoch, total_steps
 from trainer.state import TrainState
-from trainer.store import CheckpointStore
+
+TIME = "time"     # a Halt's cause when the time budget or deadline is near
 
 
-def train(cfg: TrainConfig, recorder: Recorder | None = None, *, data: PreparedData | None = None,
-          resume: str | None = None, log=print) -> RunResult:
-    """Train one model as ``cfg`` says; report everything to ``recorder``.
+@dataclass(frozen=True)
+class Halt:
+    """Why the steps stopped before the end."""
 
-    ``resume`` overrides ``cfg.resume``. Raises TrainingInterrupted after a signal, once
-    the emergency checkpoint is complete (see trainer.errors for the exit codes).
-    """
-    if resume is not None:
-        cfg = cfg.replace(resume=str(resume))
-    cfg.check()
-    clock = StopClock(seconds_allowed(cfg.time_budget, cfg.deadline))   # the budget counts from here
-    placement = place(cfg)
-    plan = plan_resume(cfg)              # before the data: a bad --resume answers at once
-    data = data or prepare_data(cfg, log=log)
-    with StopRequests().installed() as stops:
-        trainer = Trainer(cfg, data, placement, recorder or NullRecorder(), stops, clock, log=log)
-        trainer.restore(plan)
-        return run(trainer)
+    cause: str               # TIME, or the signal: "SIGTERM", "SIGINT", "KeyboardInterrupt"
+    mid_step: bool = False   # cut inside a step: the weights and the data position disagree
+
+
+class StepResult(NamedTuple):
+    loss: float
+    grad_norm: float
+    lr: float
+    reload: bool             # a streak of non-finite steps calls for a reload (trainer.faults)
 
 
 class Trainer:
+    """One run's model, optimizer, data position and checkpoints, stepped by ``run_steps``."""
+
     def __init__(self, cfg: TrainConfig, data: PreparedData, placement: Placement, recorder: Recorder,
                  stops: StopRequests, clock: StopClock, log=print):
         self.cfg, self.data, self.placement, self.recorder, self.log = cfg, data, placement, recorder, log
@@ -70,29 +68,23 @@ class Trainer:
         self.train_blocks = PackedBlocks(data.train, cfg.block_size)
         self.val_blocks = PackedBlocks(data.val, cfg.block_size)
         self._check_data_fits()
-        self.steps_per_epoch = len(self.train_blocks) // cfg.effective_batch
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.max_steps:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.steps_per_epoch = steps_per_epoch(len(data.train), cfg)
+        self.total_steps = total_steps(len(data.train), cfg)
         self.model = build_model(cfg, data.vocab_size, data.tokenizer.eos_token_id).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = placement.grad_scaler()
         self.state = TrainState(micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum)
         self.out_dir = Path(cfg.out_dir)
         self.store = CheckpointStore(self.out_dir / "checkpoints", cfg, recorder, log) if self.is_main else None
-        self.plan = ResumePlan(None, None, "fresh start")
-        self.resume_notes: list[str] = []
         self.tokens_per_s = math.nan
         self.faults = FaultInjector.from_env()   # TRAINER_INJECT_OOM / TRAINER_INJECT_NAN (trainer.memory)
-        self.reload_after_streak = False
-        self.in_step = False            # True while the model and the data position disagree
         self.steps_taken = 0            # optimizer steps taken by this process (a step may be retaken)
         self._order: tuple[int, np.ndarray] | None = None
         if cfg.auto_micro_batch:
-            pick_micro_batch(self)
+            self.state.micro_batch, self.state.grad_accum = pick_micro_batch(
+                self.model, self.train_blocks, placement, self.state.split, log)
         self.log(memory_report(self.device))
-        n = count_parameters(self.model)
-        self._checkpoint_bytes = 4 * n * (3 if cfg.save_optimizer_state else 1)
+        self._checkpoint_bytes = 4 * count_parameters(self.model) * (3 if cfg.save_optimizer_state else 1)
 
     def _check_data_fits(self) -> None:
         cfg = self.cfg
@@ -106,54 +98,59 @@ class Trainer:
                             "use a larger --val-fraction or a smaller --block-size")
 
     # -- resume -----------------------------------------------------------------------
-    def restore(self, plan: ResumePlan) -> None:
-        """Continue from ``plan.path`` (verified again as it is read), or start fresh."""
-        self.plan = plan
+    def restore(self, plan: ResumePlan) -> list[str]:
+        """Continue from ``plan.path`` (verified again as it is read), or start fresh.
+
+        Returns the warnings of a resume: what makes it differ from an uninterrupted run.
+        """
         if plan.path is None:
             if self.cfg.resume == "auto":
                 self.log(plan.reason)
             if self.store:
                 self.store.open(None)
-            return
-        snapshot = read_checkpoint(plan.path)
-        self.state = restore(snapshot, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
-                             where=f"checkpoint {plan.path}")
-        saved = snapshot.state[KEY_CONFIG]
+            return []
+        self.state, saved = load_checkpoint(plan.path, model=self.model, optimizer=self.optimizer,
+                                            scaler=self.scaler)
         # The run may have lowered its micro-batch (memory); keep that unless the settings changed.
-        split = (self.state.micro_batch, self.state.grad_accum)
         if (saved.get("micro_batch"), saved.get("grad_accum")) != (self.cfg.micro_batch, self.cfg.grad_accum) \
-                or split[0] * split[1] != self.cfg.effective_batch:
+                or self.state.micro_batch * self.state.grad_accum != self.cfg.effective_batch:
             self.state.micro_batch, self.state.grad_accum = self.cfg.micro_batch, self.cfg.grad_accum
-        self.resume_notes = resume_notes(plan, saved, self.cfg)
+        notes = resume_notes(plan, saved, self.cfg)
         if self.store:
             self.store.open(plan.path)
         self.log(f"resuming from {plan.path}: {plan.reason}")
-        for note in self.resume_notes:
+        for note in notes:
             self.log(f"warning: {note}")
+        return notes
 
     # -- the steps ------------------------------------------------------------------------
-    def train_steps(self) -> str | None:
-        """Steps until the end; returns why it stopped early ("signal", "time") or None."""
-        cfg, state = self.cfg, self.state
-        bar = tqdm(total=self.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
-                   disable=not (cfg.progress and self.is_main))
+    def run_steps(self) -> Halt | None:
+        """Steps until the end (None), or until a signal or the time limit says stop (a Halt).
+
+        Raises StopTraining when a recorder prunes the run or a fault ends it.
+        """
+        bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.cfg.progress and self.is_main))
+        in_step = False
         try:
-            while state.step < self.total_steps and state.epoch < cfg.epochs:
-                halt = self._halt_reason()
+            while self.state.step < self.total_steps and self.state.epoch < self.cfg.epochs:
+                halt = self._halt()
                 if halt:
                     return halt
                 if self._epoch_used_up():       # resumed from a step whose epoch end did not finish
                     self._end_epoch()
                     continue
                 started = time.perf_counter()
-                self.in_step = True
+                in_step = True                  # until _advance the weights are ahead of the position
                 sample_ids = self._next_sample_ids()
-                loss, grad_norm, lr = self.optimizer_step(sample_ids)
+                step = self.optimizer_step(sample_ids)
                 self.steps_taken += 1
-                self._advance(len(sample_ids), loss, time.perf_counter() - started)
-                self.in_step = False
-                self._after_step(bar, loss, grad_norm, lr)
+                self._advance(len(sample_ids), step.loss, time.perf_counter() - started)
+                in_step = False
+                self._after_step(bar, step)
                 self.clock.record_step(time.perf_counter() - started)
+        except KeyboardInterrupt:
+            return Halt("KeyboardInterrupt", mid_step=in_step)
         finally:
             bar.close()
         return None
@@ -164,8 +161,8 @@ class Trainer:
             self._order = (state.epoch, self.train_blocks.epoch_order(self.cfg.seed, state.epoch))
         return self._order[1][state.sample_pos:state.sample_pos + self.cfg.effective_batch]
 
-    def optimizer_step(self, sample_ids: np.ndarray) -> tuple[float, float, float]:
-        """One optimizer step over len(sample_ids) sequences; returns (loss, grad norm, lr).
+    def optimizer_step(self, sample_ids: np.ndarray) -> StepResult:
+        """One optimizer step over len(sample_ids) sequences.
 
         Out of memory: the micro-batch is halved and the whole step redone (trainer.faults).
         """
@@ -175,9 +172,12 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
                 if not is_out_of_memory(exc):
                     raise
-                recover_from_oom(self, exc)
+                self.optimizer.zero_grad(set_to_none=True)   # the failed step's half-accumulated gradients
+                self.state.micro_batch, self.state.grad_accum = split_after_oom(
+                    self.state.split, self.state.step + 1, exc, self.recorder, self.log)
+                self.state.oom_recoveries += 1
 
-    def _optimizer_step(self, sample_ids: np.ndarray) -> tuple[float, float, float]:
+    def _optimizer_step(self, sample_ids: np.ndarray) -> StepResult:
         cfg, model, step = self.cfg, self.model, self.state.step + 1
         lr = lr_at(self.state.step, cfg, self.total_steps) * self.state.lr_scale
         for group in self.optimizer.param_groups:
@@ -186,13 +186,10 @@ class Trainer:
         total_loss = 0.0
         for i, ids in enumerate(micro_batches):
             batch = self.train_blocks.get(ids).to(self.device, non_blocking=True)  # (B, T+1)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
             if i == len(micro_batches) - 1:
                 self.faults.before_forward(step)  # injected OOM: earlier micro-batches' gradients exist
-            with self.placement.autocast():
-                logits = model(input_ids=inputs).logits                           # (B, T, vocab)
-            # The loss in fp32 whatever the autocast dtype; averaged over the micro-batches.
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / len(micro_batches)
+            # Averaged over the micro-batches: the gradient is that of the whole step's mean loss.
+            loss = next_token_loss(model, batch, self.placement.autocast) / len(micro_batches)
             loss = self.faults.corrupt_loss(step, loss)
             self.scaler.scale(loss).backward()
             total_loss += loss.item()
@@ -200,15 +197,16 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-        if is_nonfinite(self, total_loss, grad_norm):
+        reload = False
+        if is_nonfinite(total_loss, grad_norm, self.scaler.is_enabled()):
             self.scaler.update()   # no step: the update is skipped, the weights stay finite
-            skip_update(self, total_loss, grad_norm)
+            reload = count_nonfinite(self.state, total_loss, grad_norm, cfg.max_nonfinite_steps, self.recorder)
         else:
             self._apply_update()
         self.optimizer.zero_grad(set_to_none=True)
         self.faults.after_step(step)
         self.state.step += 1
-        return total_loss, grad_norm, lr
+        return StepResult(total_loss, grad_norm, lr, reload)
 
     def _apply_update(self) -> None:
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
@@ -228,12 +226,13 @@ class Trainer:
         state.epoch_seconds += seconds
         self.tokens_per_s = n_samples * self.cfg.block_size / seconds
 
-    def _after_step(self, bar: tqdm, loss: float, grad_norm: float, lr: float) -> None:
+    def _after_step(self, bar: tqdm, step: StepResult) -> None:
         cfg, state = self.cfg, self.state
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens_per_s:,.0f}", refresh=False)
+        bar.set_postfix(loss=f"{step.loss:.3f}", lr=f"{step.lr:.2e}", tok_s=f"{self.tokens_per_s:,.0f}",
+                        refresh=False)
         if state.step % cfg.log_every == 0:
-            self.recorder.log_step(state.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+            self.recorder.log_step(state.step, {"loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm,
                                                 "tokens_per_s": self.tokens_per_s, "epoch": state.epoch,
                                                 "tokens_seen": state.tokens_seen})
         evaluated = state.step % cfg.eval_every == 0
@@ -243,10 +242,10 @@ class Trainer:
         if epoch_ended:
             self._end_epoch()
         self._checkpoint_if_due(evaluated or epoch_ended, epoch_ended)
-        clear_cache_if_due(self)
-        if self.reload_after_streak:
-            self.reload_after_streak = False
-            reload_before_streak(self)
+        clear_cache_if_due(state.step, cfg.clear_cache_every, self.device)
+        if step.reload:     # here, between steps, where the weights and the data position agree
+            self.state = reload_before_streak(state, self.store, model=self.model, optimizer=self.optimizer,
+                                              scaler=self.scaler, recorder=self.recorder, log=self.log)
 
     def _epoch_used_up(self) -> bool:
         return self.state.sample_pos + self.cfg.effective_batch > self.steps_per_epoch * self.cfg.effective_batch
@@ -258,7 +257,7 @@ class Trainer:
         seconds, tokens = state.epoch_seconds, state.sample_pos * self.cfg.block_size
         metrics = {
             "train_loss": float(np.mean(losses)) if losses else math.nan,
-            "val_loss": val_loss, "val_ppl": _perplexity(val_loss),
+            "val_loss": val_loss, "val_ppl": perplexity(val_loss),
             "lr": self.optimizer.param_groups[0]["lr"], "step": state.step,
             "epoch_seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
             **memory_snapshot(self.device),
@@ -278,10 +277,7 @@ class Trainer:
         total, count = 0.0, 0
         for ids in self.val_blocks.sequential(self.state.micro_batch, self.cfg.eval_batches):
             batch = self.val_blocks.get(ids).to(self.device)
-            with self.placement.autocast():
-                logits = self.model(input_ids=batch[:, :-1]).logits
-            total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(),
-                                     reduction="sum").item()
+            total += next_token_loss(self.model, batch, self.placement.autocast, reduction="sum").item()
             count += batch[:, 1:].numel()
         self.model.train()
         return total / count
@@ -298,7 +294,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         state.epoch_seconds += seconds
         self.clock.record_eval(seconds)
-        self.recorder.log_eval(state.step, state.epoch, {"val_loss": val_loss, "val_ppl": _perplexity(val_loss)})
+        self.recorder.log_eval(state.step, state.epoch, {"val_loss": val_loss, "val_ppl": perplexity(val_loss)})
         return val_loss
 
     # -- checkpoints and stopping ---------------------------------------------------------
@@ -320,18 +316,16 @@ class Trainer:
         return self.store.save(kind, self.steps_taken, model=self.model, optimizer=self.optimizer,
                                scaler=self.scaler, state=self.state, config=self.cfg.to_dict())
 
-    def _halt_reason(self) -> str | None:
+    def _halt(self) -> Halt | None:
         if self.stops.requested:
-            return "signal"
-        if self.clock.remaining() <= self.time_needed():
-            return "time"
+            return Halt(self.stops.signal_name)
+        if self.clock.should_stop(self._eval_due_next(), self._checkpoint_bytes):
+            return Halt(TIME)
         return None
 
     def time_needed(self) -> float:
         """Seconds one more step (with its evaluation, if due) and a checkpoint would take."""
-        return self.clock.needed((self.state.step + 1) % self.cfg.eval_every == 0, self._checkpoint_bytes)
+        return self.clock.needed(self._eval_due_next(), self._checkpoint_bytes)
 
-
-
-def _perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else math.inf
+    def _eval_due_next(self) -> bool:
+        return (self.state.step + 1) % self.cfg.eval_every == 0

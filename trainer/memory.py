@@ -74,6 +74,12 @@ def _steps(text: str, name: str) -> set[int]:
         raise ConfigError([f"{name}={text!r}: expected optimizer step numbers like 3,7"]) from None
 
 
+def clear_cache_if_due(step: int, every: int, device: torch.device) -> None:
+    """--clear-cache-every N: hand cached GPU memory back to the driver every N optimizer steps."""
+    if every and step % every == 0 and device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def memory_report(device: torch.device) -> str:
     """One line, as the memory guide's check prints it, before training starts."""
     process = psutil.Process().memory_info().rss / MB

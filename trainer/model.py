@@ -1,7 +1,11 @@
-"""The model: Hugging Face's GPT2LMHeadModel, built from the run's config."""
+"""The model: Hugging Face's GPT2LMHeadModel, built from the run's config, and its loss."""
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from trainer.config import TrainConfig
@@ -23,6 +27,20 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadMod
     )
     torch.manual_seed(cfg.seed)
     return GPT2LMHeadModel(gpt2_config)
+
+
+def next_token_loss(model: torch.nn.Module, batch: torch.Tensor,
+                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting each next token of ``batch``, a (B, T+1) tensor of token ids.
+
+    Only the forward pass runs under ``autocast``: the loss is computed in fp32 whatever the
+    autocast dtype. Training, evaluation and the --micro-batch auto probe all use this.
+    """
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    with autocast():
+        logits = model(input_ids=inputs).logits                     # (B, T, vocab)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

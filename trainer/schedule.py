@@ -1,9 +1,26 @@
-"""Learning rate as a pure function of the optimizer step: nothing to save, exact on resume."""
+"""How many optimizer steps a run has, and the learning rate as a pure function of the step:
+nothing to save, exact on resume."""
 from __future__ import annotations
 
 import math
 
 from trainer.config import TrainConfig
+
+
+def steps_per_epoch(train_tokens: int, cfg: TrainConfig) -> int:
+    """Optimizer steps in one pass over a training stream of ``train_tokens`` tokens.
+
+    The stream is cut into blocks of block_size + 1 tokens (trainer.batches.PackedBlocks);
+    a step takes ``cfg.effective_batch`` of them, and the blocks left over are not used.
+    """
+    blocks = max(0, (train_tokens - 1) // cfg.block_size)
+    return blocks // cfg.effective_batch
+
+
+def total_steps(train_tokens: int, cfg: TrainConfig) -> int:
+    """The run's optimizer steps: every epoch's, or ``cfg.max_steps`` if fewer."""
+    total = steps_per_epoch(train_tokens, cfg) * cfg.epochs
+    return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:

@@ -4,9 +4,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+from trainer.files import json_float
 
 _FLOATS = ("best_val_loss", "last_val_loss")
+
+
+class Split(NamedTuple):
+    """An effective batch as ``micro_batch`` sequences per forward pass, ``grad_accum`` passes per step."""
+
+    micro_batch: int
+    grad_accum: int
 
 
 @dataclass
@@ -34,8 +43,8 @@ class TrainState:
         d = asdict(self)
         # JSON has no inf/nan; keep them as strings so the file stays standard JSON.
         for k in _FLOATS:
-            d[k] = _float_to_json(d[k])
-        d["epoch_losses"] = [_float_to_json(x) for x in d["epoch_losses"]]
+            d[k] = json_float(d[k])
+        d["epoch_losses"] = [json_float(x) for x in d["epoch_losses"]]
         return d
 
     @classmethod
@@ -49,10 +58,11 @@ class TrainState:
         return cls(**d)
 
     @property
+    def split(self) -> Split:
+        return Split(self.micro_batch, self.grad_accum)
+
+    @property
     def evaluated_now(self) -> bool:
         """True when the validation loss was measured at the current step."""
         return self.last_eval_step == self.step and math.isfinite(self.last_val_loss)
 
-
-def _float_to_json(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)

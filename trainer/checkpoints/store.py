@@ -16,20 +16,19 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.checkpoint import (KEY_BYTES, KEY_CHECKPOINT, KEY_FILES, MANIFEST_FILE, OLD_PREFIX, STEP_PREFIX,
-                                TMP_PREFIX, CheckpointInfo, SavedCheckpoint, publish, read_manifest, sha256_file,
-                                step_dir_name, write_json_atomic, write_text_atomic)
+from trainer.checkpoints.capture import capture, tensor_sources
+from trainer.checkpoints.format import (OLD_PREFIX, STEP_PREFIX, CheckpointInfo, SaveResult, publish, read_info,
+                                        step_dir_name)
+from trainer.checkpoints.writer import BackgroundWriter
 from trainer.config import TrainConfig
 from trainer.errors import CheckpointError
+from trainer.files import TMP_PREFIX, atomic_write_json, atomic_write_text
 from trainer.recorder import EVENT_CHECKPOINT_DELETED, EVENT_CHECKPOINT_FAILED, Recorder
-from trainer.saver import BackgroundWriter, SaveOutcome
-from trainer.snapshot import capture, tensor_sources
 
 LATEST_FILE = "latest"
 HISTORY_FILE = "training_history.json"
@@ -41,46 +40,31 @@ H_PATH, H_BYTES, H_SHA256, H_DELETED_AT = "path", "bytes", "sha256", "deleted_at
 GB = 1e9
 
 
-@dataclass(frozen=True)
-class Stored:
-    """A complete checkpoint on disk."""
-
-    path: Path
-    info: CheckpointInfo
-    size_bytes: int
-    sha256: str      # of its manifest
-
-    @classmethod
-    def from_saved(cls, saved: SavedCheckpoint) -> "Stored":
-        return cls(saved.path, saved.info, saved.size_bytes, saved.sha256)
-
-
-def scan(root: Path) -> list[Stored]:
-    """Checkpoints with a readable manifest in ``root``, newest first (not hashed: see verify)."""
+def scan(root: Path) -> list[CheckpointInfo]:
+    """Checkpoints with a readable manifest in ``root``, newest first (their files unhashed: see verify)."""
     found = []
     for d in sorted(Path(root).glob(f"{STEP_PREFIX}*")):
         try:
-            manifest = read_manifest(d)
+            found.append(read_info(d))
         except CheckpointError:
             continue     # without a complete manifest, a checkpoint does not exist
-        size = sum(f[KEY_BYTES] for f in manifest[KEY_FILES].values()) + (d / MANIFEST_FILE).stat().st_size
-        found.append(Stored(d, manifest[KEY_CHECKPOINT], size, sha256_file(d / MANIFEST_FILE)))
     return sorted(found, key=newest_first)
 
 
-def newest_first(s: Stored) -> tuple[float, int]:
+def newest_first(c: CheckpointInfo) -> tuple[float, int]:
     # The time written, not the step: after a rewind (--resume PATH to an older one) the
     # checkpoints of the abandoned timeline have higher steps but are older.
-    return (-s.info.written_at, -s.info.step)
+    return (-c.written_at, -c.step)
 
 
-def best_of(stored: list[Stored]) -> Stored | None:
+def best_of(stored: list[CheckpointInfo]) -> CheckpointInfo | None:
     """The lowest validation loss measured at a checkpoint's own step (the newest on ties)."""
-    scored = [s for s in stored if s.info.val_loss is not None]
-    return min(scored, key=lambda s: (s.info.val_loss, newest_first(s))) if scored else None
+    scored = [c for c in stored if c.val_loss is not None]
+    return min(scored, key=lambda c: (c.val_loss, newest_first(c))) if scored else None
 
 
-def plan_rotation(stored: list[Stored], keep: int, max_bytes: float, protected: set[Path]) -> list[Stored]:
+def plan_rotation(stored: list[CheckpointInfo], keep: int, max_bytes: float,
+                  protected: set[Path]) -> list[CheckpointInfo]:
     """The checkpoints to delete: beyond the ``keep`` newest, then the oldest while over budget.
 
     Never the newest, the best, or a protected one.
@@ -107,14 +91,13 @@ class CheckpointStore:
         self.root = Path(root).resolve()
         self.cfg, self.recorder, self.log = cfg, recorder, log
         self.writer = BackgroundWriter()
-        self.last_stall_s = 0.0
         self._last: tuple[int, int, Path] | None = None   # (step, moment, path) of the newest save started
         self._latest_complete: Path | None = None
         self._history: dict[str, Any] = {H_CHECKPOINTS: [], H_EVENTS: []}
         self._budget_warned = False
         self._prepared = False
-        self._done: list[SavedCheckpoint] = []       # recorded, not yet handed to poll's caller
-        self._unrecorded: list[Stored] = []          # published by a run killed before recording them
+        self._done: list[SaveResult] = []            # recorded, not yet handed to poll's caller
+        self._unrecorded: list[CheckpointInfo] = []  # published by a run killed before recording them
 
     def open(self, resumed_from: Path | None) -> None:
         """Clear what killed runs left half-written; continue the history of a resumed run."""
@@ -130,7 +113,7 @@ class CheckpointStore:
             self._unrecorded = [s for s in reversed(scan(self.root)) if not self._live_entries(str(s.path))]
             self._latest_complete = resumed_from
             if resumed_from.parent == self.root:
-                self._last = (read_manifest(resumed_from)[KEY_CHECKPOINT].step, 0, resumed_from)
+                self._last = (read_info(resumed_from).step, 0, resumed_from)
 
     def set_run_id(self, run_id: int | None) -> None:
         self._history[H_RUN_ID] = run_id
@@ -144,7 +127,7 @@ class CheckpointStore:
                 self._mark_deleted(entry, entry["step"])
         for found in self._unrecorded:
             if found.path.is_dir():
-                self._record(SavedCheckpoint(found.path, found.info, found.size_bytes, found.sha256, 0.0))
+                self._record(found)
         self._unrecorded = []
         self._write_history()
 
@@ -166,10 +149,8 @@ class CheckpointStore:
         if not self.cfg.save_optimizer_state:
             capture_args["optimizer"] = None
         path = self.root / step_dir_name(step)
-        started = time.perf_counter()
         self._handle(self.writer.drain(), final=False)    # a second save waits for the first
         self.writer.save(path, lambda buffers: capture(kind=kind, buffers=buffers, **capture_args))
-        self.last_stall_s = time.perf_counter() - started
         self._last = (step, moment, path)
         return str(path)
 
@@ -180,17 +161,22 @@ class CheckpointStore:
             optimizer = optimizer if self.cfg.save_optimizer_state else None
             self.writer.prepare_buffers(tensor_sources(model, optimizer))
 
-    def poll(self) -> list[SavedCheckpoint]:
+    def poll(self) -> list[SaveResult]:
         """Publish, record and rotate the writes that finished; return them. Never blocks."""
         self._handle(self.writer.poll(), final=False)
         done, self._done = self._done, []
         return done
 
-    def drain(self) -> list[SavedCheckpoint]:
+    def drain(self) -> list[SaveResult]:
         """Wait for the write in flight and do the same; raise CheckpointError if it failed."""
         self._handle(self.writer.drain(), final=True)
         done, self._done = self._done, []
         return done
+
+    def newest_before(self, step: int) -> CheckpointInfo | None:
+        """The newest complete checkpoint of a step before ``step``, once the write in flight is done."""
+        self.drain()
+        return next((c for c in scan(self.root) if c.step < step), None)
 
     def event(self, kind: str, step: int, detail: dict[str, Any]) -> None:
         """Record an event in the recorder and in training_history.json."""
@@ -207,12 +193,12 @@ class CheckpointStore:
         return target
 
     # -- after a write -------------------------------------------------------------------
-    def _handle(self, outcomes: list[SaveOutcome], final: bool) -> None:
+    def _handle(self, outcomes: list[SaveResult], final: bool) -> None:
         for outcome in outcomes:
             try:
                 if outcome.error is not None:
                     raise outcome.error
-                self._done.append(self._publish(outcome.prepared))
+                self._done.append(self._publish(outcome))
             except (OSError, CheckpointError) as exc:
                 self.log(f"warning: checkpoint {outcome.path} could not be written: {exc!r}")
                 self.event(EVENT_CHECKPOINT_FAILED, outcome.info.step, {"path": str(outcome.path), "error": repr(exc)})
@@ -220,37 +206,37 @@ class CheckpointStore:
                     raise CheckpointError(f"checkpoint {outcome.path} could not be written ({exc}); the last "
                                           f"complete one is named in {self.root / LATEST_FILE}") from exc
 
-    def _publish(self, prepared: SavedCheckpoint) -> SavedCheckpoint:
+    def _publish(self, prepared: SaveResult) -> SaveResult:
         """Record a written checkpoint, then rename it into place, then rotate.
 
         In this order a kill leaves nothing unrecorded: the recorder's call also stores the
         step metrics the checkpoint holds, and what was recorded but never renamed is
         marked deleted by the next resume (it is in training_history.json).
         """
-        self._record(prepared)
+        self._record(prepared.info)
         try:
             saved = publish(prepared)
         except OSError:
             self._forget(prepared.path, prepared.info.step)
             raise
         # Hints, so not fsynced (a resume checks manifests, and records what history missed).
-        write_text_atomic(self.root / LATEST_FILE, saved.path.name + "\n", durable=False)
+        atomic_write_text(self.root / LATEST_FILE, saved.path.name + "\n")
         self._latest_complete = saved.path
         self._rotate(saved)
         self._write_history()
         return saved
 
-    def _record(self, saved: SavedCheckpoint) -> None:
-        path, info = str(saved.path), saved.info
+    def _record(self, info: CheckpointInfo) -> None:
+        path = str(info.path)
         for entry in self._live_entries(path):     # a checkpoint of this step is being replaced
             self._mark_deleted(entry, info.step)
-        self._history[H_CHECKPOINTS].append({**asdict(info), "name": saved.path.name, H_PATH: path,
-                                             H_BYTES: saved.size_bytes, H_SHA256: saved.sha256,
+        self._history[H_CHECKPOINTS].append({**info.manifest_fields(), "name": info.path.name, H_PATH: path,
+                                             H_BYTES: info.size_bytes, H_SHA256: info.sha256,
                                              H_DELETED_AT: None})
         self._write_history()
-        self.recorder.log_checkpoint(path, info.kind, info.step, info.val_loss, saved.size_bytes, saved.sha256)
+        self.recorder.log_checkpoint(path, info.kind, info.step, info.val_loss, info.size_bytes, info.sha256)
 
-    def _rotate(self, newest: SavedCheckpoint) -> None:
+    def _rotate(self, newest: SaveResult) -> None:
         stored = scan(self.root)
         protected = {newest.path} | ({self.writer.in_flight} if self.writer.in_flight else set())
         doomed = plan_rotation(stored, self.cfg.keep_checkpoints, self.cfg.max_checkpoint_gb * GB, protected)
@@ -267,12 +253,12 @@ class CheckpointStore:
         self._history[H_BEST] = best.path.name if best else None
         self._history[H_LATEST] = newest.path.name
 
-    def _delete(self, doomed: Stored) -> None:
+    def _delete(self, doomed: CheckpointInfo) -> None:
         # Renamed first: a half-deleted directory must never look like a checkpoint.
         aside = doomed.path.with_name(f"{OLD_PREFIX}{doomed.path.name}-{os.getpid()}")
         os.replace(doomed.path, aside)
         shutil.rmtree(aside, ignore_errors=True)
-        self._forget(doomed.path, doomed.info.step)
+        self._forget(doomed.path, doomed.step)
 
     def _forget(self, path: Path, step: int) -> None:
         """Record that the checkpoint at ``path`` is gone."""
@@ -290,7 +276,7 @@ class CheckpointStore:
         self.recorder.log_event(EVENT_CHECKPOINT_DELETED, step, {"path": entry[H_PATH]})
 
     def _write_history(self) -> None:
-        write_json_atomic(self.root / HISTORY_FILE, self._history, durable=False)
+        atomic_write_json(self.root / HISTORY_FILE, self._history)
 
 
 def _read_history(*candidates: Path) -> dict[str, Any]:

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import (KEY_CHECKPOINT, KEY_CONFIG, MANIFEST_FILE, STATE_FILE, STEP_PREFIX, CheckpointInfo,
-                                read_manifest, verify_checkpoint)
+from trainer.checkpoints.format import (KEY_CHECKPOINT, KEY_CONFIG, MANIFEST_FILE, STATE_FILE, STEP_PREFIX,
+                                        CheckpointInfo, read_manifest, verify_checkpoint)
+from trainer.checkpoints.store import CheckpointStore, newest_first, scan
 from trainer.config import TrainConfig, flag
 from trainer.errors import CheckpointError, ConfigError
 from trainer.recorder import EVENT_CORRUPT_CHECKPOINT, EVENT_RESUME_CHECKPOINT
-from trainer.store import CheckpointStore, Stored, newest_first, scan
 
 # Settings that must match for a checkpoint's weights to fit the model.
 ARCHITECTURE_KEYS = ("n_layer", "n_embd", "n_head", "block_size", "tokenizer", "vocab_size")
@@ -97,13 +97,13 @@ def _newest_valid(cfg: TrainConfig) -> ResumePlan:
             corrupt.append((c.path, str(exc)))
             continue
         reason = (f"the newest valid of {len(candidates)} checkpoint(s) found in {where} (written "
-                  f"{_age(c.info.written_at)}; step {c.info.step}, epoch {c.info.epoch})")
-        return ResumePlan(c.path.resolve(), c.info, reason, tuple(corrupt), tuple(passed_over))
+                  f"{_age(c.written_at)}; step {c.step}, epoch {c.epoch})")
+        return ResumePlan(c.path.resolve(), c, reason, tuple(corrupt), tuple(passed_over))
     reason = f"--resume auto found no valid checkpoint in {where}; starting fresh"
     return ResumePlan(None, None, reason, tuple(corrupt), tuple(passed_over))
 
 
-def _search(cfg: TrainConfig) -> tuple[list[Stored], list[tuple[str, str]]]:
+def _search(cfg: TrainConfig) -> tuple[list[CheckpointInfo], list[tuple[str, str]]]:
     """Checkpoints of this model under the --resume-from directories, and those passed over."""
     found, skipped = [], []
     own_root = checkpoints_root(cfg).resolve()
@@ -120,7 +120,7 @@ def _search(cfg: TrainConfig) -> tuple[list[Stored], list[tuple[str, str]]]:
             if mismatch:
                 skipped.append((str(d), f"another model ({mismatch})"))
             else:
-                found.append(Stored(d, info, 0, ""))
+                found.append(info)
     return found, skipped
 
 
@@ -146,7 +146,7 @@ def _broken_manifests(root: Path) -> list[Path]:
     return broken
 
 
-def _check_own_fit(cfg: TrainConfig, own: list[Stored]) -> None:
+def _check_own_fit(cfg: TrainConfig, own: list[CheckpointInfo]) -> None:
     """Checkpoints in --out of another model are an error: resuming fresh would rotate them away."""
     for c in own:
         try:

@@ -5,17 +5,19 @@ coordinates and intermediate values (pruning), next to the table of trials and t
 per trial (its run id, Optuna state, run status, value, parameters) and, for each Optuna plot,
 either nothing or the note that replaces it (too few trials, nothing reported). The renderer
 (``dashboards.report_html``) asks ``optuna.visualization`` for the plots that have no note.
+There is no PNG report: Optuna's plots are interactive plotly figures.
 """
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import pandas as pd
 
 from dashboards.errors import ReportError
+from trainer.files import finite_or_none
+from trainer.metrics import perplexity
 
 RUN_ID_ATTR = "run_id"          # the user attribute by which studies link a trial to its run
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
@@ -76,14 +78,14 @@ def trial_row(trial: Any, run: pd.Series | None) -> TrialRow:
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id is None and run is not None:
         run_id = run["run_id"]
-    value = _finite(trial.value)
+    value = finite_or_none(trial.value)
     if value is None and run is not None:        # a pruned trial has no value; its run a best loss
-        value = _finite(run.get("best_val_loss"))
+        value = finite_or_none(run.get("best_val_loss"))
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     note = trial.user_attrs.get("fail_reason") or (run.get("status_reason") if run is not None else None)
     return TrialRow(int(trial.number), None if run_id is None else int(run_id), _state(trial),
                     None if run is None else str(run["status"]), value,
-                    None if value is None else math.exp(min(value, 700.0)), duration,
+                    None if value is None else perplexity(value), duration,
                     tuple(sorted(trial.params.items())), "" if _missing(note) else str(note))
 
 
@@ -152,19 +154,6 @@ def fetch_report(db: Any, study_name: str, storage: str) -> tuple[ReportData, An
                         db.study(study_name)), study
 
 
-def write_report(db_url: str | os.PathLike, study_name: str, out: str | os.PathLike,
-                 storage: str | None = None, plotlyjs: str = "directory") -> Path:
-    from dashboards.report_html import render_report
-    from dashboards.source import open_existing
-
-    with open_existing(db_url, "db_url") as db:
-        data, study = fetch_report(db, study_name, storage or db.url)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    render_report(data, study, out, plotlyjs)
-    return out
-
-
 def _root_cause(e: BaseException) -> str:
     while e.__cause__ is not None:
         e = e.__cause__
@@ -173,10 +162,6 @@ def _root_cause(e: BaseException) -> str:
 
 def _state(trial: Any) -> str:
     return trial.state.name.lower()
-
-
-def _finite(value: Any) -> float | None:
-    return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
 def _missing(value: Any) -> bool:

@@ -18,36 +18,31 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, LogFormatter, LogLocator, MaxNLocator
 
 from dashboards.output import emit
-from dashboards.records import Marker, Panel, RunDashboardData, Series
+from dashboards.run_records import Marker, Panel, RunDashboardData, Series
+from dashboards.style import DPI, FIGURE_WIDTH_IN, NOTE_COLOR, ROLE_COLORS, event_style
 
-DPI = 150
-FIGSIZE = (18, 10)    # inches: 2700 x 1500 pixels at 150 dpi
+FIGSIZE = (FIGURE_WIDTH_IN, 10)    # inches: 2700 x 1500 pixels at 150 dpi
 GRID = dict(left=0.045, right=0.99, bottom=0.055, top=0.885, wspace=0.2, hspace=0.3)
 PNG_OPTIONS = dict(format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
 MAX_LINE_MARKERS = 150
 HEADROOM = 0.12       # fraction of the data range left free above and below the data
 
-# role -> how to draw it; "kind" picks the Axes method
+# role -> how to draw it (its colour: dashboards.style); "kind" picks the Axes method
 STYLES: dict[str, dict[str, Any]] = {
-    "train_step": dict(kind="plot", color="tab:blue", lw=0.8, alpha=0.5),
-    "train_smooth": dict(kind="plot", color="tab:blue", lw=1.6),
-    "train_epoch": dict(kind="plot", color="navy", marker="o", ls="none", ms=6, zorder=3),
-    "val": dict(kind="plot", color="tab:orange", marker="o", ms=4, lw=1.6, zorder=4),
-    "lr": dict(kind="plot", color="tab:green", lw=1.4),
-    "grad": dict(kind="plot", color="tab:purple", lw=0.8),
-    "clip": dict(kind="axhline", color="tab:red", ls="--", lw=1.2),
-    "epoch_seconds": dict(kind="bar", color="tab:cyan", width=0.8, edgecolor="black", lw=0.5),
-    "mem_allocated": dict(kind="plot", color="tab:blue", marker="o", ms=4),
-    "mem_reserved": dict(kind="plot", color="tab:orange", marker="s", ms=4),
-    "mem_peak": dict(kind="plot", color="tab:red", marker="^", ms=4),
-    "mem_process": dict(kind="plot", color="tab:brown", marker="o", ms=4),
+    "train_step": dict(kind="plot", lw=0.8, alpha=0.5),
+    "train_smooth": dict(kind="plot", lw=1.6),
+    "train_epoch": dict(kind="plot", marker="o", ls="none", ms=6, zorder=3),
+    "val": dict(kind="plot", marker="o", ms=4, lw=1.6, zorder=4),
+    "lr": dict(kind="plot", lw=1.4),
+    "grad": dict(kind="plot", lw=0.8),
+    "clip": dict(kind="axhline", ls="--", lw=1.2),
+    "epoch_seconds": dict(kind="bar", width=0.8, edgecolor="black", lw=0.5),
+    "mem_allocated": dict(kind="plot", marker="o", ms=4),
+    "mem_reserved": dict(kind="plot", marker="s", ms=4),
+    "mem_peak": dict(kind="plot", marker="^", ms=4),
+    "mem_process": dict(kind="plot", marker="o", ms=4),
 }
-MARKER_STYLES: dict[str, dict[str, Any]] = {
-    "resume": dict(color="tab:green", ls=":", lw=1.4, label="resume"),
-    "oom": dict(color="tab:red", ls="--", lw=1.2, label="out of memory"),
-    "nonfinite": dict(color="magenta", ls="-.", lw=1.0, label="non-finite loss/grad"),
-    "best": dict(color="goldenrod", ls="-", lw=1.8, label="best checkpoint"),
-}
+MARKER_WIDTHS = {"resume": 1.4, "oom": 1.2, "nonfinite": 1.0, "best": 1.8}   # event -> line width
 
 
 def render_run_dashboard(data: RunDashboardData, out: str | os.PathLike | IO[bytes]) -> None:
@@ -81,7 +76,7 @@ def draw_panel(ax: Axes, panel: Panel) -> None:
 
 
 def draw_series(ax: Axes, s: Series) -> None:
-    style = dict(STYLES[s.role])
+    style = dict(STYLES[s.role], color=ROLE_COLORS[s.role])
     kind = style.pop("kind")
     if kind == "axhline":
         ax.axhline(s.y[0], label=s.label, **style)
@@ -99,11 +94,11 @@ def draw_markers(ax: Axes, markers: tuple[Marker, ...], legend: bool) -> None:
     """Vertical lines at event steps; labelled (once per kind) only where ``legend`` is set."""
     labelled: set[str] = set()
     for m in markers:
-        style = dict(MARKER_STYLES.get(m.kind, dict(color="gray", ls=":", label=m.kind)))
-        label = style.pop("label")
+        style = event_style(m.kind)
         show = legend and m.kind not in labelled
         labelled.add(m.kind)
-        ax.axvline(m.step, alpha=0.8, label=label if show else None, **style)
+        ax.axvline(m.step, color=style.color, ls=style.mpl_dash, lw=MARKER_WIDTHS.get(m.kind, 1.5), alpha=0.8,
+                   label=style.label if show else None)
 
 
 def finish_axes(ax: Axes, panel: Panel) -> None:
@@ -170,7 +165,7 @@ def draw_notes(ax: Axes, notes: tuple[str, ...], centred: bool) -> None:
     text = "\n".join(notes)
     if centred:
         ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center",
-                fontsize=12, color="dimgray", style="italic")
+                fontsize=12, color=NOTE_COLOR, style="italic")
     else:
         ax.text(0.02, 0.03, text, transform=ax.transAxes, ha="left", va="bottom", fontsize=8,
-                color="dimgray", bbox=dict(boxstyle="round", fc="white", ec="lightgray", alpha=0.9))
+                color=NOTE_COLOR, bbox=dict(boxstyle="round", fc="white", ec="lightgray", alpha=0.9))

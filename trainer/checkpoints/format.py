@@ -5,6 +5,9 @@ temporary directory and fsynced, the manifest (every file's size and sha256) is 
 last, and the directory is renamed into place. Nothing here unpickles: tensors are
 safetensors, everything else is JSON, and a file that looks like a pickle is refused
 before anything reads it.
+
+The three records of this package are defined here: ``CheckpointInfo`` (what a checkpoint
+is and where), ``Snapshot`` (its content in host memory) and ``SaveResult`` (how a write went).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trainer.errors import CheckpointError
+from trainer.files import TMP_PREFIX, atomic_write_json, fsync_dir
 
 FORMAT_VERSION = 1
 
@@ -37,7 +41,7 @@ REQUIRED_FILES = (MODEL_FILE, RNG_FILE, STATE_FILE)
 # Keys of manifest.json.
 KEY_FORMAT = "format_version"
 KEY_FILES = "files"
-KEY_CHECKPOINT = "checkpoint"      # a CheckpointInfo
+KEY_CHECKPOINT = "checkpoint"      # a CheckpointInfo's manifest fields
 KEY_BYTES = "bytes"
 KEY_SHA256 = "sha256"
 
@@ -50,9 +54,8 @@ KEY_PY_RNG = "python_rng"
 KEY_NP_RNG = "numpy_rng"
 KEY_KIND = "kind"
 
-# Names of directories in a checkpoints folder.
+# Names of directories in a checkpoints folder (temporary ones start with trainer.files.TMP_PREFIX).
 STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"               # being written; never a checkpoint
 OLD_PREFIX = ".old-"               # replaced, being removed
 KINDS = ("periodic", "best", "emergency", "final")
 
@@ -60,10 +63,14 @@ KINDS = ("periodic", "best", "emergency", "final")
 # torch.save's zip archive (a pickle inside).
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
+# The CheckpointInfo fields a manifest holds (the other three describe the copy on disk).
+MANIFEST_FIELDS = ("step", "epoch", "kind", "val_loss", "run_id", "weights_only", "written_at")
+
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a checkpoint is, kept in its manifest so that listing needs no hashing."""
+    """What a checkpoint is. The first seven fields are kept in its manifest, so that listing
+    needs no hashing; the last three say where it is and are known once it is on disk."""
 
     step: int
     epoch: int
@@ -72,6 +79,22 @@ class CheckpointInfo:
     run_id: int | None
     weights_only: bool          # no optimizer state: a resume restarts AdamW
     written_at: float = 0.0     # unix time the manifest was written: orders checkpoints
+    path: Path | None = None
+    size_bytes: int = 0         # every file, the manifest included
+    sha256: str = ""            # of the manifest, which holds every file's sha256
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """The fields written into manifest.json (and the portable JSON's "info")."""
+        return {name: getattr(self, name) for name in MANIFEST_FIELDS}
+
+    @classmethod
+    def from_manifest(cls, fields: dict[str, Any], **where: Any) -> "CheckpointInfo":
+        """Read manifest fields; an unknown one is a TypeError, as for any malformed manifest."""
+        unknown = set(fields) - set(MANIFEST_FIELDS)
+        if unknown:
+            raise TypeError(f"unexpected fields {sorted(unknown)}")
+        return cls(**fields, **where)
+
 
 
 @dataclass
@@ -84,13 +107,18 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
-class SavedCheckpoint:
-    path: Path
+class SaveResult:
+    """One write: the checkpoint (``info.path`` always set), how long it took, and either the
+    temporary directory it waits in until published or the error it failed with."""
+
     info: CheckpointInfo
-    size_bytes: int
-    sha256: str      # of the manifest, which holds every file's sha256
-    seconds: float   # how long the write took
-    tmp: Path | None = None   # where it waits until published (None once it is)
+    seconds: float = 0.0
+    tmp: Path | None = None                # written, not yet renamed into place
+    error: BaseException | None = None     # the write failed; nothing was published
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
 
 
 def step_dir_name(step: int) -> str:
@@ -98,12 +126,12 @@ def step_dir_name(step: int) -> str:
 
 
 # -- writing ---------------------------------------------------------------------------
-def write_checkpoint(path: Path, snapshot: Snapshot) -> SavedCheckpoint:
+def write_checkpoint(path: Path, snapshot: Snapshot) -> CheckpointInfo:
     """Write ``snapshot`` as the checkpoint directory ``path``, atomically; replaces one there."""
-    return publish(prepare_checkpoint(path, snapshot))
+    return publish(prepare_checkpoint(path, snapshot)).info
 
 
-def prepare_checkpoint(path: Path, snapshot: Snapshot) -> SavedCheckpoint:
+def prepare_checkpoint(path: Path, snapshot: Snapshot) -> SaveResult:
     """Write and fsync every file under a temporary name beside ``path``; ``publish`` renames it.
 
     The slow part, safe in any thread. Until published it is not a checkpoint (its name
@@ -117,58 +145,45 @@ def prepare_checkpoint(path: Path, snapshot: Snapshot) -> SavedCheckpoint:
     try:
         for name, tensors in snapshot.tensors.items():
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-        _write_json(tmp / STATE_FILE, snapshot.state)
+        atomic_write_json(tmp / STATE_FILE, snapshot.state, durable=True)
         files = {name: _describe(tmp / name) for name in sorted(os.listdir(tmp))}
         # A fresh capture has no time yet; an imported checkpoint keeps the one it was written at.
         info = snapshot.info if snapshot.info.written_at else replace(snapshot.info, written_at=time.time())
-        _write_json(tmp / MANIFEST_FILE, {KEY_FORMAT: FORMAT_VERSION, KEY_CHECKPOINT: asdict(info),
-                                          KEY_FILES: files})
-        _fsync_dir(tmp)
+        atomic_write_json(tmp / MANIFEST_FILE, {KEY_FORMAT: FORMAT_VERSION, KEY_CHECKPOINT: info.manifest_fields(),
+                                                KEY_FILES: files}, durable=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(f[KEY_BYTES] for f in files.values()) + (tmp / MANIFEST_FILE).stat().st_size
-    return SavedCheckpoint(path, info, size, sha256_file(tmp / MANIFEST_FILE), time.perf_counter() - start,
-                           tmp=tmp)
+    info = replace(info, path=path, size_bytes=size, sha256=sha256_file(tmp / MANIFEST_FILE))
+    return SaveResult(info, time.perf_counter() - start, tmp=tmp)
 
 
-def publish(prepared: SavedCheckpoint) -> SavedCheckpoint:
+def publish(prepared: SaveResult) -> SaveResult:
     """Rename a prepared checkpoint into place: from this moment on it exists."""
     _replace_dir(prepared.tmp, prepared.path)
     return replace(prepared, tmp=None)
 
 
-def write_json_atomic(path: Path, obj: Any, durable: bool = True) -> None:
-    """Replace ``path`` by ``obj`` as JSON: readers see the old file or the new, never half."""
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, allow_nan=False), durable)
-
-
-def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
-    """Atomic replace; ``durable`` also fsyncs, so that a power cut cannot undo it."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        _fsync_dir(path.parent)
-
-
 # -- reading ---------------------------------------------------------------------------
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest, checked for form but not against the files; raises CheckpointError."""
+    """The manifest, checked for form but not against the files; raises CheckpointError.
+
+    Its ``KEY_CHECKPOINT`` entry is a complete CheckpointInfo (path, size and the manifest's sha256).
+    """
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path}: no {MANIFEST_FILE}, so it is incomplete or not a "
                               f"checkpoint of this trainer{_pickle_hint(path)}")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files, info = manifest[KEY_FILES], CheckpointInfo(**manifest[KEY_CHECKPOINT])
-        version = manifest[KEY_FORMAT]
-    except (ValueError, KeyError, TypeError) as exc:
+        raw = manifest_path.read_bytes()
+        manifest = json.loads(raw)
+        files, version = manifest[KEY_FILES], manifest[KEY_FORMAT]
+        size = sum(f[KEY_BYTES] for f in files.values()) + len(raw)
+        info = CheckpointInfo.from_manifest(manifest[KEY_CHECKPOINT], path=path, size_bytes=size,
+                                            sha256=hashlib.sha256(raw).hexdigest())
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint {path}: unreadable {MANIFEST_FILE} ({exc!r})") from exc
     if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: format version {version} is newer than this trainer's "
@@ -240,25 +255,10 @@ def _pickle_hint(path: Path) -> str:
             "arbitrary code")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _describe(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
-        os.fsync(f.fileno())
+        os.fsync(f.fileno())      # safetensors does not fsync what it writes
     return {KEY_BYTES: path.stat().st_size, KEY_SHA256: sha256_file(path)}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -267,5 +267,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+

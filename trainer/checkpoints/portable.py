@@ -17,16 +17,17 @@ from __future__ import annotations
 import base64
 import json
 import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
 
-from trainer.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, TMP_PREFIX, CheckpointInfo,
-                                Snapshot, read_checkpoint, write_checkpoint)
+from trainer.checkpoints.format import (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, CheckpointInfo, Snapshot,
+                                        read_checkpoint, write_checkpoint)
 from trainer.errors import CheckpointError
+from trainer.files import TMP_PREFIX, fsync_dir
 
 FORMAT = "smallgpt-lab-checkpoint"
 FORMAT_VERSION = 1
@@ -49,12 +50,14 @@ def export_json(checkpoint: Path, out: Path, weights_only: bool = False) -> Path
     if weights_only:
         snapshot.tensors.pop(OPTIMIZER_FILE, None)
     info = replace(snapshot.info, weights_only=snapshot.info.weights_only or weights_only)
+    # Streamed rather than through trainer.files.atomic_write_bytes, which would hold the whole
+    # file (a third larger than the weights) in memory; the same temporary name, fsync, replace.
     tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(b'{"%s": "%s", "%s": %d, ' % (KEY_FORMAT.encode(), FORMAT.encode(), KEY_VERSION.encode(),
                                                     FORMAT_VERSION))
-            f.write(f'"{KEY_INFO}": {json.dumps(asdict(info))}, "{KEY_FILES}": {{'.encode())
+            f.write(f'"{KEY_INFO}": {json.dumps(info.manifest_fields())}, "{KEY_FILES}": {{'.encode())
             f.write(f'"{STATE_FILE}": {json.dumps({KEY_JSON: snapshot.state}, allow_nan=False)}'.encode())
             for name, tensors in snapshot.tensors.items():
                 f.write(f', "{name}": '.encode())
@@ -66,6 +69,7 @@ def export_json(checkpoint: Path, out: Path, weights_only: bool = False) -> Path
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(out.parent)
     return out
 
 
@@ -85,7 +89,7 @@ def import_json(source: Path, out: Path) -> Path:
         raise CheckpointError(f"{source} has format version {doc[KEY_VERSION]}, newer than this trainer's "
                               f"({FORMAT_VERSION}); upgrade smallgpt-lab")
     try:
-        files, info = doc[KEY_FILES], CheckpointInfo(**doc[KEY_INFO])
+        files, info = doc[KEY_FILES], CheckpointInfo.from_manifest(doc[KEY_INFO])
         state = files.pop(STATE_FILE)[KEY_JSON]
         unknown = set(files) - {MODEL_FILE, OPTIMIZER_FILE, RNG_FILE}
         if unknown:    # names become file names: only the known ones, never a path

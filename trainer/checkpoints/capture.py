@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.checkpoint import (FORMAT_VERSION, KEY_CONFIG, KEY_FORMAT, KEY_KIND, KEY_NP_RNG,
-                                KEY_OPTIMIZER_GROUPS, KEY_PY_RNG, KEY_SCALER, KEY_STATE, MODEL_FILE,
-                                OPTIMIZER_FILE, RNG_FILE, CheckpointInfo, SavedCheckpoint, Snapshot,
-                                read_checkpoint, write_checkpoint)
+from trainer.checkpoints.format import (FORMAT_VERSION, KEY_CONFIG, KEY_FORMAT, KEY_KIND, KEY_NP_RNG,
+                                        KEY_OPTIMIZER_GROUPS, KEY_PY_RNG, KEY_SCALER, KEY_STATE, MODEL_FILE,
+                                        OPTIMIZER_FILE, RNG_FILE, CheckpointInfo, Snapshot, read_checkpoint,
+                                        write_checkpoint)
 from trainer.errors import CheckpointError
 from trainer.state import TrainState
 
@@ -54,10 +54,6 @@ class HostBuffers:
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
             self._buffers[key] = buf
         return buf
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
 def capture(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -104,14 +100,14 @@ def restore(snapshot: Snapshot, *, model: torch.nn.Module, optimizer: torch.opti
     return TrainState.from_json(meta[KEY_STATE])
 
 
-def save_checkpoint(path: Path, **capture_args: Any) -> SavedCheckpoint:
+def save_checkpoint(path: Path, **capture_args: Any) -> CheckpointInfo:
     """Capture and write in the calling thread (the trainer writes in the background)."""
     return write_checkpoint(path, capture(**capture_args))
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     scaler: torch.amp.GradScaler) -> tuple[TrainState, dict[str, Any]]:
-    """Verify, read and restore a checkpoint; return the train state and the saved config."""
+    """Verify, read and restore a checkpoint into these parts; return its train state and saved config."""
     snapshot = read_checkpoint(Path(path))
     state = restore(snapshot, model=model, optimizer=optimizer, scaler=scaler, where=f"checkpoint {path}")
     return state, snapshot.state[KEY_CONFIG]

@@ -2,8 +2,9 @@
 
 ``build_run_data`` is pure (a run record and DataFrames in, NamedTuples of tuples out), so it
 is tested by equality without a database; ``fetch_run_data`` reads those frames from expdb.
-Renderers (``dashboards.training``, ``dashboards.compare``) draw the records and decide
-nothing about the data: every note, fallback and reduction is decided here.
+Renderers (``dashboards.run_png``, ``dashboards.run_html``) draw the records and decide
+nothing about the data: every note, fallback and reduction is decided here. The records
+themselves live in ``dashboards.run_records`` (``run_meta`` builds the title and markers).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dashboards.records import Marker, Panel, RunDashboardData, Series, Title
+from dashboards.run_records import Marker, Panel, RunDashboardData, Series, Title
 from dashboards.run_meta import build_markers, build_title, human_count, run_config
 from dashboards.series import (MAX_POINTS, column, finite_xy, moving_average, reduce_minmax,
                                smoothing_window)
@@ -128,7 +129,9 @@ def mid_epoch_steps(epochs: pd.DataFrame | None) -> np.ndarray:
 def perplexity_panel(steps, val, max_points: int, exact: bool = True) -> Panel:
     sx, sy, _ = finite_xy(column(steps, "step"), column(steps, "loss"))
     window = smoothing_window(sy.size)
-    with np.errstate(over="ignore"):        # exp of a huge loss is inf, then dropped below
+    # np.exp on whole series is trainer.metrics.perplexity's rule (inf past float64's range),
+    # vectorised; an infinite perplexity is then dropped as non-finite and counted in a note
+    with np.errstate(over="ignore"):
         tx, ty, t_drop = finite_xy(sx, np.exp(moving_average(sy, window)))
         vx, vy, v_drop = finite_xy(val[0], np.exp(val[1]))
     span = window * (sx[-1] - sx[0] + 1) / sx.size if sx.size else 0   # rows may be reduced

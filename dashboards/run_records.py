@@ -1,8 +1,8 @@
 """The plain records a run dashboard is drawn from (NamedTuples of tuples, comparable by ==).
 
-Builders (``dashboards.data``) decide everything about the data: what is drawn, which notes
-a panel shows, how long series are reduced. Renderers (``training`` for PNG, ``run_html`` for
-HTML) only map roles to styles.
+Builders (``dashboards.run_data``) decide everything about the data: what is drawn, which notes
+a panel shows, how long series are reduced. Renderers (``run_png`` for PNG, ``run_html`` for
+HTML) only map roles to styles (``dashboards.style``).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Draw a ``ComparisonData`` as a PNG (matplotlib) or an interactive HTML page (plotly).
+"""Draw a ``ComparisonData`` as a PNG with matplotlib (``compare_html`` draws the HTML page).
 
 Top row: validation curves of the best runs (the rest thin and grey behind them) and the best
 perplexity of every run; below, one scatter per differing hyperparameter against the objective.
@@ -10,63 +10,39 @@ from __future__ import annotations
 import io
 import math
 import os
-from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
-from dashboards.compare_data import OBJECTIVE, ComparisonData, Curve, ParamPoints
+from dashboards.compare_data import OBJECTIVE, ComparisonData, Curve, ParamPoints, shown_notes
 from dashboards.output import emit
+from dashboards.style import DPI, FIGURE_WIDTH_IN, NOTE_COLOR, OTHER_STATE, PARAM_COLS, STATES, state_style
 
-DPI = 150
-PARAM_COLS = 4
-STATES: dict[str, dict[str, Any]] = {   # state -> colour, marker (matplotlib and plotly names)
-    "completed": dict(color="#1f77b4", marker="o", symbol="circle"),
-    "pruned": dict(color="#ff7f0e", marker="X", symbol="x"),
-    "failed": dict(color="#d62728", marker="v", symbol="triangle-down"),
-    "running": dict(color="#2ca02c", marker="^", symbol="triangle-up"),
-    "interrupted": dict(color="#7f7f7f", marker="s", symbol="square"),
-}
-OTHER_STATE = dict(color="#7f7f7f", marker="D", symbol="diamond")
 LINESTYLES = {"completed": "-", "pruned": "--"}
-NO_PARAMS = "no hyperparameter differs between these runs"
 
 
-def state_style(state: str) -> dict[str, Any]:
-    return STATES.get(state, OTHER_STATE)
-
-
-def render_comparison(data: ComparisonData, out: str | os.PathLike | IO[bytes],
-                      fmt: str | None = None, plotlyjs: str = "directory") -> None:
-    """Write PNG or HTML (``fmt``, else the suffix of ``out``; file objects default to PNG)."""
-    fmt = fmt or (Path(out).suffix.lstrip(".").lower() if isinstance(out, (str, os.PathLike)) else "png")
-    if fmt == "html":
-        from dashboards.compare_html import render_comparison_html
-
-        render_comparison_html(data, out, plotlyjs)
-    elif fmt == "png":
-        buf = io.BytesIO()
-        comparison_figure(data).savefig(buf, format="png", dpi=DPI)
-        emit(out, buf.getvalue())
-    else:
-        raise ValueError(f"format {fmt!r}: use png or html")
+def render_comparison_png(data: ComparisonData, out: str | os.PathLike | IO[bytes]) -> None:
+    """Save the comparison as a PNG to a path (atomically) or a binary file object."""
+    buf = io.BytesIO()
+    comparison_figure(data).savefig(buf, format="png", dpi=DPI)
+    emit(out, buf.getvalue())
 
 
 def comparison_figure(data: ComparisonData) -> Figure:
     rows = math.ceil(len(data.params) / PARAM_COLS)
-    fig = Figure(figsize=(18, 6.5 + 3.6 * rows), layout="constrained")
+    fig = Figure(figsize=(FIGURE_WIDTH_IN, 6.5 + 3.6 * rows), layout="constrained")
     grid = fig.add_gridspec(1 + rows, PARAM_COLS, height_ratios=[1.8] + [1] * rows)
     draw_curves(fig.add_subplot(grid[0, :3]), data)
     draw_bests(fig.add_subplot(grid[0, 3]), data)
     for i, p in enumerate(data.params):
         draw_param(fig.add_subplot(grid[1 + i // PARAM_COLS, i % PARAM_COLS]), p, legend=i == 0)
-    notes = data.notes + (() if data.params or not data.trials else (NO_PARAMS,))
+    notes = shown_notes(data)
     fig.suptitle(data.title, fontsize=14)
     if notes:
-        fig.supxlabel("\n".join(notes), fontsize=9, color="dimgray", ha="left", x=0.01)
+        fig.supxlabel("\n".join(notes), fontsize=9, color=NOTE_COLOR, ha="left", x=0.01)
     return fig
 
 
@@ -107,11 +83,11 @@ def draw_bests(ax: Axes, data: ComparisonData) -> None:
         return
     x = np.arange(len(data.trials))
     heights = [have.get(t.run_id, 0.0) for t in data.trials]
-    ax.bar(x, heights, color=[state_style(t.state)["color"] for t in data.trials],
+    ax.bar(x, heights, color=[state_style(t.state).color for t in data.trials],
            edgecolor="black", lw=0.4)
     for xi, t in zip(x, data.trials):
         if t.run_id not in have:
-            ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="dimgray")
+            ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color=NOTE_COLOR)
     ax.set_xticks(x, [t.label for t in data.trials], rotation=90 if len(x) > 12 else 0,
                   fontsize=8 if len(x) > 12 else 9)
     values = list(have.values())
@@ -128,8 +104,8 @@ def draw_param(ax: Axes, p: ParamPoints, legend: bool = True) -> None:
     for state in dict.fromkeys(p.states):
         idx = [i for i, s in enumerate(p.states) if s == state]
         st = state_style(state)
-        ax.scatter([positions[i] for i in idx], [p.objective[i] for i in idx], c=st["color"],
-                   marker=st["marker"], s=36, label=state, edgecolors="black", linewidths=0.3)
+        ax.scatter([positions[i] for i in idx], [p.objective[i] for i in idx], c=st.color,
+                   marker=st.marker, s=36, label=state, edgecolors="black", linewidths=0.3)
     if ticks:
         ax.set_xticks(range(len(ticks)), ticks)
         ax.set_xlim(-0.6, len(ticks) - 0.4)
@@ -156,11 +132,11 @@ def _x_positions(p: ParamPoints) -> tuple[list[float], list[str]]:
 def _state_legend(ax: Axes, states: set[str], kind: str) -> None:
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=state_style(s)["color"], label=s) for s in STATES if s in states]
-    handles += [Patch(color=OTHER_STATE["color"], label=s) for s in sorted(states - set(STATES))]
+    handles = [Patch(color=state_style(s).color, label=s) for s in STATES if s in states]
+    handles += [Patch(color=OTHER_STATE.color, label=s) for s in sorted(states - set(STATES))]
     ax.legend(handles=handles, fontsize=8, loc="upper right", framealpha=0.9)
 
 
 def _centred(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=12,
-            color="dimgray", style="italic")
+            color=NOTE_COLOR, style="italic")

@@ -4,29 +4,21 @@ Training stalls only while the state is copied to host memory; writing, hashing 
 fsyncing happen in a thread, under a temporary name. A second save first waits for the
 write in flight (they share the host buffers). ``poll`` and ``drain`` hand finished
 writes back to the training thread, which records them and then renames them into place
-(trainer.store): recorders are not thread-safe, and a checkpoint must never exist before
-the metrics of the steps it holds are recorded.
+(the store): recorders are not thread-safe, and a checkpoint must never exist before the
+metrics of the steps it holds are recorded.
 """
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from trainer.checkpoint import CheckpointInfo, SavedCheckpoint, Snapshot, prepare_checkpoint
-from trainer.snapshot import HostBuffers
-
-
-@dataclass(frozen=True)
-class SaveOutcome:
-    path: Path
-    info: CheckpointInfo
-    prepared: SavedCheckpoint | None   # written under its temporary name; None when the write failed
-    error: BaseException | None
+from trainer.checkpoints.capture import HostBuffers
+from trainer.checkpoints.format import SaveResult, Snapshot, prepare_checkpoint
 
 
 class BackgroundWriter:
@@ -34,8 +26,8 @@ class BackgroundWriter:
         self.buffers = HostBuffers()
         self._thread: threading.Thread | None = None
         self._in_flight: Path | None = None
-        self._outcome: SaveOutcome | None = None      # set by the thread before it ends
-        self._finished: list[SaveOutcome] = []
+        self._outcome: SaveResult | None = None      # set by the thread before it ends
+        self._finished: list[SaveResult] = []
 
     @property
     def in_flight(self) -> Path | None:
@@ -61,23 +53,23 @@ class BackgroundWriter:
         self._thread.start()
         return stalled
 
-    def poll(self) -> list[SaveOutcome]:
+    def poll(self) -> list[SaveResult]:
         """Outcomes of the writes finished since the last call; never blocks."""
         if self._thread is not None and not self._thread.is_alive():
             self._join()
         finished, self._finished = self._finished, []
         return finished
 
-    def drain(self) -> list[SaveOutcome]:
+    def drain(self) -> list[SaveResult]:
         """Wait for the write in flight; return every outcome not yet handed back."""
         self._join()
         return self.poll()
 
     def _write(self, path: Path, snapshot: Snapshot) -> None:
         try:
-            self._outcome = SaveOutcome(path, snapshot.info, prepare_checkpoint(path, snapshot), None)
+            self._outcome = prepare_checkpoint(path, snapshot)
         except BaseException as exc:   # handed to the training thread, which reports it
-            self._outcome = SaveOutcome(path, snapshot.info, None, exc)
+            self._outcome = SaveResult(replace(snapshot.info, path=path), error=exc)
 
     def _join(self) -> None:
         if self._thread is None:

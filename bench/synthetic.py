@@ -1,6 +1,7 @@
 """Synthetic runs written through expdb's recorder, for tests, benchmarks and demonstrations.
 
-    python -m dashboards.synthetic --db long.db --steps 1000000 [--resume-at 400000]
+    python -m bench.synthetic --db long.db --steps 1000000 [--resume-at 400000]
+    python -m dashboards --db long.db --run 1 --out long.png
 
 The run looks like training: a decaying noisy loss with a few spikes, warmup then cosine
 learning rate, a gradient norm with blow-ups, an evaluation every ``eval_every`` steps, one
@@ -16,6 +17,8 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+
+from trainer.metrics import perplexity
 
 CONFIG = dict(n_layer=8, n_embd=256, n_head=8, block_size=512, lr=5e-4, micro_batch=8,
               grad_accum=8, grad_clip=1.0, precision="fp16", warmup_steps=500)
@@ -79,7 +82,7 @@ def _log_session(rec: Any, c: dict[str, np.ndarray], first: int, last: int, eval
             rec.log_event("oom", step, {"micro_batch": 16, "retry_micro_batch": 8})
         if step % eval_every == 0 or step == last:
             val = 0.1 + float(np.mean(loss[max(0, i - eval_every + 1): i + 1]))
-            rec.log_eval(step, epoch, dict(val_loss=val, val_ppl=math.exp(val)))
+            rec.log_eval(step, epoch, dict(val_loss=val, val_ppl=perplexity(val)))
             if val < best:
                 best = val
                 rec.log_checkpoint("best", "best", step, val, 100_000_000, "0" * 64)
@@ -152,7 +155,7 @@ def _trial_session(rec: Any, trial: Any, params: dict[str, Any], stop: int, eval
         rec.log_step(step, dict(loss=loss, lr=params["lr"], grad_norm=1.0 / step ** 0.5, epoch=0))
         if step % eval_every == 0:
             val = loss + 0.1
-            rec.log_eval(step, 0, dict(val_loss=val, val_ppl=math.exp(val)))
+            rec.log_eval(step, 0, dict(val_loss=val, val_ppl=perplexity(val)))
             trial.report(val, step)
             best = min(best, val)
     rec.log_epoch(0, dict(step=stop, train_loss=floor + 1, val_loss=best, epoch_seconds=1.0,
@@ -161,7 +164,7 @@ def _trial_session(rec: Any, trial: Any, params: dict[str, Any], stop: int, eval
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dashboards.synthetic", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db", required=True, help="Experiment database to write into (created).")
     p.add_argument("--steps", type=int, default=100_000, help="Optimizer steps (default 100000).")

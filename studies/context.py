@@ -1,0 +1,58 @@
+"""What the runner, its workers and each trial share: the study's context and a trial's outcome.
+
+The runner builds one StudyContext, checked once; every worker thread reads it, and each
+trial it runs adds a TrialOutcome to it. A module of its own so that the worker loop and
+the trial both import it, and neither imports the other for it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from studies.lock import StudyLock
+from studies.space import Param
+from trainer.clock import SimulatedTime
+from trainer.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    number: int
+    state: str               # complete, pruned, fail, interrupted (left running, to be continued)
+    value: float | None
+    run_id: int | None
+    reason: str | None = None
+
+
+@dataclass
+class StudyContext:
+    """Everything a worker needs, built and checked once by the runner."""
+
+    study: optuna.Study
+    storage_url: str
+    db: Any                       # expdb.ExperimentDB
+    base: TrainConfig
+    space: list[Param]
+    data: Any                     # trainer.data.PreparedData, shared by all trials
+    study_name: str
+    out_dir: Path
+    n_trials: int
+    lock: StudyLock
+    max_failures: int = 3
+    stale_after_s: float = 300.0
+    deadline: dt.datetime | None = None     # --time-budget: the session's end (timezone-aware)
+    stop_starting_at: float | None = None   # --timeout, a reading of the study's clock (below)
+    time_source: SimulatedTime | None = None   # tests: simulated time (trainer.clock); None: real time
+    log: Callable[..., None] = print
+    failures: int = 0
+    outcomes: list[TrialOutcome] = field(default_factory=list)
+
+    def trial_config(self, number: int, values: dict[str, Any]) -> TrainConfig:
+        """The trial's run: checkpoints at each evaluation so that it can always be continued."""
+        extra: dict[str, Any] = {"deadline": self.deadline.isoformat()} if self.deadline else {}
+        return self.base.replace(**values, **extra, out_dir=str(self.out_dir / f"trial-{number:04d}"),
+                                 run_name=f"{self.study_name}/trial-{number}", resume="auto", save_on_eval=True)

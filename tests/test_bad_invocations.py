@@ -1,0 +1,180 @@
+"""Bad invocations of every command line: each is refused before anything is written.
+
+Each case runs in a subprocess whose working folder holds a few traps (a text file named
+like a database, an empty data file, another program's SQLite file, a database of a newer
+expdb, ...). Every one must exit 2 with one line per problem naming the flag, print no
+traceback, and leave the folder exactly as it was: no token cache, no database, no lock
+file, no output folder. None of them prepares data or trains, so they run in parallel and
+fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_GPU = shutil.which("nvidia-smi") is None
+
+# (command line after `python -m`, text the error must contain (the flag), extra environment)
+TRAINER = [
+    ("trainer --db notes.txt", "--db 'notes.txt': ", {}),
+    ("trainer --db other.db", "--db 'other.db': ", {}),
+    ("trainer --db newer.db", "--db 'newer.db': ", {}),
+    ("trainer --db a_dir", "--db 'a_dir': ", {}),
+    ("trainer --db notes.txt/x.db", "--db 'notes.txt/x.db': ", {}),
+    ("trainer --data-files empty.txt", "--data-files 'empty.txt'", {}),
+    ("trainer --data-files missing.txt", "--data-files 'missing.txt'", {}),
+    ("trainer --data-files data.csv", "--data-files 'data.csv'", {}),
+    ("trainer --time-budget 12x", "--time-budget '12x'", {}),
+    ("trainer --deadline 25:99", "--deadline '25:99'", {}),
+    ("trainer --resume a_dir", "--resume 'a_dir'", {}),
+    ("trainer --resume missing_dir", "--resume 'missing_dir'", {}),
+    ("trainer --resume-from missing_dir --resume auto", "--resume-from 'missing_dir'", {}),
+    ("trainer --out notes.txt", "--out 'notes.txt'", {}),
+    ("trainer --cache-dir notes.txt", "--cache-dir 'notes.txt'", {}),
+    ("trainer --config notes.txt", "--config 'notes.txt'", {}),
+    ("trainer --n-embd 30", "--n-embd 30", {}),
+    ("trainer --micro-batch lots", "--micro-batch", {}),
+    ("trainer --no-such-flag", "--no-such-flag", {}),
+    ("trainer", "TRAINER_INJECT_OOM='x'", {"TRAINER_INJECT_OOM": "x"}),
+    ("trainer", "TRAINER_SIMULATED_STEP_S='fast'", {"TRAINER_SIMULATED_STEP_S": "fast"}),
+    *([("trainer --device cuda", "--device 'cuda'", {}),
+       ("trainer --precision fp16", "--precision 'fp16'", {})] if NO_GPU else []),
+]
+STUDIES = [
+    ("studies.search --db notes.txt", "--db 'notes.txt': ", {}),
+    ("studies.search --db other.db", "--db 'other.db': ", {}),
+    ("studies.search --db newer.db", "--db 'newer.db': ", {}),
+    ("studies.search --storage notes.txt", "--storage 'notes.txt'", {}),
+    ("studies.search --storage sqlite:///notes.txt", "--storage 'sqlite:///notes.txt'", {}),
+    ("studies.search --out notes.txt", "--out 'notes.txt'", {}),
+    ("studies.search --trials 0", "--trials 0", {}),
+    ("studies.search --time-budget 5x", "--time-budget", {}),
+    ("studies.search --space notes.txt", "--space 'notes.txt'", {}),
+    ("studies.search --config empty.txt --space missing.yaml", "--space 'missing.yaml'", {}),
+    ("studies.search", "TRAINER_SIMULATED_STEP_S='-1'", {"TRAINER_SIMULATED_STEP_S": "-1"}),
+    ("studies.report --study s --db notes.txt", "--db 'notes.txt': ", {}),
+    ("studies.report --study s --db missing.db", "--db 'missing.db': ", {}),
+    ("studies.report --study s --db other.db", "--db 'other.db': ", {}),
+    ("studies.report --study s --db empty.txt", "--db 'empty.txt': ", {}),
+    ("studies.report --study s --db good.db", "--study 's'", {}),
+    ("studies.report --study s --db good.db --out notes.txt", "--out 'notes.txt'", {}),
+    ("studies.report --study s --db good.db --top 0", "--top 0", {}),
+]
+EXPDB = [
+    ("expdb --db notes.txt runs", "--db 'notes.txt': ", {}),
+    ("expdb --db missing.db studies", "--db 'missing.db': ", {}),
+    ("expdb --db newer.db show 1", "--db 'newer.db': ", {}),
+    ("expdb --db other.db check", "--db 'other.db': ", {}),
+    ("expdb --db empty.txt gc", "--db 'empty.txt': ", {}),
+    ("expdb --db good.db show 7", "RUN 7: ", {}),
+    ("expdb --db good.db export 1 --format csv --out a_dir", "--out 'a_dir'", {}),
+    ("expdb --db good.db export 1 --format csv --out missing_dir/x.csv", "--out 'missing_dir/x.csv'", {}),
+    ("expdb --db good.db export 1 --format xml", "--format", {}),
+    ("expdb merge notes.txt --into new.db", "merge source 'notes.txt': ", {}),
+    ("expdb merge good.db --into notes.txt", "--into 'notes.txt': ", {}),
+]
+DASHBOARDS = [
+    ("dashboards --db notes.txt --run 1", "--db notes.txt: ", {}),
+    ("dashboards --db missing.db --run 1", "--db missing.db: ", {}),
+    ("dashboards --db other.db --run 1", "--db other.db: ", {}),
+    ("dashboards --db good.db --run 7", "--run 7: ", {}),
+    ("dashboards --db good.db --run 1 --out d.jpg", "--out d.jpg: ", {}),
+    ("dashboards --db good.db --run 1 --out a_dir.png", "--out a_dir.png: ", {}),
+    ("dashboards --db good.db --run 1 --out missing_dir/d.png", "--out missing_dir/d.png: ", {}),
+    ("dashboards --db good.db --run 1 --watch 0", "--watch 0", {}),
+    ("dashboards --db good.db --run 1 --report r.html", "--report r.html: ", {}),
+]
+TOOLS = [
+    ("trainer.export json a_dir --out x.json", "CHECKPOINT_DIR 'a_dir'", {}),
+    ("trainer.export json missing_dir --out x.json", "CHECKPOINT_DIR 'missing_dir'", {}),
+    ("trainer.export json a_dir --out a_dir", "--out 'a_dir'", {}),
+    ("trainer.export json a_dir --out missing_dir/x.json", "--out 'missing_dir/x.json'", {}),
+    ("trainer.export import notes.txt --out ckpt", "JSON_FILE 'notes.txt'", {}),
+    ("trainer.export import notes.txt --out a_dir", "--out 'a_dir'", {}),
+    ("trainer.export import missing.json --out ckpt", "JSON_FILE 'missing.json'", {}),
+    ("trainer.generate notes.txt", "MODEL_DIR 'notes.txt'", {}),
+    ("trainer.generate a_dir --max-new-tokens 0", "--max-new-tokens 0", {}),
+    ("trainer.generate a_dir --top-p 2", "--top-p 2", {}),
+]
+CASES = TRAINER + STUDIES + EXPDB + DASHBOARDS + TOOLS
+
+
+def make_traps(folder: Path) -> None:
+    """The working folder every invocation starts in."""
+    (folder / "notes.txt").write_text("my notes, not a database\n")
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / "data.csv").write_text("text\nhello\n")
+    (folder / "a_dir").mkdir()
+    (folder / "a_dir.png").mkdir()
+    with sqlite3.connect(folder / "other.db") as conn:          # another program's database
+        conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
+    with sqlite3.connect(folder / "newer.db") as conn:          # written by a newer expdb
+        conn.execute("CREATE TABLE expdb_schema_version (id INTEGER PRIMARY KEY, version INTEGER, applied_at TEXT)")
+        conn.execute("INSERT INTO expdb_schema_version (version, applied_at) VALUES (99, '2030-01-01')")
+    import expdb
+    from trainer.recorder import RunInfo
+
+    with expdb.open(folder / "good.db") as db:                  # one finished run, id 1
+        rec = db.recorder()
+        rec.start_run(RunInfo(name="r", config={}, dataset={}, tokenizer={}, n_params=1, device="cpu",
+                              precision="fp32", host="test"))
+        rec.finish("completed", None)
+
+
+def tree(folder: Path) -> dict[str, tuple]:
+    """Every path under ``folder`` with its size, modification time and content hash."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        stat = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        found[str(path.relative_to(folder))] = (stat.st_size, stat.st_mtime_ns, digest)
+    return found
+
+
+def invoke(template: Path, workdir: Path, command: str, env: dict[str, str]) -> tuple:
+    shutil.copytree(template, workdir, copy_function=shutil.copy2)
+    before = tree(workdir)
+    result = subprocess.run([sys.executable, "-m", *command.split()], cwd=workdir, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env},
+                            timeout=300)
+    return result, before, tree(workdir)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[int, tuple]:
+    """Every case run once, in parallel, each in its own copy of the folder of traps."""
+    root = tmp_path_factory.mktemp("bad-invocations")
+    template = root / "template"
+    template.mkdir()
+    make_traps(template)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {i: pool.submit(invoke, template, root / f"case-{i:02d}", command, env)
+                   for i, (command, _, env) in enumerate(CASES)}
+        return {i: future.result() for i, future in futures.items()}
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}{' ' + next(iter(c[2])) if c[2] else ''}"
+                                                          for c in CASES])
+def test_a_bad_invocation_is_refused_before_anything_is_written(outcomes, case):
+    command, flag_text, _ = CASES[case]
+    result, before, after = outcomes[case]
+    shown = f"python -m {command}\nstdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-3000:]}"
+    assert result.returncode == 2, shown
+    assert "Traceback" not in result.stderr, shown
+    assert flag_text in result.stderr, shown
+    assert after == before, shown
+
+
+def test_every_command_line_is_walked():
+    modules = {command.split()[0] for command, _, _ in CASES}
+    assert modules == {"trainer", "studies.search", "studies.report", "expdb", "dashboards", "trainer.export",
+                       "trainer.generate"}

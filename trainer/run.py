@@ -1,0 +1,184 @@
+"""A run from start to end: ``train()``, the recorder's row, and every way a run ends.
+
+``train`` checks what it can before any work (config, device, the checkpoint to resume
+from), prepares the data, builds the loop (trainer.loop.Trainer), drives it, and ends the
+run as the loop's outcome says:
+
+- completed, pruned (a recorder raised StopTraining) or failed by a fault the loop could
+  not recover from (diverged; out of memory at micro-batch 1): final checkpoint,
+  ``final_model/`` when completed, ``finish``, a RunResult with that status;
+- --time-budget/--deadline near: emergency checkpoint, ``finish("interrupted")``, a
+  RunResult with status ``interrupted`` (no exception: a study continues the trial later);
+- SIGINT/SIGTERM/KeyboardInterrupt: emergency checkpoint, ``finish("interrupted")``, then
+  ``TrainingInterrupted`` with the exit code for the command line;
+- any other exception: the checkpoint in flight is completed, ``finish("failed")``, re-raised.
+
+Control runs one way: run -> loop -> faults. The loop returns why it stopped (a Halt) or
+raises StopTraining; it never calls back into this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from trainer.checkpoints import ResumePlan, plan_resume, report_resume
+from trainer.clock import SimulatedTime, StopClock
+from trainer.config import TrainConfig
+from trainer.data import PreparedData, prepare_data
+from trainer.device import place
+from trainer.errors import EXIT_SIGNALS, StopTraining, TrainingInterrupted
+from trainer.export import export_hf
+from trainer.interrupts import StopRequests
+from trainer.loop import TIME, Halt, Trainer
+from trainer.model import count_parameters
+from trainer.recorder import EVENT_SIGNAL, EVENT_TIME_BUDGET, NullRecorder, Recorder, RunInfo
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: int
+    status: str                  # completed, pruned, failed (diverged, OOM at micro-batch 1), interrupted (time)
+    reason: str | None
+    steps: int
+    best_val_loss: float
+    last_val_loss: float
+    tokens_per_s: float
+    out_dir: str
+    final_checkpoint: str | None  # the newest checkpoint: to resume from, or to export
+    final_model: str | None
+    resumed_from: str | None = None
+
+
+def train(cfg: TrainConfig, recorder: Recorder | None = None, *, data: PreparedData | None = None,
+          resume: str | None = None, log=print, time_source: SimulatedTime | None = None) -> RunResult:
+    """Train one model as ``cfg`` says; report everything to ``recorder``.
+
+    ``resume`` overrides ``cfg.resume``; ``time_source`` is the clock that --time-budget and
+    --deadline are measured on (simulated in tests, see trainer.clock; None: real time).
+
+    Returns a RunResult with status completed, pruned, failed or interrupted (time budget or
+    deadline). Raises ConfigError, DataError or CheckpointError for bad input before the
+    first step; TrainingInterrupted after a signal, once the emergency checkpoint is complete
+    (see trainer.errors for the exit codes); any other exception after the run is recorded
+    as failed.
+    """
+    if resume is not None:
+        cfg = cfg.replace(resume=str(resume))
+    cfg.check()
+    clock = StopClock.for_limits(cfg.time_budget, cfg.deadline, time_source)   # the budget counts from here
+    placement = place(cfg)
+    plan = plan_resume(cfg)              # before the data: a bad --resume answers at once
+    data = data or prepare_data(cfg, log=log)
+    with StopRequests().installed() as stops:
+        loop = Trainer(cfg, data, placement, recorder or NullRecorder(), stops, clock, log=log)
+        notes = loop.restore(plan)
+        return _drive(loop, plan, notes)
+
+
+def _drive(t: Trainer, plan: ResumePlan, notes: list[str]) -> RunResult:
+    """Start the run's row, run the steps, and end the run as they ended."""
+    _start(t, plan, notes)
+    status, reason, halt = "completed", None, None
+    try:
+        halt = t.run_steps()
+    except StopTraining as stop:
+        status, reason = stop.status, stop.reason
+        t.log(f"run stopped: {status} ({reason})")
+    except BaseException as exc:
+        _complete_saves(t)
+        t.recorder.finish("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    if halt is not None and halt.cause == TIME:
+        return _stop_for_time(t, plan)
+    if halt is not None:
+        _stop_for_signal(t, halt)
+    checkpoint, model_dir = _save_final(t, status)
+    t.recorder.finish(status, reason)
+    if t.stops.requested:
+        t.log(f"{t.stops.signal_name} arrived while the run was finishing; it is complete")
+    return _result(t, plan, status, reason, checkpoint, model_dir)
+
+
+def _start(t: Trainer, plan: ResumePlan, notes: list[str]) -> None:
+    """Create the recorder's run, or continue the checkpoint's run when resuming."""
+    cfg, data, state = t.cfg, t.data, t.state
+    extra = {"steps_per_epoch": t.steps_per_epoch, "total_steps": t.total_steps}
+    if plan.path is not None:
+        extra.update(run_id=state.run_id, resume_step=state.step, resumed_from=str(plan.path))
+    info = RunInfo(
+        name=cfg.run_name or Path(cfg.out_dir).name, config=cfg.to_dict(),
+        dataset=data.dataset_identity, tokenizer=data.tokenizer_identity,
+        n_params=count_parameters(t.model), device=t.placement.description,
+        precision=t.placement.precision, host=socket.gethostname(), extra=extra)
+    try:
+        state.run_id = t.recorder.start_run(info)
+    except LookupError:     # a checkpoint from another database (say, an earlier Kaggle session)
+        t.log(f"run {state.run_id} is not in this database; recording the resumed run as a new run")
+        extra = {k: v for k, v in extra.items() if k not in ("run_id", "resume_step")}
+        state.run_id = t.recorder.start_run(dataclasses.replace(info, extra=extra))
+    if t.store:
+        t.store.set_run_id(state.run_id)
+        report_resume(plan, t.store, state.step, notes, t.log)
+        t.store.reconcile()
+    t.log(f"run {state.run_id}: {info.n_params:,} parameters on {info.device}, {t.placement.precision}; "
+          f"{t.total_steps} optimizer steps of {cfg.effective_batch} x {cfg.block_size} tokens")
+
+
+def _stop_for_signal(t: Trainer, halt: Halt) -> NoReturn:
+    """Emergency checkpoint (unless a step was cut in half), finish the run, raise."""
+    path = _complete_saves(t, None if halt.mid_step else t.save("emergency"))
+    _event(t, EVENT_SIGNAL, {"signal": halt.cause, "checkpoint": path})
+    t.log(f"{halt.cause}: stopped at step {t.state.step}" + (f"; resume from {path}" if path else ""))
+    t.recorder.finish("interrupted", f"signal {halt.cause}")
+    raise TrainingInterrupted(halt.cause, path, EXIT_SIGNALS.get(halt.cause, 130))
+
+
+def _stop_for_time(t: Trainer, plan: ResumePlan) -> RunResult:
+    remaining, needed = t.clock.remaining(), t.time_needed()
+    path = _complete_saves(t, t.save("emergency"))
+    reason = (f"time budget: stopped at step {t.state.step} of {t.total_steps} with {max(remaining, 0):.0f} s "
+              f"left, as one more step and a checkpoint need {needed:.0f} s")
+    _event(t, EVENT_TIME_BUDGET, {"limit_s": t.clock.limit_s, "remaining_s": remaining, "needed_s": needed,
+                                  "checkpoint": path})
+    t.log(f"{reason}; continue with --resume auto")
+    t.recorder.finish("interrupted", reason)
+    return _result(t, plan, "interrupted", reason, path, None)
+
+
+def _save_final(t: Trainer, status: str) -> tuple[str | None, str | None]:
+    if t.store is None or t.state.step == 0:
+        return None, None
+    checkpoint = t.save("final")
+    t.store.drain()
+    if status != "completed":
+        return checkpoint, None
+    model_dir = export_hf(t.model, t.data.tokenizer, t.cfg, t.out_dir / "final_model")
+    t.log(f"final model: {model_dir}")
+    return checkpoint, str(model_dir)
+
+
+def _complete_saves(t: Trainer, path: str | None = None) -> str | None:
+    """Wait for the write in flight; return the newest complete checkpoint's path."""
+    if t.store is None:
+        return path
+    try:
+        t.store.drain()
+    except Exception as exc:   # that write failed; an older checkpoint is still complete
+        t.log(f"warning: {exc}")
+    return t.store.latest_path
+
+
+def _event(t: Trainer, kind: str, detail: dict) -> None:
+    if t.store is not None:
+        t.store.event(kind, t.state.step, detail)
+
+
+def _result(t: Trainer, plan: ResumePlan, status: str, reason: str | None, checkpoint: str | None,
+            model_dir: str | None) -> RunResult:
+    s = t.state
+    return RunResult(s.run_id or 0, status, reason, s.step, s.best_val_loss, s.last_val_loss,
+                     t.tokens_per_s, str(t.out_dir), checkpoint, model_dir,
+                     str(plan.path) if plan.path else None)
