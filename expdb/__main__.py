@@ -52,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("sources", nargs="+", help="databases to merge from (never modified)")
     merge.add_argument("--into", help="database to merge into, created if missing (default: --db)")
     check = sub.add_parser("check", help="integrity, foreign keys, checkpoint files and their sha256")
-    check.add_argument("--root", type=Path, default=Path("."), help="directory of relative checkpoint paths")
+    check.add_argument("--root", type=Path, default=None,
+                       help="directory of relative checkpoint paths (default: the database file's folder)")
     check.add_argument("--no-files", action="store_true", help="skip the checkpoint files")
     check.add_argument("--repair", action="store_true", help="rebuild the step rollups first")
     gc = sub.add_parser("gc", help="remove rotated-away checkpoints: their rows and files")
-    gc.add_argument("--root", type=Path, default=Path("."), help="directory of relative checkpoint paths")
+    gc.add_argument("--root", type=Path, default=None,
+                       help="directory of relative checkpoint paths (default: the database file's folder)")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser
 

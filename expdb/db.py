@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import pandas as pd
 from sqlalchemy import Select, column, select, table
 from sqlalchemy.orm import Session, sessionmaker
 
-from expdb import reads
+from expdb import paths, reads
 from expdb import runs as run_rows
 from expdb.engine import DEFAULT_BUSY_TIMEOUT_S, WriteAccess, enable_wal, locate, make_engines, translated
 from expdb.errors import ReadOnlyDatabaseError, UnknownRunError
@@ -90,9 +91,28 @@ class ExperimentDB:
         return DBRecorder(self._write_access, study_name, trial_number, **options)
 
     def mark_checkpoint_deleted(self, run_id: int, path: str) -> int:
-        """Flag a checkpoint file of a run as deleted (the row stays); returns rows changed."""
+        """Flag a checkpoint file of a run as deleted (the row stays); returns rows changed.
+        ``path`` as stored (see ``checkpoints``), or the file's path now."""
         with self._write_session() as session:
-            return run_rows.mark_checkpoint_deleted(session, run_id, str(path))
+            changed = run_rows.mark_checkpoint_deleted(session, run_id, str(path))
+            if not changed and self.root is not None:
+                changed = run_rows.mark_checkpoint_deleted(session, run_id, paths.portable(path, self.root))
+            return changed
+
+    def add_event(self, run_id: int, kind: str, step: int | None, detail: dict[str, Any]) -> None:
+        """An event of a run written from outside it (a study deleting its files, say)."""
+        with self._write_session() as session:
+            run_rows.add_event(session, run_id, kind, step, detail)
+
+    @property
+    def root(self):
+        """The folder that stored relative paths start from (expdb.paths): a SQLite file's
+        directory; None on a server, whose paths are absolute."""
+        return Path(self.where).absolute().parent if self._location.sqlite else None
+
+    def resolve_path(self, stored: str | None):
+        """The file a stored checkpoint or run path names now (relative ones: from ``root``)."""
+        return paths.resolve(stored, self.root)
 
     def require_writable(self, action: str) -> None:
         if self.readonly:

@@ -2,8 +2,9 @@
 (remove rotated-away checkpoints: their rows, and their files when still present).
 
 A checkpoint's recorded sha256 is that of the ``manifest.json`` in its directory (the
-manifest lists every file's own sha256: see trainer/checkpoint.py), or of the file
-itself for a checkpoint that is a single file. Relative paths are taken from ``root``.
+manifest lists every file's own sha256: see trainer/checkpoints/format.py), or of the file
+itself for a checkpoint that is a single file. Relative paths are taken from ``root``: by
+default the database file's own folder, where expdb stores them from (expdb.paths).
 """
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ class GcReport:
     bytes_freed: int = 0
 
 
-def check(db: ExperimentDB, root: str | Path = ".", files: bool = True) -> CheckReport:
+def check(db: ExperimentDB, root: str | Path | None = None, files: bool = True) -> CheckReport:
     report = CheckReport()
+    root = _root(db, root)
     with translated(db.where), db._reader.connect() as conn:
         if conn.dialect.name == "sqlite":
             _sqlite_checks(conn, report)
@@ -60,7 +62,7 @@ def check(db: ExperimentDB, root: str | Path = ".", files: bool = True) -> Check
     if files:
         newest = {row.path: row for row in rows}        # a path written again: its last row counts
         for row in newest.values():
-            _check_checkpoint(row, Path(root), report)
+            _check_checkpoint(row, root, report)
     return report
 
 
@@ -111,17 +113,18 @@ def _check_checkpoint(row, root: Path, report: CheckReport) -> None:
         report.checkpoints_ok += 1
 
 
-def gc(db: ExperimentDB, root: str | Path = ".", dry_run: bool = False) -> GcReport:
+def gc(db: ExperimentDB, root: str | Path | None = None, dry_run: bool = False) -> GcReport:
     """Remove the checkpoint rows flagged deleted, and their files where still present.
     A file still named by a live row is kept; so is anything that is not a checkpoint
     (a directory without manifest.json), whose row then stays too."""
     db.require_writable("collect garbage")
     report = GcReport()
+    root = _root(db, root)
     with translated(db.where), db._writer.connect() as conn, conn.begin():
         rows = conn.execute(select(Checkpoint.id, Checkpoint.path, Checkpoint.deleted)).all()
         live = {r.path for r in rows if not r.deleted}
         for row in (r for r in rows if r.deleted):
-            path = _resolve(row.path, Path(root))
+            path = _resolve(row.path, root)
             if row.path in live or not path.exists():
                 report.rows.append(row.id)
             elif path.is_dir() and not (path / MANIFEST).is_file():
@@ -153,6 +156,12 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def _root(db: ExperimentDB, root: str | Path | None) -> Path:
+    if root is not None:
+        return Path(root)
+    return db.root or Path(".")
+
+
 def _resolve(path: str, root: Path) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else root / p
@@ -169,3 +178,19 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def relocate(db: ExperimentDB, checkpoints: dict[int, str | None], run_dirs: dict[int, str]) -> None:
+    """Point rows at where their files are now (a session pack's copy of a database):
+    checkpoint id -> new path, or None for a file not there (flagged deleted); run id -> folder.
+    New paths are stored as given: relative ones are taken from the database's folder."""
+    from sqlalchemy import update
+
+    db.require_writable("relocate paths")
+    checkpoint, runs = Checkpoint.__table__, Run.__table__
+    with translated(db.where), db._writer.connect() as conn, conn.begin():
+        for cid, path in checkpoints.items():
+            values = {"path": path} if path is not None else {"deleted": True}
+            conn.execute(update(checkpoint).where(checkpoint.c.id == cid).values(**values))
+        for run_id, out_dir in run_dirs.items():
+            conn.execute(update(runs).where(runs.c.id == run_id).values(out_dir=out_dir))

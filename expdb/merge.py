@@ -11,6 +11,10 @@ numbered after its own, as two sessions of one search. Each trial's ``run_id`` u
 attribute and each run's ``trial_number`` are rewritten to the new ids and numbers. A
 study of the same name but other directions cannot be merged: nothing is written and
 MergeError says so. Each source is merged in one transaction: all of it or nothing.
+
+Paths stored relative to the source's folder (checkpoints, run folders: expdb.paths) are
+stored again relative to the destination's, or absolute where they lie outside it, so
+they still name the source's files (a read-only input of a later session, say).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import Iterable, Iterator
 
 from sqlalchemy import Connection, delete, insert, select, update
 
-from expdb import reads
+from expdb import paths, reads
 from expdb.db import ExperimentDB
 from expdb.engine import locate, normalize_url, readonly_uri, translated
 from expdb.errors import MergeError
@@ -49,6 +53,7 @@ class MergeReport:
     studies_added: list[str] = field(default_factory=list)
     trials_added: int = 0
     trials_updated: int = 0
+    added_trials: list[tuple[str, int]] = field(default_factory=list)   # (study, destination number)
 
     def summary(self) -> str:
         return (f"{self.source}: {len(self.runs_added)} runs added, {len(self.runs_updated)} updated, "
@@ -120,7 +125,7 @@ def _merge_one(src: ExperimentDB, dst: ExperimentDB) -> MergeReport:
             _check_studies(src, dst, s_optuna, s_studies, d_optuna, d_studies)
             plan = _Plan(s_runs, d_conn)
             for run in s_runs:
-                _copy_run(src, s_conn, d_conn, run, plan)
+                _copy_run(src, s_conn, d_conn, run, plan, (src.root, dst.root))
             for name, study in s_studies.items():
                 _merge_study(s_optuna, d_optuna, study, d_studies.get(name), plan, report)
             plan.number_unlinked_runs(d_conn, d_optuna)
@@ -213,11 +218,13 @@ def _ensure_optuna_schema(dst: ExperimentDB) -> None:
     optuna.storages.RDBStorage(dst._location.connect_url).engine.dispose()
 
 
-def _copy_run(src: ExperimentDB, s_conn: Connection, d_conn: Connection, run: dict, plan: _Plan) -> None:
+def _copy_run(src: ExperimentDB, s_conn: Connection, d_conn: Connection, run: dict, plan: _Plan,
+              roots: tuple[Path | None, Path | None]) -> None:
     action, runs = plan.action[run["id"]], Run.__table__
     if action == "skip":
         return
     values = {k: v for k, v in run.items() if k != "id"}
+    values["out_dir"] = paths.rebase(values.get("out_dir"), *roots)     # stored again from our folder
     if action == "add":
         # Its trial number is set once the studies are merged (it may change, and may clash meanwhile).
         new_id = d_conn.execute(insert(runs).values(**{**values, "trial_number": None})
@@ -230,13 +237,14 @@ def _copy_run(src: ExperimentDB, s_conn: Connection, d_conn: Connection, run: di
             **{**values, "study_name": kept.study_name, "trial_number": kept.trial_number}))
         for table in _HISTORY:
             d_conn.execute(delete(table).where(table.c.run_id == new_id))
-    _copy_history(src, s_conn, d_conn, run["id"], new_id)
+    _copy_history(src, s_conn, d_conn, run["id"], new_id, roots)
     d_conn.execute(insert(Event.__table__).values(
         run_id=new_id, kind="merged", step=None, created_at=utcnow(),
         detail=to_json({"source": src.where, "source_run_id": run["id"], "action": action})))
 
 
-def _copy_history(src: ExperimentDB, s_conn: Connection, d_conn: Connection, old_id: int, new_id: int) -> None:
+def _copy_history(src: ExperimentDB, s_conn: Connection, d_conn: Connection, old_id: int, new_id: int,
+                  paths_from: tuple[Path | None, Path | None]) -> None:
     paramstyle = d_conn.dialect.paramstyle
     with reads.raw_cursor(src._reader, src.where) as cur:
         for spec in _RAW_TABLES:        # big tables: plain tuples, in key order, a chunk at a time
@@ -252,6 +260,8 @@ def _copy_history(src: ExperimentDB, s_conn: Connection, d_conn: Connection, old
         rows = [{**r, "run_id": new_id} for r in s_conn.execute(
             select(*[c for c in table.c if c.name != "id"]).where(table.c.run_id == old_id)
             .order_by(table.c.id)).mappings()]
+        if model is Checkpoint:
+            rows = [{**r, "path": paths.rebase(r["path"], *paths_from)} for r in rows]
         if rows:
             d_conn.execute(insert(table), rows)
 
@@ -264,17 +274,20 @@ def _merge_study(s_optuna: OptunaTables, d_optuna: OptunaTables, study: Study, m
     else:
         study_id, known = mine.study_id, {t.origin: t for t in mine.trials}
     for trial in study.trials:
-        number = _merge_trial(s_optuna, d_optuna, trial, known.get(trial.origin), study_id, plan, report)
+        number = _merge_trial(s_optuna, d_optuna, trial, known.get(trial.origin), (study.name, study_id), plan,
+                              report)
         for sid in plan.added_in_trial(study.name, trial):
             plan.numbers[plan.ids[sid]] = number
 
 
 def _merge_trial(s_optuna: OptunaTables, d_optuna: OptunaTables, trial: Trial, mine: Trial | None,
-                 study_id: int, plan: _Plan, report: MergeReport) -> int:
+                 study: tuple[str, int], plan: _Plan, report: MergeReport) -> int:
+    study_name, study_id = study
     if mine is None:
         number = d_optuna.next_number(study_id)
         d_optuna.copy_trial(s_optuna, trial, study_id, number, plan.ids)
         report.trials_added += 1
+        report.added_trials.append((study_name, number))
         return number
     finished_since = trial.datetime_complete is not None and mine.datetime_complete is None
     if finished_since or plan.action.get(trial.run_id) == "update":     # went on in a later session

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from expdb import paths
 from expdb import runs as run_rows
 from expdb.engine import WriteAccess
 from expdb.errors import ConflictError, DuplicateRunError, InvalidValueError, RecorderStateError
@@ -40,6 +41,8 @@ class DBRecorder:
                  trial_number: int | None = None, *, flush_interval_s: float = 0.5,
                  batch_rows: int = 5000, sync_timeout_s: float = 0.25, finish_timeout_s: float = 60.0):
         self._access = access
+        # Checkpoint and run paths are stored relative to the database's folder (expdb.paths).
+        self._root = paths.root_of(str(access.engine.url))
         self._study_name = study_name
         self._trial_number = trial_number
         self._writer_options = dict(interval_s=flush_interval_s, batch_rows=batch_rows)
@@ -91,7 +94,7 @@ class DBRecorder:
     def log_checkpoint(self, path: str, kind: str, step: int, val_loss: float | None,
                        size_bytes: int, sha256: str) -> None:
         self._open_writer().add(CHECKPOINT, CHECKPOINT.encode(
-            (self.run_id, str(path), kind, as_int(step), as_int(size_bytes), sha256, utcnow(), False),
+            (self.run_id, paths.portable(path, self._root), kind, as_int(step), as_int(size_bytes), sha256, utcnow(), False),
             {"val_loss": val_loss}))
         self._flush_now()
 
@@ -99,7 +102,7 @@ class DBRecorder:
         self._open_writer().add(EVENT, EVENT.encode(
             (self.run_id, kind, as_int(step), to_json(detail), utcnow()), {}))
         if kind == CHECKPOINT_DELETED and isinstance(detail, dict) and detail.get("path"):
-            run_id, path = self.run_id, str(detail["path"])
+            run_id, path = self.run_id, paths.portable(detail["path"], self._root)
             self._writer.add_call(lambda conn: run_rows.mark_checkpoint_deleted(conn, run_id, path))
         self._flush_now()
 
@@ -125,7 +128,7 @@ class DBRecorder:
         trial = info.trial_number if info.trial_number is not None else self._trial_number
         try:
             with self._access.session() as session:
-                return run_rows.insert_run(session, info, study, trial)
+                return run_rows.insert_run(session, info, study, trial, self._root)
         except ConflictError as exc:
             if study is None or trial is None:
                 raise
@@ -137,7 +140,7 @@ class DBRecorder:
 
     def _resume(self, info: RunInfo, run_id: int, resume_step: int) -> int:
         with self._access.session() as session:
-            self._best, _ = run_rows.resume_run(session, run_id, info, resume_step)
+            self._best, _ = run_rows.resume_run(session, run_id, info, resume_step, self._root)
         return run_id
 
     def _started_writer(self) -> BufferedWriter:

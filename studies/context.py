@@ -42,6 +42,10 @@ class StudyContext:
     out_dir: Path
     n_trials: int
     lock: StudyLock
+    seed: int = 0                           # --seed: with the trial number, each new trial's sampler seed
+    sampler_name: str = "tpe"
+    workdir: Path = Path(".")              # the working folder: the database's; the session pack goes here
+    disk: Any = None                        # studies.disk.DiskBudget, or None: no study-wide budget
     max_failures: int = 3
     stale_after_s: float = 300.0
     deadline: dt.datetime | None = None     # --time-budget: the session's end (timezone-aware)
@@ -51,8 +55,14 @@ class StudyContext:
     failures: int = 0
     outcomes: list[TrialOutcome] = field(default_factory=list)
 
-    def trial_config(self, number: int, values: dict[str, Any]) -> TrainConfig:
-        """The trial's run: checkpoints at each evaluation so that it can always be continued."""
+    def trial_dir(self, number: int) -> Path:
+        return self.out_dir / f"trial-{number:04d}"
+
+    def trial_config(self, number: int, values: dict[str, Any], resume_from: list[str] = ()) -> TrainConfig:
+        """The trial's run: checkpoints at each evaluation so that it can always be continued.
+        ``resume_from``: folders of an earlier session (read in place) holding its checkpoints."""
         extra: dict[str, Any] = {"deadline": self.deadline.isoformat()} if self.deadline else {}
-        return self.base.replace(**values, **extra, out_dir=str(self.out_dir / f"trial-{number:04d}"),
+        if resume_from:
+            extra["resume_from"] = [*self.base.resume_from, *resume_from]
+        return self.base.replace(**values, **extra, out_dir=str(self.trial_dir(number)),
                                  run_name=f"{self.study_name}/trial-{number}", resume="auto", save_on_eval=True)

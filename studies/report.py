@@ -62,8 +62,9 @@ def refuse_before_writing(args) -> None:
     from trainer.errors import ConfigError
 
     problems = [] if args.top >= 1 else [f"--top {args.top}: use 1 or more"]
-    if problem := folder_problem(Path(args.out or Path("runs") / args.study)):
-        problems.append(f"--out {args.out or Path('runs') / args.study!r}: {problem}")
+    out = args.out or str(Path("runs") / args.study)
+    if problem := folder_problem(Path(out)):
+        problems.append(f"--out {out!r}: {problem}")
     try:
         expdb.check_database(args.db, create=False, write=False)
     except expdb.ExpdbError as exc:

@@ -14,20 +14,25 @@ import optuna
 import pandas as pd
 
 import expdb
-from studies.lock import StudyLock
-from studies.space import Param, default_space, grid_space, space_problems
-from studies.trial import FAIL_REASON_ATTR, RUN_ID_ATTR
 from studies.context import StudyContext
-from studies.worker import FINISHED, work
+from studies.disk import GB, DiskBudget
+from studies.lock import StudyLock
+from studies.sampling import make_sampler
+from studies.sessions import merge_inputs
+from studies.space import Param, default_space, space_problems
+from studies.trial import FAIL_REASON_ATTR, RUN_ID_ATTR
+from studies.worker import FINISHED, release, work
 from trainer.clock import SimulatedTime, wall_clock
 from trainer.config import TrainConfig
 from trainer.data import prepare_data
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, TrainingInterrupted
 from trainer.metrics import perplexity
 from trainer.presets import default_preset
 from trainer.schedule import steps_per_epoch
 
 EXIT_TOO_MANY_FAILURES = 3
+EXIT_DISK_BUDGET = 4
+PACK_ON = {"time budget", "timeout", "disk budget"}   # a session cut short leaves a pack for the next
 SETUP_LOCK = "<setup>"   # a lock name no study can have: held while tables are created
 
 
@@ -43,13 +48,19 @@ def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | 
     storage_url = args.storage or storage_url_for(args.db)
     # Several workers may start at once on a new database: one of them creates the tables.
     setup = StudyLock(storage_url, SETUP_LOCK)
+    inputs = list(getattr(args, "continue_from", None) or [])
     with setup.held():
         db = expdb.open(args.db)
+        came_running = merge_inputs(inputs, args.db, study_name)   # before the study: its history counts
         study = _load_study(args, study_name, storage_url, base, data, space)
+        release(study, came_running, f"continued from {', '.join(inputs)}")
     setup.close()
+    max_disk_gb = getattr(args, "max_disk_gb", None)
     ctx = StudyContext(
         study=study, storage_url=storage_url, db=db, base=base, space=space, data=data, study_name=study_name,
         out_dir=Path(args.out) / study_name, n_trials=args.trials, lock=StudyLock(storage_url, study_name),
+        seed=args.seed, sampler_name=args.sampler, workdir=db.root or Path("."),
+        disk=DiskBudget(max_disk_gb * GB, getattr(args, "keep_best_trials", 3)) if max_disk_gb else None,
         max_failures=args.max_failures, stale_after_s=args.stale_after,
         deadline=wall_clock(time_source).astimezone(dt.timezone.utc) + dt.timedelta(seconds=args.time_budget)
         if args.time_budget else None,
@@ -57,10 +68,31 @@ def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | 
         time_source=time_source)
     print(f"study {study_name!r}: {len(finished_trials(study))} of {args.trials} trials finished "
           f"(storage {storage_url}, {args.n_jobs} worker{'s' if args.n_jobs > 1 else ''})")
-    reasons = _run_workers(ctx, args.n_jobs)
+    try:
+        reasons = _run_workers(ctx, args.n_jobs)
+    except (TrainingInterrupted, KeyboardInterrupt):
+        _write_pack(ctx, args, inputs)      # a signal ends the session: its pack first
+        raise
     report(study, db, data, ctx.out_dir)
+    if PACK_ON & set(reasons):
+        _write_pack(ctx, args, inputs)
     ctx.lock.close()
     return _exit_code(ctx, reasons)
+
+
+def _write_pack(ctx: StudyContext, args: argparse.Namespace, inputs: list[str]) -> None:
+    from studies.pack import next_command, pack_paths, write_study_pack
+
+    if ctx.db.root is None:
+        ctx.log("no session pack: the experiment database is on a server, which the next session reaches itself")
+        return
+    command = next_command(getattr(args, "argv", []), pack_paths(ctx.workdir)[0])
+    result = write_study_pack(ctx.db, ctx.study, ctx.out_dir, ctx.workdir, command, ctx.n_trials,
+                              [Path(i) for i in inputs])
+    from trainer.pack import describe
+
+    ctx.log(describe(result))
+    ctx.log(f"next session: {command}")
 
 
 def storage_url_for(db: str) -> str:
@@ -84,6 +116,9 @@ def _exit_code(ctx: StudyContext, reasons: list[str]) -> int:
         print(f"stopped after {ctx.failures} failed trials in this session (--max-failures {ctx.max_failures}); "
               "see the fail reasons above, fix the space or config, and run the command again")
         return EXIT_TOO_MANY_FAILURES
+    if "disk budget" in reasons:
+        print("stopped for the disk budget (see above); the session pack holds what the next session needs")
+        return EXIT_DISK_BUDGET
     if {"time budget", "timeout"} & set(reasons):
         left = ctx.n_trials - len(finished_trials(ctx.study))
         print(f"stopped for the time limit with {left} trials to go; run the same command again to continue")
@@ -99,16 +134,6 @@ def _load_study(args: argparse.Namespace, study_name: str, storage_url: str, bas
     return optuna.create_study(study_name=study_name, storage=storage, direction="minimize",
                                sampler=make_sampler(args.sampler, args.seed, space),
                                pruner=make_pruner(args.pruner, per_epoch, base), load_if_exists=True)
-
-
-def make_sampler(name: str, seed: int, space) -> optuna.samplers.BaseSampler:
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    if name == "grid":
-        return optuna.samplers.GridSampler(grid_space(space), seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
 
 
 def make_pruner(name: str, steps_per_epoch: int, base: TrainConfig) -> optuna.pruners.BasePruner:

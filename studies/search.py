@@ -52,11 +52,23 @@ def build_parser() -> Parser:
                         "taken over (default: 5m). On this machine a dead worker is detected at once.")
     p.add_argument("--progress", type=parse_bool, default=True, metavar="BOOL",
                    help="Show each trial's progress bar (default: true).")
+    p.add_argument("--continue-from", nargs="+", default=None, metavar="DIR",
+                   help="Earlier sessions' session-pack/ or output folders, read in place: their databases are "
+                        "merged into --db and their unfinished trials resume from their checkpoints (on Kaggle, "
+                        "default: the packs under /kaggle/input).")
+    p.add_argument("--max-disk-gb", type=float, default=None, metavar="G",
+                   help="Study-wide disk budget: a finished trial's checkpoints are removed, and a trial starts "
+                        "only if its checkpoints and the session pack fit (default: 18 on Kaggle, none elsewhere).")
+    p.add_argument("--keep-best-trials", type=int, default=3, metavar="K",
+                   help="With --max-disk-gb: keep the final_model/ of the K best trials only (default: 3).")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from studies.sessions import session_defaults
+    args = session_defaults(args)   # on Kaggle: --continue-from /kaggle/input packs, --max-disk-gb 18
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # the next session's command (the pack)
     from trainer.errors import ConfigError, TrainerError
     if problems := _flag_problems(args):
         fail(PROG, ConfigError(problems))
@@ -99,6 +111,11 @@ def refuse_before_writing(args: argparse.Namespace, base) -> None:
     problems = collect_problems(checks, errors=(TrainerError, expdb.ExpdbError))
     if problem := folder_problem(Path(args.out)):
         problems.append(f"--out {args.out!r}: {problem}")
+    if args.continue_from:
+        from studies.sessions import continue_problems
+        from trainer.presets import default_preset
+        study_name = args.study_name or args.preset or default_preset()
+        problems += continue_problems(args.continue_from, study_name, args.db)
     if problems:
         fail(PROG, ConfigError(problems))
 
@@ -108,6 +125,10 @@ def _flag_problems(args: argparse.Namespace) -> list[str]:
         (args.trials >= 1, f"--trials {args.trials}: use a positive number of trials, e.g. --trials 10"),
         (args.n_jobs >= 1, f"--n-jobs {args.n_jobs}: use 1 or more parallel trials"),
         (args.max_failures >= 1, f"--max-failures {args.max_failures}: use 1 or more"),
+        (args.max_disk_gb is None or args.max_disk_gb > 0,
+         f"--max-disk-gb {args.max_disk_gb}: use a positive number of GB, e.g. --max-disk-gb 18"),
+        (args.keep_best_trials >= 1, f"--keep-best-trials {args.keep_best_trials}: use 1 or more (the best "
+                                     "trial's final model is what a study is for)"),
     ]
     return [message for ok, message in checks if not ok]
 

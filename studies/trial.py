@@ -38,6 +38,10 @@ class TrialRecorder:
         if self.existing_run_id is not None and info.extra.get("run_id") is None:
             # Killed before its first checkpoint: the same run row starts over from step 0.
             info = dataclasses.replace(info, extra={**info.extra, "run_id": self.existing_run_id, "resume_step": 0})
+        elif self.existing_run_id is not None:
+            # A checkpoint names the run id of the database it was written with (maybe an earlier
+            # session's, merged here under another id); the trial's link is this database's.
+            info = dataclasses.replace(info, extra={**info.extra, "run_id": self.existing_run_id})
         run_id = self.inner.start_run(info)
         self.trial.set_user_attr(RUN_ID_ATTR, run_id)  # the trial -> run link
         return run_id
@@ -71,7 +75,7 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial, resumed: bool) -> TrialOut
     recorder = TrialRecorder(ctx.db.recorder(study_name=ctx.study_name, trial_number=trial.number), trial, existing)
     ctx.log(f"trial {trial.number}{' (continued)' if resumed else ''}: {_short(values)}")
     try:
-        cfg = ctx.trial_config(trial.number, values)
+        cfg = ctx.trial_config(trial.number, values, earlier_folders(ctx, trial.number, existing))
         result = train(cfg, recorder, data=ctx.data, log=lambda *_: None, time_source=ctx.time_source)
     except TrainerError as exc:
         return _fail(ctx, trial, recorder, values, f"{type(exc).__name__}: {exc}")
@@ -94,6 +98,20 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial, resumed: bool) -> TrialOut
         return TrialOutcome(trial.number, "fail", None, run_id, trial_reason)
     # Stopped for the session's time budget: left RUNNING, the next invocation continues it.
     return TrialOutcome(trial.number, "interrupted", None, run_id, result.reason)
+
+
+def earlier_folders(ctx: StudyContext, number: int, run_id: int | None) -> list[str]:
+    """Where the trial's run wrote before, when not in its folder here: an earlier session's
+    output (a --continue-from input, read in place), found through the run's recorded folder."""
+    if run_id is None:
+        return []
+    try:
+        recorded = ctx.db.resolve_path(ctx.db.run(run_id).out_dir)
+    except LookupError:
+        return []
+    if recorded is None or not recorded.is_dir() or recorded.resolve() == ctx.trial_dir(number).resolve():
+        return []
+    return [str(recorded)]
 
 
 def _fail(ctx: StudyContext, trial: optuna.Trial, recorder: TrialRecorder, values: dict[str, Any],

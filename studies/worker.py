@@ -15,10 +15,12 @@ import time
 import optuna
 
 from studies.context import StudyContext, TrialOutcome
+from studies.sampling import ask_new_trial
 from studies.trial import RUN_ID_ATTR, run_trial
 from trainer.clock import SimulatedTime, wall_clock
 
 WORKER_ATTR = "worker"
+RELEASED = "released"   # WORKER_ATTR key of a trial that no process holds: continued from an input
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 RUNNING = (optuna.trial.TrialState.RUNNING,)
 
@@ -34,9 +36,14 @@ def work(ctx: StudyContext) -> str:
         if claimed is None:
             return "done"
         trial, resumed = claimed
+        if ctx.disk is not None and (refusal := ctx.disk.refusal(ctx, trial.number)):
+            ctx.log(refusal)
+            return "disk budget"   # the trial stays running, released when this process ends
         outcome = run_trial(ctx, trial, resumed)
         ctx.outcomes.append(outcome)
         ctx.log(_describe(outcome))
+        if ctx.disk is not None:
+            ctx.disk.after_trial(ctx, outcome)
         if outcome.state == "fail":
             ctx.failures += 1
         if outcome.state == "interrupted":
@@ -54,9 +61,18 @@ def _next_trial(ctx: StudyContext) -> tuple[optuna.Trial, bool] | None:
                 return trial, True
         if len(trials) >= ctx.n_trials:
             return None  # every trial is finished or held by a live worker
-        trial = ctx.study.ask()
+        trial = ask_new_trial(ctx.study, ctx.sampler_name, ctx.seed, ctx.space)
         _mark_worker(trial)
         return trial, False
+
+
+def release(study: optuna.Study, numbers: list[int], why: str) -> None:
+    """Running trials that no process here holds (an earlier session's, merged in): the next
+    worker takes them over at once, whatever host or pid they name."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False, states=RUNNING)}
+    for number in numbers:
+        if number in trials:
+            study._storage.set_trial_user_attr(trials[number]._trial_id, WORKER_ATTR, {RELEASED: why})
 
 
 def _mark_worker(trial: optuna.Trial) -> None:
@@ -67,6 +83,8 @@ def _mark_worker(trial: optuna.Trial) -> None:
 def _is_stale(ctx: StudyContext, frozen: optuna.trial.FrozenTrial) -> bool:
     """A running trial nobody works on: its process is gone, or its heartbeat stopped."""
     worker = frozen.user_attrs.get(WORKER_ATTR) or {}
+    if worker.get(RELEASED):
+        return True
     if worker.get("host") == socket.gethostname() and worker.get("pid"):
         return not _pid_alive(int(worker["pid"]))
     return _heartbeat_age(ctx, frozen) > ctx.stale_after_s

@@ -10,12 +10,12 @@ fast.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -57,6 +57,10 @@ STUDIES = [
     ("studies.search --storage sqlite:///notes.txt", "--storage 'sqlite:///notes.txt'", {}),
     ("studies.search --out notes.txt", "--out 'notes.txt'", {}),
     ("studies.search --trials 0", "--trials 0", {}),
+    ("studies.search --continue-from missing_dir", "--continue-from 'missing_dir'", {}),
+    ("studies.search --continue-from a_dir", "--continue-from 'a_dir'", {}),
+    ("studies.search --max-disk-gb 0", "--max-disk-gb 0", {}),
+    ("studies.search --keep-best-trials 0", "--keep-best-trials 0", {}),
     ("studies.search --time-budget 5x", "--time-budget", {}),
     ("studies.search --space notes.txt", "--space 'notes.txt'", {}),
     ("studies.search --config empty.txt --space missing.yaml", "--space 'missing.yaml'", {}),
@@ -140,26 +144,98 @@ def tree(folder: Path) -> dict[str, tuple]:
     return found
 
 
-def invoke(template: Path, workdir: Path, command: str, env: dict[str, str]) -> tuple:
-    shutil.copytree(template, workdir, copy_function=shutil.copy2)
-    before = tree(workdir)
-    result = subprocess.run([sys.executable, "-m", *command.split()], cwd=workdir, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env},
-                            timeout=300)
-    return result, before, tree(workdir)
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[int, tuple]:
-    """Every case run once, in parallel, each in its own copy of the folder of traps."""
+    """Every case run once, each in its own copy of the folder of traps: (result, tree before, after)."""
     root = tmp_path_factory.mktemp("bad-invocations")
     template = root / "template"
     template.mkdir()
     make_traps(template)
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        futures = {i: pool.submit(invoke, template, root / f"case-{i:02d}", command, env)
-                   for i, (command, _, env) in enumerate(CASES)}
-        return {i: future.result() for i, future in futures.items()}
+    jobs = []
+    for i, (command, _, env) in enumerate(CASES):
+        workdir = root / f"case-{i:02d}"
+        shutil.copytree(template, workdir, copy_function=shutil.copy2)
+        jobs.append({"cwd": str(workdir), "argv": command.split(), "env": env,
+                     "stdout": str(root / f"case-{i:02d}.out"), "stderr": str(root / f"case-{i:02d}.err")})
+    before = {i: tree(Path(job["cwd"])) for i, job in enumerate(jobs)}
+    codes = run_forked(jobs)
+    return {i: (subprocess.CompletedProcess(job["argv"], codes[i], Path(job["stdout"]).read_text(),
+                                            Path(job["stderr"]).read_text()), before[i], tree(Path(job["cwd"])))
+            for i, job in enumerate(jobs)}
+
+
+def run_forked(jobs: list[dict]) -> list[int]:
+    """Run ``python -m ARGV`` for every job; their exit codes.
+
+    One launcher process imports the heavy third-party libraries once (torch alone takes a
+    second or more) and forks a child per job, which then runs the command as ``python -m``
+    does: the project's own modules are imported afresh in each child, in the command's order.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, __file__], input=json.dumps(jobs), capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _launch(jobs: list[dict], parallel: int) -> list[int]:
+    import numpy, optuna, pandas, sqlalchemy, torch, yaml  # noqa: F401,E401 - third-party only: see run_forked
+
+    codes = [0] * len(jobs)
+    running: dict[int, int] = {}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for i, job in enumerate(jobs):
+        if len(running) >= parallel:
+            pid, status = os.wait()
+            codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+        pid = os.fork()
+        if pid == 0:
+            _child(job)
+        running[pid] = i
+    while running:
+        pid, status = os.wait()
+        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+    return codes
+
+
+def _child(job: dict) -> None:
+    """Become ``python -m ARGV`` in the job's folder, then end as the interpreter would; never returns."""
+    import atexit
+    import gc
+
+    code = 1
+    try:
+        os.chdir(job["cwd"])
+        for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        os.environ.update(job["env"])
+        sys.path[0] = job["cwd"]                    # python -m puts the working folder first
+        sys.argv = list(job["argv"])
+        code = _run_module(job["argv"][0])
+        gc.collect()                  # close what the command left open (SQLite removes its -wal and -shm)
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _run_module(name: str) -> int:
+    import runpy
+    import traceback
+
+    try:
+        runpy.run_module(name, run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+        if isinstance(stop.code, int) or stop.code is None:
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        traceback.print_exc()                       # what the interpreter prints for an uncaught error
+        return 1
+    return 0
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}{' ' + next(iter(c[2])) if c[2] else ''}"
@@ -178,3 +254,7 @@ def test_every_command_line_is_walked():
     modules = {command.split()[0] for command, _, _ in CASES}
     assert modules == {"trainer", "studies.search", "studies.report", "expdb", "dashboards", "trainer.export",
                        "trainer.generate"}
+
+
+if __name__ == "__main__":     # the launcher of run_forked: jobs on stdin, exit codes on stdout
+    print(json.dumps(_launch(json.loads(sys.stdin.read()), parallel=2 * (os.cpu_count() or 1))))

@@ -76,7 +76,9 @@ def test_lifecycle_reads_back_what_was_logged(db: expdb.ExperimentDB):
     record = db.run(run_id)
     assert (record.name, record.status, record.status_reason) == ("alpha", "completed", "done")
     assert (record.study_name, record.trial_number) == ("study-a", 3)
-    assert record.config["data_files"] == ["a.txt"] and record.out_dir == "runs/alpha"
+    assert record.config["data_files"] == ["a.txt"] and record.config["out_dir"] == "runs/alpha"
+    # the column is portable (expdb.paths): outside the database's folder, absolute
+    assert db.resolve_path(record.out_dir) == Path("runs/alpha").absolute()
     assert record.dataset["train"] == {"documents": 3} and record.tokenizer["vocab_size"] == 512
     assert (record.n_params, record.device, record.precision, record.host) == (12345, "cpu", "fp32", "testhost")
     assert record.best_val_loss == pytest.approx(10.0 / STEPS) and record.best_step == STEPS

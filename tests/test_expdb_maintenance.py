@@ -154,7 +154,31 @@ def test_relative_paths_are_taken_from_root(tmp_path: Path):
     with expdb.open(tmp_path / "experiments.db") as db:
         rec = db.recorder()
         rec.start_run(make_info())
-        rec.log_checkpoint("out/ck", "final", 1, None, saved.size_bytes, saved.sha256)
+        rec.log_checkpoint(str(tmp_path / "out" / "ck"), "final", 1, None, saved.size_bytes, saved.sha256)
         rec.finish("completed")
+        assert list(db.checkpoints().path) == ["out/ck"]   # inside the database's folder: stored relative
         assert maintenance.check(db, root=tmp_path).checkpoints_ok == 1
+        assert maintenance.check(db).checkpoints_ok == 1    # by default from the database's folder
         assert "missing" in maintenance.check(db, root=tmp_path / "elsewhere").problems[0]
+
+
+def test_a_moved_folder_still_passes_check_and_old_absolute_paths_keep_working(tmp_path: Path):
+    """Paths inside the database's folder are stored relative to it and resolved on read."""
+    first, outside = tmp_path / "first", tmp_path / "outside"
+    saved = write_checkpoint(first / "runs" / "r" / "checkpoints" / "step-1", 1)
+    kept = write_checkpoint(outside / "ck", 2)
+    with expdb.open(first / "experiments.db") as db:
+        rec = db.recorder()
+        run_id = rec.start_run(make_info())
+        rec.log_checkpoint(str(first / "runs/r/checkpoints/step-1"), "periodic", 1, None, saved.size_bytes,
+                           saved.sha256)
+        rec.log_checkpoint(str(outside / "ck"), "final", 2, None, kept.size_bytes, kept.sha256)
+        rec.finish("completed")
+        assert list(db.checkpoints().path) == ["runs/r/checkpoints/step-1", str(outside / "ck")]
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(first), moved)
+    assert main(["--db", str(moved / "experiments.db"), "check"]) == 0     # from any working directory
+    with expdb.open(moved / "experiments.db") as db:
+        assert db.resolve_path(db.checkpoints().path[0]) == moved / "runs/r/checkpoints/step-1"
+        assert db.mark_checkpoint_deleted(run_id, moved / "runs/r/checkpoints/step-1") == 1

@@ -228,3 +228,27 @@ def test_merge_into_postgres(two_sessions, postgres_db_url: str):
         assert [runs.loc[t.user_attrs["run_id"], "trial_number"] for t in study.trials] == [0, 1, 2, 3, 4]
         assert db.checkpoints().empty and len(db.epochs()) == 6
     assert [r.runs_skipped for r in expdb.merge([a, b], into=postgres_db_url)] == [4, 2]
+
+
+def test_merged_relative_paths_still_name_the_sources_files(tmp_path: Path):
+    """A source's paths relative to its own folder are rebased: the merged rows name the
+    source's files (an input read in place), and `check` of the destination passes."""
+    from test_expdb_maintenance import write_checkpoint
+
+    src_dir, dst_dir = tmp_path / "input", tmp_path / "work"
+    saved = write_checkpoint(src_dir / "runs/r/checkpoints/step-1", 1)
+    with expdb.open(src_dir / "experiments.db") as db:
+        rec = db.recorder()
+        rec.start_run(make_info(config={"out_dir": str(src_dir / "runs/r")}))
+        rec.log_checkpoint(str(src_dir / "runs/r/checkpoints/step-1"), "periodic", 1, None, saved.size_bytes,
+                           saved.sha256)
+        rec.finish("interrupted")
+        assert db.runs().out_dir[0] == "runs/r"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in src_dir.rglob("*"))
+    expdb.merge([src_dir / "experiments.db"], into=dst_dir / "experiments.db")
+    expdb.merge([src_dir / "experiments.db"], into=dst_dir / "experiments.db")      # idempotent
+    with expdb.open(dst_dir / "experiments.db") as db:
+        assert list(db.checkpoints().path) == [str(src_dir / "runs/r/checkpoints/step-1")]
+        assert db.resolve_path(db.runs().out_dir[0]) == src_dir / "runs/r"
+    assert main(["--db", str(dst_dir / "experiments.db"), "check"]) == 0
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in src_dir.rglob("*")) == before

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.checkpoints import MODEL_FILE, read_info, verify_checkpoint
+from trainer.clock import SIMULATED_STEP_ENV
 from trainer.errors import CheckpointError
 from trainer.files import TMP_PREFIX
 
@@ -178,7 +179,9 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resumes_exactly(tmp_path, shared_
 
 
 @pytest.mark.slow
-def test_a_time_budget_exits_75_with_a_checkpoint(tmp_path, shared_cache):
+def test_a_time_budget_exits_75_with_a_checkpoint(tmp_path, shared_cache, monkeypatch):
+    # Simulated time (0.05 s per step, trainer.clock): a fast machine cannot finish inside the budget.
+    monkeypatch.setenv(SIMULATED_STEP_ENV, "0.05")
     proc, log = start(tmp_path, "budget", shared_cache, "--out", "run", "--no-db", "--time-budget", "3s",
                       "--max-steps", "100000", "--epochs", "50")
     assert proc.wait(timeout=300) == 75, log.read_text()[-3000:]

@@ -1,15 +1,18 @@
 """The main job end to end: real Optuna studies of trainer runs, killed, resumed, shared."""
+import datetime as dt
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 
+from trainer.clock import SIMULATED_STEP_ENV, SimulatedTime, wall_clock
 from trainer.config import TrainConfig, load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +79,8 @@ def test_study_records_linked_runs_and_continues(study_dir):
     assert set(epochs.run_id) == set(runs.id)
     ckpts = pd.read_sql("select run_id, path, kind, deleted from checkpoints", url)
     assert set(ckpts.run_id) == set(runs.id)
-    assert all(os.path.isdir(p) for p in ckpts[ckpts.deleted == 0].path)
+    # stored relative to the database's folder (expdb.paths), resolved from there
+    assert all(os.path.isdir(study_dir / p) for p in ckpts[ckpts.deleted == 0].path)
     assert (study_dir / "runs/t/best_dashboard.png").stat().st_size > 10_000
     # the report: top trials, best parameters, and a config the trainer accepts as --config
     report = subprocess.run([sys.executable, "-m", "studies.report", "--study", "t"], cwd=study_dir, env=env(),
@@ -160,6 +164,8 @@ def _check_shared_study(url, n_trials):
     runs = pd.read_sql("select id, trial_number, status from runs", url)
     assert sorted(runs.trial_number) == list(range(n_trials))
     assert set(runs.status) <= {"completed", "pruned"}
+    # one command, several workers: each trial's sampler is seeded by its number, so no two alike
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == n_trials
 
 
 @pytest.mark.slow
@@ -177,22 +183,51 @@ def test_three_processes_share_one_postgres_study(study_dir, postgres_db_url):
 
 @pytest.mark.slow
 def test_a_time_budget_stops_the_trial_with_a_checkpoint_and_the_next_session_continues(study_dir):
+    # Simulated time (trainer.clock): every optimizer step counts 1 s and nothing else takes any,
+    # so the 12 s budget ends the trial (4 epochs, hundreds of steps) at the same step on any machine.
     (study_dir / "tiny.yaml").write_text(TINY_STUDY.replace("epochs: 2", "epochs: 4"))
-    warm = [sys.executable, "-m", "trainer", "--config", "tiny.yaml", "--no-db", "--max-steps", "1", "--out", "warm"]
-    subprocess.run(warm, cwd=study_dir, env=env(), check=True, capture_output=True, timeout=300)  # token cache
-    out = search(study_dir, "--trials", "1", "--time-budget", "12s", "--pruner", "none", expect=0)
-    assert "time limit" in out
+    simulated = {**env(), SIMULATED_STEP_ENV: "1"}
+    session = subprocess.run(command("--trials", "1", "--time-budget", "12s", "--pruner", "none"), cwd=study_dir,
+                             env=simulated, capture_output=True, text=True, timeout=900)
+    assert session.returncode == 0, session.stdout[-3000:] + session.stderr[-4000:]
+    assert "time limit" in session.stdout
     url = url_of(study_dir)
     run = pd.read_sql("select id, status, status_reason from runs", url).iloc[0]
     assert run.status == "interrupted" and "time budget" in run.status_reason
     stopped_at = pd.read_sql(f"select max(step) as s from checkpoints where run_id = {run.id}", url).s[0]
-    assert stopped_at > 0
+    assert 0 < stopped_at < 12                              # 12 simulated seconds hold fewer than 12 steps
     assert optuna.load_study(study_name="t", storage=url).trials[0].state == optuna.trial.TrialState.RUNNING
     search(study_dir, "--trials", "1", "--pruner", "none")
     resumes = pd.read_sql(f"select step from events where kind = 'resume' and run_id = {run.id}", url)
     assert list(resumes.step) == [stopped_at]
     trials = optuna.load_study(study_name="t", storage=url).trials
     assert len(trials) == 1 and trials[0].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_no_trial_starts_that_the_median_trial_cannot_finish_on_the_studys_clock():
+    """The study-level budget follows the same simulated clock as the trials' (no model needed)."""
+    from studies.context import StudyContext
+    from studies.worker import _out_of_time, typical_trial_seconds
+
+    study = optuna.create_study()
+    for last_step in (10, 30, 20):                  # completed trials, evaluated at their last step
+        trial = study.ask()
+        trial.report(1.0, last_step)
+        study.tell(trial, 1.0)
+    clock, logs = SimulatedTime(step_s=0.5), []
+    assert typical_trial_seconds(study, clock) == 10.0               # the median, 20 steps of 0.5 s
+    deadline = wall_clock(clock).astimezone(dt.timezone.utc) + dt.timedelta(seconds=15)
+    ctx = StudyContext(study=study, storage_url="", db=None, base=TrainConfig(), space=[], data=None,
+                       study_name="t", out_dir=Path("runs"), n_trials=9, lock=None, deadline=deadline,
+                       stop_starting_at=clock() + 8.0, time_source=clock, log=logs.append)
+    assert _out_of_time(ctx) is None                                 # 15 s left, a trial takes 10 s
+    for _ in range(12):                                              # 6 simulated seconds pass
+        clock.take_step()
+    assert _out_of_time(ctx) == "time budget" and "9 s left, a trial takes about 10 s" in logs[-1]
+    ctx.deadline = None
+    for _ in range(4):                                               # 8 s since the start: --timeout
+        clock.take_step()
+    assert _out_of_time(ctx) == "timeout"
 
 
 def test_failing_trials_are_recorded_and_the_study_stops_at_max_failures(study_dir):

@@ -6,6 +6,7 @@ that opens an expdb recorder. The training code itself only knows the Recorder p
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from trainer.cli import Parser, add_config_flags, collect_problems, config_from_args, environment_checks, fail
 from trainer.errors import EXIT_FAILED, EXIT_TIME_BUDGET, ConfigError, TrainerError, TrainingInterrupted
@@ -20,6 +21,9 @@ def build_parser() -> Parser:
     parser.add_argument("--db", default="experiments.db", metavar="URL",
                         help="Experiment database: a SQLite path or a SQLAlchemy URL (default: experiments.db).")
     parser.add_argument("--no-db", action="store_true", help="Record nothing in a database.")
+    parser.add_argument("--continue-from", nargs="+", default=None, metavar="DIR",
+                        help="An earlier session's session-pack/ or run folder, read in place: its database is "
+                             "merged into --db and the run resumes from its newest valid checkpoint there.")
     add_config_flags(parser, skip={"out_dir"})
     return parser
 
@@ -32,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)  # checked before the heavy imports: bad flags answer at once
     except TrainerError as exc:
         fail(PROG, exc)
+    if args.continue_from:
+        from trainer.pack import continued_config
+        cfg = continued_config(cfg, args.continue_from)   # --resume auto, searching the inputs too
     refuse_before_writing(cfg, args)
     from trainer.clock import SimulatedTime
     from trainer.data import prepare_data
@@ -39,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     time_source = SimulatedTime.from_env()   # read once, here; None: real time
     try:
         data = prepare_data(cfg)  # the first write (the token cache), after every check passed
-        recorder = None if args.no_db else _open_recorder(args.db)
+        if args.continue_from and not args.no_db and _is_main_process():
+            from trainer.pack import merge_inputs
+            merge_inputs(args.continue_from, args.db)
+        recorder = None if args.no_db or not _is_main_process() else _open_recorder(args.db)
         result = train(cfg, recorder, data=data, time_source=time_source)
     except TrainerError as exc:
         fail(PROG, exc)
@@ -64,10 +74,25 @@ def refuse_before_writing(cfg, args) -> None:
     from trainer.checkpoints import precheck_resume
 
     checks = environment_checks(cfg) + [("", lambda: precheck_resume(cfg))]   # a bad --resume or --out
-    if not args.no_db:
+    if args.continue_from:
+        from trainer.pack import input_problems
+        checks += [("", lambda d=d: _raise_all(input_problems(Path(d), "--continue-from")))
+                   for d in args.continue_from]
+    if not args.no_db and _is_main_process():
         checks.append((f"--db {args.db!r}: ", lambda: expdb.check_database(args.db, create=True, write=True)))
     if problems := collect_problems(checks, errors=(TrainerError, expdb.ExpdbError)):
         fail(PROG, ConfigError(problems))
+
+
+def _raise_all(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun launch (or the only process): the one that writes the database."""
+    from trainer.distributed import World
+    return World.from_env().is_main
 
 
 def _open_recorder(url: str):

@@ -33,3 +33,11 @@ class PackedBlocks:
         ids = np.arange(self.n_blocks)
         batches = [ids[i:i + micro_batch] for i in range(0, self.n_blocks, micro_batch)]
         return batches[:max_batches] if max_batches else batches
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device``. To a GPU through pinned memory, without waiting: the copy
+    queues behind the work already queued, and the host goes on to the next batch."""
+    if device.type != "cuda":
+        return batch
+    return batch.pin_memory().to(device, non_blocking=True)

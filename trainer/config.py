@@ -19,6 +19,7 @@ from trainer.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+CHECKPOINTING = ("auto", "true", "false")   # --gradient-checkpointing
 DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
@@ -98,9 +99,19 @@ class TrainConfig:
                                   "before the last good checkpoint is reloaded with half the learning rate; "
                                   "a second streak ends the run as diverged.")
     clear_cache_every: int = _f(0, "Return cached GPU memory to the driver every N optimizer steps (0: never).")
+    gradient_checkpointing: str = _f("auto", "Activation checkpointing (each block's activations are recomputed "
+                                     "in backward: less memory, one more forward pass): true, false, or auto "
+                                     "(turned on when out of memory at micro-batch 1, before giving up).",
+                                     choices=CHECKPOINTING)
+    early_stop_patience: int = _f(0, "Stop (completed) after N evaluations without an improvement of at least "
+                                  "--early-stop-min-delta; final_model/ is then the best checkpoint (0: never).")
+    early_stop_min_delta: float = _f(0.0, "The smallest drop of the validation loss that counts as an "
+                                     "improvement for --early-stop-patience.")
     seed: int = _f(1337, "Seed for data order, initialisation and dropout.")
     device: str = _f("auto", "auto, cpu or cuda.", choices=DEVICES)
     progress: bool = _f(True, "Show a tqdm progress bar.")
+    compile: bool = _f(False, "Compile the model with torch.compile (faster steps on a GPU after the first "
+                       "ones compile; off by default).")
     # --- where things go --------------------------------------------------------------
     out_dir: str = _f("runs/run", "Directory for this run's checkpoints and final model.")
     cache_dir: str = _f(".cache/trainer", "Directory for the tokenizer and token caches.")
@@ -110,6 +121,8 @@ class TrainConfig:
         for name in ("data_files", "resume_from"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
+        if isinstance(self.gradient_checkpointing, bool):   # YAML's true/false
+            self.gradient_checkpointing = str(self.gradient_checkpointing).lower()
 
     # -- checks ------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -123,16 +136,19 @@ class TrainConfig:
         for name in ("n_layer", "n_embd", "n_head", "block_size", "micro_batch", "grad_accum",
                      "epochs", "eval_every", "log_every", "keep_checkpoints", "max_nonfinite_steps"):
             need(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "use a positive integer")
-        for name in ("max_steps", "save_every", "warmup_steps", "eval_batches", "clear_cache_every"):
+        for name in ("max_steps", "save_every", "warmup_steps", "eval_batches", "clear_cache_every",
+                     "early_stop_patience"):
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "use an integer >= 0")
         need(_finite(self.lr) and self.lr > 0, "lr", "use a positive learning rate such as 3e-4")
         need(_finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "use a value in [0, 1]")
         need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "use a value >= 0")
         need(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "use a value >= 0 (0 disables)")
-        for name in ("save_on_eval", "save_optimizer_state", "progress", "auto_micro_batch"):
+        for name in ("save_on_eval", "save_optimizer_state", "progress", "auto_micro_batch", "compile"):
             need(isinstance(getattr(self, name), bool), name, "use true or false")
         need(_finite(self.max_checkpoint_gb) and self.max_checkpoint_gb >= 0, "max_checkpoint_gb",
              "use a size in GB such as 15, or 0 for no budget")
+        need(_finite(self.early_stop_min_delta) and self.early_stop_min_delta >= 0, "early_stop_min_delta",
+             "use a loss difference >= 0 such as 0.01")
         need(_finite(self.dropout) and 0 <= self.dropout < 1, "dropout", "use a value in [0, 1)")
         need(_finite(self.beta1) and 0 <= self.beta1 < 1, "beta1", "use a value in [0, 1)")
         need(_finite(self.beta2) and 0 <= self.beta2 < 1, "beta2", "use a value in [0, 1)")
@@ -140,7 +156,8 @@ class TrainConfig:
         need(_finite(self.subset) and 0 < self.subset <= 1, "subset", "use a fraction in (0, 1]")
         need(_is_int(self.vocab_size) and 256 < self.vocab_size <= 65535, "vocab_size",
              "use 257..65535 (byte-level BPE needs the 256 bytes plus merges; tokens are stored as uint16)")
-        for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("device", DEVICES)):
+        for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("device", DEVICES),
+                              ("gradient_checkpointing", CHECKPOINTING)):
             need(getattr(self, name) in choices, name, f"choose one of {', '.join(choices)}")
         if _is_int(self.n_embd) and _is_int(self.n_head) and self.n_head > 0 and self.n_embd % self.n_head:
             p.append(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: "

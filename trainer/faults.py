@@ -4,11 +4,13 @@ Each function is given what it looks at (the micro-batch split, the train state,
 checkpoint store, the model's parts) and returns what the training loop should do next;
 the loop applies it where the weights and the data position agree.
 
-- Out of memory in a forward or backward pass: ``split_after_oom`` halves the micro-batch
-  and doubles the accumulation (the effective batch stays the same); the loop redoes the
-  interrupted step from its first micro-batch, so no sample is skipped or counted twice.
-  At micro-batch 1 there is nothing left to halve: the run ends, failed, with a checkpoint
-  of its last complete step.
+- Out of memory in a forward or backward pass: ``remedy_after_oom`` climbs the memory
+  ladder. First it halves the micro-batch and doubles the accumulation (the effective
+  batch stays the same). At micro-batch 1, with --gradient-checkpointing auto, it turns on
+  activation checkpointing (each block's activations are recomputed in backward instead of
+  kept). Either way the loop redoes the interrupted step from its first micro-batch, so no
+  sample is skipped or counted twice. With nothing left to try the run ends, failed, with
+  a checkpoint of its last complete step.
 - A non-finite loss or gradient norm skips the update (the weights stay as they were).
   ``count_nonfinite`` says when ``max_nonfinite_steps`` in a row call for a reload;
   ``reload_before_streak`` then returns the state of the newest checkpoint from before the
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -34,26 +36,53 @@ from trainer.recorder import EVENT_NONFINITE, EVENT_OOM, Recorder
 from trainer.state import Split, TrainState
 
 DIVERGED = "diverged"     # the start of a failed run's reason after a second streak (studies prune it)
+HALVE_MICRO_BATCH = "halve_micro_batch"             # the remedies, as the oom event names them
+GRADIENT_CHECKPOINTING = "gradient_checkpointing"
 
 
-def split_after_oom(split: Split, step: int, exc: BaseException, recorder: Recorder, log) -> Split:
-    """The smaller split to redo ``step`` with; raises StopTraining (failed) at micro-batch 1.
+class OomRemedy(NamedTuple):
+    """What to redo the step with after an out-of-memory error."""
+
+    kind: str                        # HALVE_MICRO_BATCH or GRADIENT_CHECKPOINTING
+    split: Split
+    gradient_checkpointing: bool     # activation checkpointing on for the retry (and after)
+
+
+def remedy_after_oom(split: Split, step: int, exc: BaseException, *, checkpointing: str, checkpointing_on: bool,
+                     recorder: Recorder, log) -> OomRemedy:
+    """The next rung of the memory ladder to redo ``step`` on; raises StopTraining (failed)
+    when none is left. ``checkpointing`` is --gradient-checkpointing (auto, true, false).
 
     The caller has dropped the failed step's half-accumulated gradients.
     """
     free_memory()
-    if split.micro_batch == 1:
-        raise StopTraining("failed", f"out of memory at micro-batch 1 in step {step}: the model does not fit; "
-                           "use a smaller --block-size, --n-embd or --n-layer, or --precision bf16/fp16")
+    if split.micro_batch > 1:
+        remedy = OomRemedy(HALVE_MICRO_BATCH, _halved(split), checkpointing_on)
+        log(f"out of memory in step {step}: micro-batch {split.micro_batch} x {split.grad_accum} -> "
+            f"{remedy.split.micro_batch} x {remedy.split.grad_accum} (the same {split.micro_batch * split.grad_accum} "
+            "sequences); redoing the step")
+    elif checkpointing == "auto" and not checkpointing_on:
+        remedy = OomRemedy(GRADIENT_CHECKPOINTING, split, True)
+        log(f"out of memory in step {step} at micro-batch 1: turning on gradient checkpointing "
+            "(activations recomputed in backward); redoing the step")
+    else:
+        raise StopTraining("failed", f"out of memory at micro-batch 1 in step {step}"
+                           + (" with gradient checkpointing" if checkpointing_on else "")
+                           + ": the model does not fit; use a smaller --block-size, --n-embd or --n-layer, "
+                           + ("or --precision bf16/fp16" if checkpointing_on else
+                              "--gradient-checkpointing auto, or --precision bf16/fp16"))
+    recorder.log_event(EVENT_OOM, step, {
+        "remedy": remedy.kind, "old_micro_batch": split.micro_batch, "old_grad_accum": split.grad_accum,
+        "new_micro_batch": remedy.split.micro_batch, "new_grad_accum": remedy.split.grad_accum,
+        "gradient_checkpointing": remedy.gradient_checkpointing, "error": str(exc)[:300]})
+    return remedy
+
+
+def _halved(split: Split) -> Split:
+    """The largest micro-batch up to half this one that divides the effective batch."""
     effective = split.micro_batch * split.grad_accum
     micro = max(n for n in range(1, split.micro_batch // 2 + 1) if effective % n == 0)
-    new = Split(micro, effective // micro)
-    log(f"out of memory in step {step}: micro-batch {split.micro_batch} x {split.grad_accum} -> {new.micro_batch} x "
-        f"{new.grad_accum} (the same {effective} sequences); redoing the step")
-    recorder.log_event(EVENT_OOM, step, {
-        "old_micro_batch": split.micro_batch, "old_grad_accum": split.grad_accum,
-        "new_micro_batch": new.micro_batch, "new_grad_accum": new.grad_accum, "error": str(exc)[:300]})
-    return new
+    return Split(micro, effective // micro)
 
 
 def is_nonfinite(loss: float, grad_norm: float, scaler_enabled: bool) -> bool:
@@ -97,6 +126,7 @@ def reload_before_streak(state: TrainState, store: CheckpointStore | None, *, mo
         reloaded = dataclasses.replace(state)
         how = "no checkpoint precedes the streak: continuing from the current weights (never updated by it)"
     reloaded.lr_scale, reloaded.nonfinite_streak = state.lr_scale * 0.5, 0
+    reloaded.gradient_checkpointing = state.gradient_checkpointing   # the model keeps it on either way
     log(f"{state.nonfinite_streak} non-finite steps in a row up to step {streak_end}: {how}; "
         f"learning rate x{reloaded.lr_scale:g}")
     recorder.log_event(EVENT_NONFINITE, streak_end, {"action": "reload", "detail": how,

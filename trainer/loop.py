@@ -10,8 +10,8 @@ calls back.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,31 +21,38 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainer.batches import PackedBlocks
+from trainer.batches import PackedBlocks, to_device
 from trainer.checkpoints import CheckpointStore, ResumePlan, load_checkpoint, resume_notes
 from trainer.clock import StopClock
 from trainer.config import TrainConfig
 from trainer.data import PreparedData
 from trainer.device import Placement, memory_snapshot
-from trainer.errors import DataError
-from trainer.faults import count_nonfinite, is_nonfinite, pick_micro_batch, reload_before_streak, split_after_oom
+from trainer.distributed import (World, agree_stop, any_rank, copy_from_main, from_main, mean_over_ranks, share,
+                                 split_for, spread_from_main, step_seed, sum_over_ranks, wrap)
+from trainer.errors import ConfigError, DataError, StopTraining
+from trainer.early_stop import EarlyStop, decide
+from trainer.faults import count_nonfinite, is_nonfinite, pick_micro_batch, reload_before_streak, remedy_after_oom
 from trainer.interrupts import StopRequests
-from trainer.memory import FaultInjector, clear_cache_if_due, is_out_of_memory, memory_report
+from trainer.memory import (FaultInjector, clear_cache_if_due, enable_gradient_checkpointing,
+                            gradient_checkpointing_on, is_out_of_memory, memory_report)
+from trainer.flops import utilisation
 from trainer.metrics import perplexity
-from trainer.model import build_model, build_optimizer, count_parameters, next_token_loss
+from trainer.model import build_model, build_optimizer, compiled, count_parameters, next_token_loss
 from trainer.recorder import EVENT_SCALER_SKIP, Recorder
 from trainer.schedule import lr_at, steps_per_epoch, total_steps
-from trainer.state import TrainState
+from trainer.state import Split, TrainState
 
 TIME = "time"     # a Halt's cause when the time budget or deadline is near
+EARLY_STOP = "early_stop"   # a Halt's cause when --early-stop-patience is used up (trainer.early_stop)
 
 
 @dataclass(frozen=True)
 class Halt:
     """Why the steps stopped before the end."""
 
-    cause: str               # TIME, or the signal: "SIGTERM", "SIGINT", "KeyboardInterrupt"
+    cause: str               # TIME, EARLY_STOP, or the signal: "SIGTERM", "SIGINT", "KeyboardInterrupt"
     mid_step: bool = False   # cut inside a step: the weights and the data position disagree
+    early_stop: EarlyStop | None = None   # with EARLY_STOP: the step stopped at and the best one
 
 
 class StepResult(NamedTuple):
@@ -59,39 +66,57 @@ class Trainer:
     """One run's model, optimizer, data position and checkpoints, stepped by ``run_steps``."""
 
     def __init__(self, cfg: TrainConfig, data: PreparedData, placement: Placement, recorder: Recorder,
-                 stops: StopRequests, clock: StopClock, log=print):
+                 stops: StopRequests, clock: StopClock, log=print, world: World | None = None):
         self.cfg, self.data, self.placement, self.recorder, self.log = cfg, data, placement, recorder, log
         self.stops, self.clock = stops, clock
         self.device = placement.device
         # Only one process writes files and records when several train together (torchrun).
-        self.is_main = int(os.environ.get("RANK", "0")) == 0
+        self.world = world or World.from_env()
+        self.is_main = self.world.is_main
         self.train_blocks = PackedBlocks(data.train, cfg.block_size)
         self.val_blocks = PackedBlocks(data.val, cfg.block_size)
         self._check_data_fits()
-        self.steps_per_epoch = steps_per_epoch(len(data.train), cfg)
-        self.total_steps = total_steps(len(data.train), cfg)
         self.model = build_model(cfg, data.vocab_size, data.tokenizer.eos_token_id).to(self.device)
+        if self.world.parallel and cfg.dropout:      # each rank its own masks (trainer.distributed.step_seed)
+            torch.manual_seed(step_seed(cfg.seed, self.world, 0))
+        # What the steps run: DDP over the model with several ranks, compiled with --compile.
+        self._ddp = wrap(self.model, self.world, self.device)
+        self.train_model = compiled(self._ddp, cfg.compile)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = placement.grad_scaler()
-        self.state = TrainState(micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum)
+        self.state = TrainState(micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=self.world.size,
+                                gradient_checkpointing=cfg.gradient_checkpointing == "true")
+        self._apply_gradient_checkpointing()
+        self._count_steps()
         self.out_dir = Path(cfg.out_dir)
         self.store = CheckpointStore(self.out_dir / "checkpoints", cfg, recorder, log) if self.is_main else None
         self.tokens_per_s = math.nan
         self.faults = FaultInjector.from_env()   # TRAINER_INJECT_OOM / TRAINER_INJECT_NAN (trainer.memory)
         self.steps_taken = 0            # optimizer steps taken by this process (a step may be retaken)
         self._order: tuple[int, np.ndarray] | None = None
-        if cfg.auto_micro_batch:
-            self.state.micro_batch, self.state.grad_accum = pick_micro_batch(
-                self.model, self.train_blocks, placement, self.state.split, log)
+        if cfg.auto_micro_batch:     # rank 0 probes, every rank takes its answer
+            self.state.micro_batch, self.state.grad_accum = from_main(self.world, lambda: pick_micro_batch(
+                self.model, self.train_blocks, placement, self.state.split, log))
         self.log(memory_report(self.device))
         self._checkpoint_bytes = 4 * count_parameters(self.model) * (3 if cfg.save_optimizer_state else 1)
+        self._flops_per_token = 6 * count_parameters(self.model)    # forward and backward (nanoGPT's rule)
+
+    @property
+    def step_batch(self) -> int:
+        """Sequences per optimizer step, all ranks together: micro-batch x accumulation x world size."""
+        return self.state.micro_batch * self.state.grad_accum * self.world.size
+
+    def _count_steps(self) -> None:
+        self.steps_per_epoch = steps_per_epoch(len(self.data.train), self.cfg, self.step_batch)
+        self.total_steps = total_steps(len(self.data.train), self.cfg, self.step_batch)
 
     def _check_data_fits(self) -> None:
         cfg = self.cfg
-        if len(self.train_blocks) < cfg.effective_batch:
+        if len(self.train_blocks) < cfg.effective_batch * self.world.size:
             raise DataError(
                 f"the training split has {len(self.train_blocks)} blocks of {cfg.block_size} tokens, fewer than "
-                f"one optimizer step needs (--micro-batch {cfg.micro_batch} x --grad-accum {cfg.grad_accum}); "
+                f"one optimizer step needs (--micro-batch {cfg.micro_batch} x --grad-accum {cfg.grad_accum} x "
+                f"{self.world.size} process(es)); "
                 "use more data (--subset 1.0) or a smaller --block-size / --micro-batch")
         if len(self.val_blocks) == 0:
             raise DataError(f"the validation split has fewer than {cfg.block_size + 1} tokens; "
@@ -111,17 +136,42 @@ class Trainer:
             return []
         self.state, saved = load_checkpoint(plan.path, model=self.model, optimizer=self.optimizer,
                                             scaler=self.scaler)
-        # The run may have lowered its micro-batch (memory); keep that unless the settings changed.
-        if (saved.get("micro_batch"), saved.get("grad_accum")) != (self.cfg.micro_batch, self.cfg.grad_accum) \
-                or self.state.micro_batch * self.state.grad_accum != self.cfg.effective_batch:
-            self.state.micro_batch, self.state.grad_accum = self.cfg.micro_batch, self.cfg.grad_accum
-        notes = resume_notes(plan, saved, self.cfg)
+        (self.state.micro_batch, self.state.grad_accum), world_note = self._resumed_split(saved)
+        self.state.world_size = self.world.size
+        self._count_steps()
+        if self.cfg.gradient_checkpointing != "auto":   # an explicit setting wins over what auto turned on
+            self.state.gradient_checkpointing = self.cfg.gradient_checkpointing == "true"
+        self._apply_gradient_checkpointing()
+        notes = resume_notes(plan, saved, self.cfg) + ([world_note] if world_note else [])
         if self.store:
             self.store.open(plan.path)
         self.log(f"resuming from {plan.path}: {plan.reason}")
         for note in notes:
             self.log(f"warning: {note}")
         return notes
+
+    def _resumed_split(self, saved: dict) -> tuple[Split, str | None]:
+        """The split to continue with, and a note when the number of processes changed.
+
+        The run may have lowered its micro-batch (memory): that is kept unless the settings
+        changed. Resumed by another number of processes, each step keeps its sequences, shared
+        by this many (1 -> 2: half the accumulation each; 2 -> 1: twice as much).
+        """
+        cfg, state, was = self.cfg, self.state, self.state.world_size
+        if (saved.get("micro_batch"), saved.get("grad_accum")) != (cfg.micro_batch, cfg.grad_accum) \
+                or state.micro_batch * state.grad_accum != cfg.effective_batch:
+            return Split(cfg.micro_batch, cfg.grad_accum), None
+        if was == self.world.size:
+            return state.split, None
+        step_batch = state.micro_batch * state.grad_accum * was
+        split = split_for(step_batch, self.world, state.micro_batch)
+        if split is None:
+            raise ConfigError([f"--resume: the checkpoint's optimizer steps of {step_batch} sequences (from {was} "
+                               f"processes) cannot be shared evenly by {self.world.size}; use a number of "
+                               "processes that divides it (torchrun --nproc_per_node)"])
+        return split, (f"trained by {was} process(es), resumed by {self.world.size}: each optimizer step keeps its "
+                       f"{step_batch} sequences, as micro-batch {split.micro_batch} x {split.grad_accum} accumulation "
+                       f"x {self.world.size} (was {state.micro_batch} x {state.grad_accum} x {was})")
 
     # -- the steps ------------------------------------------------------------------------
     def run_steps(self) -> Halt | None:
@@ -130,7 +180,7 @@ class Trainer:
         Raises StopTraining when a recorder prunes the run or a fault ends it.
         """
         bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.cfg.progress and self.is_main))
+                   mininterval=1.0, disable=not (self.cfg.progress and self.is_main))
         in_step = False
         try:
             while self.state.step < self.total_steps and self.state.epoch < self.cfg.epochs:
@@ -147,8 +197,10 @@ class Trainer:
                 self.steps_taken += 1
                 self._advance(len(sample_ids), step.loss, time.perf_counter() - started)
                 in_step = False
-                self._after_step(bar, step)
+                self._after_step_everywhere(bar, step)
                 self.clock.record_step(time.perf_counter() - started)
+                if stop := self._early_stop():
+                    return Halt(EARLY_STOP, early_stop=stop)
         except KeyboardInterrupt:
             return Halt("KeyboardInterrupt", mid_step=in_step)
         finally:
@@ -159,7 +211,7 @@ class Trainer:
         state = self.state
         if self._order is None or self._order[0] != state.epoch:
             self._order = (state.epoch, self.train_blocks.epoch_order(self.cfg.seed, state.epoch))
-        return self._order[1][state.sample_pos:state.sample_pos + self.cfg.effective_batch]
+        return self._order[1][state.sample_pos:state.sample_pos + self.step_batch]
 
     def optimizer_step(self, sample_ids: np.ndarray) -> StepResult:
         """One optimizer step over len(sample_ids) sequences.
@@ -173,30 +225,36 @@ class Trainer:
                 if not is_out_of_memory(exc):
                     raise
                 self.optimizer.zero_grad(set_to_none=True)   # the failed step's half-accumulated gradients
-                self.state.micro_batch, self.state.grad_accum = split_after_oom(
-                    self.state.split, self.state.step + 1, exc, self.recorder, self.log)
+                remedy = remedy_after_oom(self.state.split, self.state.step + 1, exc,
+                                          checkpointing=self.cfg.gradient_checkpointing,
+                                          checkpointing_on=self.state.gradient_checkpointing,
+                                          recorder=self.recorder, log=self.log)
+                self.state.micro_batch, self.state.grad_accum = remedy.split
+                self.state.gradient_checkpointing = remedy.gradient_checkpointing
+                self._apply_gradient_checkpointing()
                 self.state.oom_recoveries += 1
+
+    def _apply_gradient_checkpointing(self) -> None:
+        if self.state.gradient_checkpointing and not gradient_checkpointing_on(self.model):
+            enable_gradient_checkpointing(self.model)
 
     def _optimizer_step(self, sample_ids: np.ndarray) -> StepResult:
         cfg, model, step = self.cfg, self.model, self.state.step + 1
         lr = lr_at(self.state.step, cfg, self.total_steps) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = np.array_split(sample_ids, len(sample_ids) // self.state.micro_batch)
-        total_loss = 0.0
-        for i, ids in enumerate(micro_batches):
-            batch = self.train_blocks.get(ids).to(self.device, non_blocking=True)  # (B, T+1)
-            if i == len(micro_batches) - 1:
-                self.faults.before_forward(step)  # injected OOM: earlier micro-batches' gradients exist
-            # Averaged over the micro-batches: the gradient is that of the whole step's mean loss.
-            loss = next_token_loss(model, batch, self.placement.autocast) / len(micro_batches)
-            loss = self.faults.corrupt_loss(step, loss)
-            self.scaler.scale(loss).backward()
-            total_loss += loss.item()
+        if self.world.parallel and cfg.dropout:
+            torch.manual_seed(step_seed(cfg.seed, self.world, step))
+        mine = share(sample_ids, self.world)           # this rank's part of the step's sequences
+        step_loss = self._accumulate(np.array_split(mine, len(mine) // self.state.micro_batch), step)
         # Unscale before clipping so the threshold applies to the true gradient.
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        # Taken after DDP averaged the gradients: the same norm on every rank.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        step_loss = mean_over_ranks(step_loss, self.world)
+        # The step's one host sync (not one per micro-batch): whether to skip the update needs both.
+        total_loss, grad_norm = torch.stack([step_loss, grad_norm.to(step_loss.dtype)]).tolist()
         reload = False
         if is_nonfinite(total_loss, grad_norm, self.scaler.is_enabled()):
             self.scaler.update()   # no step: the update is skipped, the weights stay finite
@@ -207,6 +265,37 @@ class Trainer:
         self.faults.after_step(step)
         self.state.step += 1
         return StepResult(total_loss, grad_norm, lr, reload)
+
+    def _accumulate(self, micro_batches: list[np.ndarray], step: int) -> torch.Tensor:
+        """The step's loss, left on the device, with its gradients accumulated.
+
+        An out-of-memory error before the last micro-batch (whose backward synchronises the
+        gradients of several ranks) is raised on every rank once any rank has one, so all of
+        them redo the step with the same smaller micro-batch.
+        """
+        *first, last = micro_batches
+        step_loss, oom = torch.zeros((), device=self.device), None
+        try:
+            for ids in first:
+                step_loss += self._micro_step(ids, len(micro_batches), step, sync=False)
+            self.faults.before_forward(step)  # injected OOM: earlier micro-batches' gradients exist
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is carried to the agreement
+            if not is_out_of_memory(exc):
+                raise
+            oom = exc
+        if any_rank(oom is not None, self.world, self.device):
+            raise oom or torch.cuda.OutOfMemoryError(f"another process ran out of memory in step {step}")
+        return step_loss + self._micro_step(last, len(micro_batches), step, sync=True)
+
+    def _micro_step(self, ids: np.ndarray, n_micro: int, step: int, sync: bool) -> torch.Tensor:
+        batch = to_device(self.train_blocks.get(ids), self.device)        # (B, T+1)
+        # DDP averages the gradients in the last micro-batch's backward only.
+        with contextlib.nullcontext() if sync or not self.world.parallel else self._ddp.no_sync():
+            # Averaged over the micro-batches: the gradient is that of the whole step's mean loss.
+            loss = next_token_loss(self.train_model, batch, self.placement.autocast) / n_micro
+            loss = self.faults.corrupt_loss(step, loss)
+            self.scaler.scale(loss).backward()
+        return loss.detach()
 
     def _apply_update(self) -> None:
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
@@ -229,8 +318,9 @@ class Trainer:
     def _after_step(self, bar: tqdm, step: StepResult) -> None:
         cfg, state = self.cfg, self.state
         bar.update(1)
-        bar.set_postfix(loss=f"{step.loss:.3f}", lr=f"{step.lr:.2e}", tok_s=f"{self.tokens_per_s:,.0f}",
-                        refresh=False)
+        if not bar.disable:      # formatting the postfix costs more than the bar itself
+            bar.set_postfix(loss=f"{step.loss:.3f}", lr=f"{step.lr:.2e}", tok_s=f"{self.tokens_per_s:,.0f}",
+                            refresh=False)
         if state.step % cfg.log_every == 0:
             self.recorder.log_step(state.step, {"loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm,
                                                 "tokens_per_s": self.tokens_per_s, "epoch": state.epoch,
@@ -244,11 +334,27 @@ class Trainer:
         self._checkpoint_if_due(evaluated or epoch_ended, epoch_ended)
         clear_cache_if_due(state.step, cfg.clear_cache_every, self.device)
         if step.reload:     # here, between steps, where the weights and the data position agree
-            self.state = reload_before_streak(state, self.store, model=self.model, optimizer=self.optimizer,
-                                              scaler=self.scaler, recorder=self.recorder, log=self.log)
+            reloaded = reload_before_streak(state, self.store, model=self.model, optimizer=self.optimizer,
+                                            scaler=self.scaler, recorder=self.recorder, log=self.log)
+            # Rank 0 alone has the checkpoint store: every rank continues from what it reloaded.
+            self.state = copy_from_main(self.world, self.model, self.optimizer, self.scaler, reloaded)
+
+    def _after_step_everywhere(self, bar: tqdm, step: StepResult) -> None:
+        """_after_step; with several ranks, a stop that rank 0's recorder asked for (a study's
+        pruner) ends every rank after this same step."""
+        stop = None
+        try:
+            self._after_step(bar, step)
+        except StopTraining as exc:
+            if not self.world.parallel:
+                raise
+            stop = (exc.status, exc.reason)
+        stop = spread_from_main(self.world, stop, self.device)
+        if stop is not None:
+            raise StopTraining(*stop)
 
     def _epoch_used_up(self) -> bool:
-        return self.state.sample_pos + self.cfg.effective_batch > self.steps_per_epoch * self.cfg.effective_batch
+        return self.state.sample_pos + self.step_batch > self.steps_per_epoch * self.step_batch
 
     def _end_epoch(self) -> None:
         state = self.state
@@ -260,6 +366,8 @@ class Trainer:
             "val_loss": val_loss, "val_ppl": perplexity(val_loss),
             "lr": self.optimizer.param_groups[0]["lr"], "step": state.step,
             "epoch_seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
+            "mfu": utilisation(self._flops_per_token, tokens / seconds if seconds > 0 else math.nan,
+                               self.device, self.world.size),
             **memory_snapshot(self.device),
         }
         epoch = state.epoch
@@ -272,14 +380,16 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss per token over the fixed validation batches."""
+        """Mean validation loss per token over the fixed validation batches, shared by the ranks."""
         self.model.eval()
-        total, count = 0.0, 0
-        for ids in self.val_blocks.sequential(self.state.micro_batch, self.cfg.eval_batches):
-            batch = self.val_blocks.get(ids).to(self.device)
-            total += next_token_loss(self.model, batch, self.placement.autocast, reduction="sum").item()
-            count += batch[:, 1:].numel()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)    # (loss summed over tokens, tokens)
+        batches = self.val_blocks.sequential(self.state.micro_batch, self.cfg.eval_batches)
+        for ids in batches[self.world.rank::self.world.size]:
+            batch = to_device(self.val_blocks.get(ids), self.device)
+            sums[0] += next_token_loss(self.model, batch, self.placement.autocast, reduction="sum")
+            sums[1] += batch[:, 1:].numel()
         self.model.train()
+        total, count = sum_over_ranks(sums, self.world).tolist()     # one host sync per evaluation
         return total / count
 
     def _evaluate_and_report(self) -> float:
@@ -289,6 +399,7 @@ class Trainer:
         started = time.perf_counter()
         val_loss = self.evaluate()
         state.last_val_loss, state.last_eval_step = val_loss, state.step
+        state.eval_history.append((state.step, val_loss))
         if val_loss < state.best_val_loss:
             state.best_val_loss, state.best_step = val_loss, state.step
         seconds = time.perf_counter() - started
@@ -304,6 +415,8 @@ class Trainer:
             return
         self.store.prepare(self.model, self.optimizer)      # once: the buffers the first save copies into
         due = (cfg.save_every and state.step % cfg.save_every == 0) or epoch_ended or (cfg.save_on_eval and evaluated)
+        # Early stopping exports the best checkpoint, so each new best is saved (rotation keeps it).
+        due = due or bool(cfg.early_stop_patience and state.evaluated_now and state.best_step == state.step)
         if due and state.step < self.total_steps:     # at the last step the final save follows
             self.save("best" if state.evaluated_now and state.best_step == state.step else "periodic")
         for saved in self.store.poll():
@@ -316,12 +429,19 @@ class Trainer:
         return self.store.save(kind, self.steps_taken, model=self.model, optimizer=self.optimizer,
                                scaler=self.scaler, state=self.state, config=self.cfg.to_dict())
 
+    def _early_stop(self) -> EarlyStop | None:
+        """--early-stop-patience used up by an evaluation of this step, with steps left to save."""
+        state = self.state
+        if state.last_eval_step != state.step or state.step >= self.total_steps:
+            return None
+        return decide(state.eval_history, self.cfg.early_stop_patience, self.cfg.early_stop_min_delta)
+
     def _halt(self) -> Halt | None:
-        if self.stops.requested:
-            return Halt(self.stops.signal_name)
-        if self.clock.should_stop(self._eval_due_next(), self._checkpoint_bytes):
-            return Halt(TIME)
-        return None
+        """Stop before this step? With several ranks, rank 0's clock decides for the time limit,
+        and a signal to any rank stops them all, after the same step."""
+        time_up = self.is_main and self.clock.should_stop(self._eval_due_next(), self._checkpoint_bytes)
+        cause = agree_stop(self.world, self.stops.signal_name, TIME if time_up else None, (TIME,), self.device)
+        return Halt(cause) if cause else None
 
     def time_needed(self) -> float:
         """Seconds one more step (with its evaluation, if due) and a checkpoint would take."""

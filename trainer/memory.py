@@ -74,6 +74,27 @@ def _steps(text: str, name: str) -> set[int]:
         raise ConfigError([f"{name}={text!r}: expected optimizer step numbers like 3,7"]) from None
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each transformer block's activations in backward instead of keeping them.
+
+    Non-reentrant checkpointing (PyTorch's recommended kind): it restores the RNG state for
+    the recomputation, so dropout masks, and with them the gradients, are those of a plain
+    step. Transformers 5 names it ``activation_checkpointing_enable``; older versions
+    ``gradient_checkpointing_enable``. It acts only in training mode; evaluation is unchanged.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def gradient_checkpointing_on(model: torch.nn.Module) -> bool:
+    if hasattr(model, "is_activation_checkpointing"):       # transformers 5 (the old name warns)
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
 def clear_cache_if_due(step: int, every: int, device: torch.device) -> None:
     """--clear-cache-every N: hand cached GPU memory back to the driver every N optimizer steps."""
     if every and step % every == 0 and device.type == "cuda":

@@ -10,6 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from trainer.config import TrainConfig
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")    # where torch has a fused AdamW (torch >= 2.4 on the CPU)
+
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
     """A freshly initialised GPT-2 whose initial weights depend only on cfg.seed."""
@@ -39,7 +41,10 @@ def next_token_loss(model: torch.nn.Module, batch: torch.Tensor,
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]
     with autocast():
-        logits = model(input_ids=inputs).logits                     # (B, T, vocab)
+        # No key/value cache: nothing is generated, and gradient checkpointing refuses one.
+        logits = model(input_ids=inputs, use_cache=False).logits    # (B, T, vocab)
+    # The loss in fp32: on bf16 logits it is 4x quicker on the CPU, but it rounds the loss itself
+    # to bf16 (8.875 for 8.854), and the recorded losses must stay what they measure.
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
@@ -56,5 +61,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fused = next(model.parameters()).device.type == "cuda"
+    # Fused: one kernel over all parameters. On a GPU it saves launches; on this project's
+    # 2-core CPU it measured 1.0 ms a step against 2.8 ms for foreach (bench.breakdown).
+    fused = next(model.parameters()).device.type in FUSED_ADAMW_DEVICES
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def compiled(model: torch.nn.Module, compile_model: bool) -> torch.nn.Module:
+    """``model`` through torch.compile when --compile asks for it (the first steps compile)."""
+    return torch.compile(model) if compile_model else model

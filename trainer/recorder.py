@@ -15,9 +15,11 @@ EVENT_RESUME_CHECKPOINT = "resume_checkpoint"      # {"path", "reason", "weights
 EVENT_CORRUPT_CHECKPOINT = "corrupt_checkpoint"    # {"path", "problem"}: skipped by --resume auto
 EVENT_SIGNAL = "signal"                            # {"signal", "checkpoint"}
 EVENT_TIME_BUDGET = "time_budget"                  # {"limit_s", "remaining_s", "needed_s", "checkpoint"}
-EVENT_OOM = "oom"                                  # {"old_micro_batch", "new_micro_batch", ...}: recovered
+EVENT_OOM = "oom"                                  # {"remedy", "old_micro_batch", "new_micro_batch", ...}: recovered
 EVENT_NONFINITE = "nonfinite"                      # {"loss", "grad_norm", "streak"} or {"action": "reload"}
 EVENT_SCALER_SKIP = "scaler_skip"                  # {"scale", "total"}: fp16 overflow, skipped by the scaler
+EVENT_EARLY_STOP = "early_stop"                    # {"best_step", "best_val_loss", "patience", "steps_saved", ...}
+EVENT_LR_FIND = "lr_find"                          # {"suggested_lr", "rule", "plot", ...}: a finder's outcome
 
 
 @dataclass(frozen=True)

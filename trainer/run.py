@@ -7,6 +7,9 @@ run as the loop's outcome says:
 - completed, pruned (a recorder raised StopTraining) or failed by a fault the loop could
   not recover from (diverged; out of memory at micro-batch 1): final checkpoint,
   ``final_model/`` when completed, ``finish``, a RunResult with that status;
+- early stop (--early-stop-patience used up): final checkpoint, ``final_model/`` from the
+  best checkpoint's weights (not the last), an ``early_stop`` event, ``finish("completed",
+  "early stop at step S (best at step B)")``;
 - --time-budget/--deadline near: emergency checkpoint, ``finish("interrupted")``, a
   RunResult with status ``interrupted`` (no exception: a study continues the trial later);
 - SIGINT/SIGTERM/KeyboardInterrupt: emergency checkpoint, ``finish("interrupted")``, then
@@ -24,17 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from trainer.checkpoints import ResumePlan, plan_resume, report_resume
+from trainer.checkpoints import ResumePlan, load_checkpoint, plan_resume, report_resume, scan
 from trainer.clock import SimulatedTime, StopClock
 from trainer.config import TrainConfig
 from trainer.data import PreparedData, prepare_data
 from trainer.device import place
+from trainer.distributed import from_main, join
 from trainer.errors import EXIT_SIGNALS, StopTraining, TrainingInterrupted
 from trainer.export import export_hf
+from trainer.files import json_float
 from trainer.interrupts import StopRequests
-from trainer.loop import TIME, Halt, Trainer
+from trainer.early_stop import EarlyStop
+from trainer.loop import EARLY_STOP, TIME, Halt, Trainer
 from trainer.model import count_parameters
-from trainer.recorder import EVENT_SIGNAL, EVENT_TIME_BUDGET, NullRecorder, Recorder, RunInfo
+from trainer.recorder import EVENT_EARLY_STOP, EVENT_SIGNAL, EVENT_TIME_BUDGET, NullRecorder, Recorder, RunInfo
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,21 @@ def train(cfg: TrainConfig, recorder: Recorder | None = None, *, data: PreparedD
     cfg.check()
     clock = StopClock.for_limits(cfg.time_budget, cfg.deadline, time_source)   # the budget counts from here
     placement = place(cfg)
-    plan = plan_resume(cfg)              # before the data: a bad --resume answers at once
+    placement.apply()                    # process-wide backend settings (TF32 on Ampere+ in fp32)
+    world, placement = join(placement)   # torchrun: this process's rank, on its own GPU
+    # Before the data: a bad --resume answers at once. Rank 0 decides; every rank resumes from it.
+    plan = from_main(world, lambda: plan_resume(cfg))
     data = data or prepare_data(cfg, log=log)
+    if not world.is_main:                # rank 0 alone records and reports
+        recorder, log = NullRecorder(), _quiet
     with StopRequests().installed() as stops:
-        loop = Trainer(cfg, data, placement, recorder or NullRecorder(), stops, clock, log=log)
+        loop = Trainer(cfg, data, placement, recorder or NullRecorder(), stops, clock, log=log, world=world)
         notes = loop.restore(plan)
         return _drive(loop, plan, notes)
+
+
+def _quiet(*_: object) -> None:
+    """The log of ranks other than 0: their lines would repeat rank 0's."""
 
 
 def _drive(t: Trainer, plan: ResumePlan, notes: list[str]) -> RunResult:
@@ -93,6 +108,8 @@ def _drive(t: Trainer, plan: ResumePlan, notes: list[str]) -> RunResult:
         raise
     if halt is not None and halt.cause == TIME:
         return _stop_for_time(t, plan)
+    if halt is not None and halt.cause == EARLY_STOP:
+        return _stop_early(t, plan, halt.early_stop)
     if halt is not None:
         _stop_for_signal(t, halt)
     checkpoint, model_dir = _save_final(t, status)
@@ -148,16 +165,49 @@ def _stop_for_time(t: Trainer, plan: ResumePlan) -> RunResult:
     return _result(t, plan, "interrupted", reason, path, None)
 
 
+def _stop_early(t: Trainer, plan: ResumePlan, stop: EarlyStop) -> RunResult:
+    """Completed: the last step's checkpoint, and final_model/ from the best one's weights."""
+    checkpoint, best, model_dir = _final_checkpoint(t), _best_checkpoint(t, stop.best_step), None
+    if checkpoint is not None:
+        if best is not None:
+            load_checkpoint(best, model=t.model, optimizer=None, scaler=t.scaler)   # the run is over
+        else:
+            t.log(f"warning: no checkpoint of step {stop.best_step} is left; final_model/ holds the last weights")
+        model_dir = str(export_hf(t.model, t.data.tokenizer, t.cfg, t.out_dir / "final_model"))
+    _event(t, EVENT_EARLY_STOP, {"best_step": stop.best_step, "best_val_loss": json_float(stop.best_val_loss),
+                                 "patience": t.cfg.early_stop_patience, "min_delta": t.cfg.early_stop_min_delta,
+                                 "evals_without_improvement": stop.evals_without_improvement,
+                                 "steps_saved": t.total_steps - stop.step, "total_steps": t.total_steps,
+                                 "best_checkpoint": best, "final_model": model_dir})
+    t.log(f"{stop.reason}: {t.total_steps - stop.step} of {t.total_steps} steps saved; "
+          f"final model (weights of step {stop.best_step}): {model_dir}")
+    t.recorder.finish("completed", stop.reason)
+    return _result(t, plan, "completed", stop.reason, checkpoint, model_dir)
+
+
+def _best_checkpoint(t: Trainer, step: int) -> str | None:
+    """The path of this run's checkpoint of ``step`` (saved at each new best, never rotated away)."""
+    if t.store is None:
+        return None
+    return next((str(c.path) for c in scan(t.store.root) if c.step == step), None)
+
+
 def _save_final(t: Trainer, status: str) -> tuple[str | None, str | None]:
-    if t.store is None or t.state.step == 0:
-        return None, None
-    checkpoint = t.save("final")
-    t.store.drain()
-    if status != "completed":
+    checkpoint = _final_checkpoint(t)
+    if checkpoint is None or status != "completed":
         return checkpoint, None
     model_dir = export_hf(t.model, t.data.tokenizer, t.cfg, t.out_dir / "final_model")
     t.log(f"final model: {model_dir}")
     return checkpoint, str(model_dir)
+
+
+def _final_checkpoint(t: Trainer) -> str | None:
+    """Write the last step's checkpoint and wait for it (main process, after a step)."""
+    if t.store is None or t.state.step == 0:
+        return None
+    checkpoint = t.save("final")
+    t.store.drain()
+    return checkpoint
 
 
 def _complete_saves(t: Trainer, path: str | None = None) -> str | None:

@@ -7,19 +7,20 @@ import math
 from trainer.config import TrainConfig
 
 
-def steps_per_epoch(train_tokens: int, cfg: TrainConfig) -> int:
+def steps_per_epoch(train_tokens: int, cfg: TrainConfig, step_batch: int | None = None) -> int:
     """Optimizer steps in one pass over a training stream of ``train_tokens`` tokens.
 
     The stream is cut into blocks of block_size + 1 tokens (trainer.batches.PackedBlocks);
-    a step takes ``cfg.effective_batch`` of them, and the blocks left over are not used.
+    a step takes ``step_batch`` of them (default ``cfg.effective_batch``; with several
+    processes, times their number), and the blocks left over are not used.
     """
     blocks = max(0, (train_tokens - 1) // cfg.block_size)
-    return blocks // cfg.effective_batch
+    return blocks // (step_batch or cfg.effective_batch)
 
 
-def total_steps(train_tokens: int, cfg: TrainConfig) -> int:
+def total_steps(train_tokens: int, cfg: TrainConfig, step_batch: int | None = None) -> int:
     """The run's optimizer steps: every epoch's, or ``cfg.max_steps`` if fewer."""
-    total = steps_per_epoch(train_tokens, cfg) * cfg.epochs
+    total = steps_per_epoch(train_tokens, cfg, step_batch) * cfg.epochs
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 

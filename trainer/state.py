@@ -38,6 +38,10 @@ class TrainState:
     nonfinite_total: int = 0
     scaler_skips: int = 0        # fp16 steps the gradient scaler skipped (overflow)
     oom_recoveries: int = 0
+    world_size: int = 1          # processes training together (torchrun); a step holds split x world_size
+    # (step, val_loss) of every evaluation, oldest first: what early stopping decides on.
+    eval_history: list[tuple[int, float]] = field(default_factory=list)
+    gradient_checkpointing: bool = False   # turned on by --gradient-checkpointing auto after an OOM
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -45,6 +49,7 @@ class TrainState:
         for k in _FLOATS:
             d[k] = json_float(d[k])
         d["epoch_losses"] = [json_float(x) for x in d["epoch_losses"]]
+        d["eval_history"] = [[step, json_float(loss)] for step, loss in d["eval_history"]]
         return d
 
     @classmethod
@@ -55,6 +60,7 @@ class TrainState:
             if k in d:
                 d[k] = float(d[k])
         d["epoch_losses"] = [float(x) for x in d.get("epoch_losses", [])]
+        d["eval_history"] = [(int(step), float(loss)) for step, loss in d.get("eval_history", [])]
         return cls(**d)
 
     @property

@@ -18,7 +18,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from expdb.mirrors.base import (EVENT_MIRROR_FAILED, EVENT_MIRROR_LAGGED, BestTracker, CheckpointRef, Mirror,
-                                MirrorRun, RunEnd, describe)
+                                MirrorRun, describe)
 from trainer.recorder import Recorder, RunInfo
 
 _STOP = object()

@@ -28,7 +28,7 @@ ARCHITECTURE_KEYS = ("n_layer", "n_embd", "n_head", "block_size", "tokenizer", "
 OPERATIONAL_KEYS = frozenset({
     "out_dir", "cache_dir", "run_name", "progress", "device", "resume", "resume_from", "time_budget",
     "deadline", "keep_checkpoints", "max_checkpoint_gb", "save_every", "save_on_eval",
-    "save_optimizer_state", "log_every"})
+    "save_optimizer_state", "log_every", "compile"})
 SEARCH_DEPTH = 4     # how deep --resume-from directories are searched for checkpoints
 
 

@@ -1,0 +1,224 @@
+"""Training one model data-parallel over several processes started by torchrun.
+
+    torchrun --nproc_per_node 2 -m trainer --micro-batch 8 ...
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR/PORT) in each process;
+without them the run is one process and nothing here communicates. With them:
+
+- every rank takes its own contiguous share of each optimizer step's sequences from the
+  same (seed, epoch) order (``share``), so a step holds micro-batch x accumulation x world
+  sequences, the data a one-process run with that effective batch sees;
+- DDP averages the gradients in the backward of the last micro-batch (no_sync before it);
+  losses are averaged over ranks before they are logged (the gradient norm is taken after
+  DDP's averaging, so every rank already has the same one);
+- rank 0 alone writes checkpoints, the database, final_model/ and dashboards;
+- decisions are made once and spread with a collective that every rank reaches at the same
+  point of every step (``from_main``, ``agree_stop``, ``any_rank``), so no rank waits at a
+  barrier the others never reach.
+
+A rank that dies makes the others' next collective fail: ``RankLost`` says so and names
+the fix (--resume auto), and torchrun ends the run with the failed rank's exit code.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+TIMEOUT = timedelta(minutes=10)   # a collective waits this long for a rank that hangs (not one that dies)
+
+
+class RankLost(RuntimeError):
+    """A collective failed: another process of the run died or stopped answering."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes training one model."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "World":
+        env = os.environ if environ is None else environ
+        return cls(int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.size > 1
+
+
+def join(placement):
+    """This process's World, the process group joined once, and the placement on its own GPU.
+
+    Returns (world, placement); one process: (World(), placement) unchanged.
+    """
+    world = World.from_env()
+    if not world.parallel:
+        return world, placement
+    if placement.device.type == "cuda":
+        torch.cuda.set_device(world.local_rank)
+        placement = dataclasses.replace(
+            placement, device=torch.device("cuda", world.local_rank),
+            description=f"cuda:{world.local_rank} ({torch.cuda.get_device_name(world.local_rank)}), "
+                        f"rank {world.rank} of {world.size}")
+    else:
+        placement = dataclasses.replace(placement, description=f"{placement.description}, rank {world.rank} "
+                                                                 f"of {world.size}")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if placement.device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        atexit.register(_leave)
+    return world, placement
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """The module the training steps run: DDP over ``model`` when several ranks train it."""
+    if not world.parallel:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    # No buffers change in training (nothing to broadcast before each forward).
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def share(sample_ids: np.ndarray, world: World) -> np.ndarray:
+    """This rank's contiguous part of one optimizer step's sequences (every part the same size)."""
+    n = len(sample_ids) // world.size
+    return sample_ids[world.rank * n:(world.rank + 1) * n]
+
+
+def step_seed(seed: int, world: World, step: int) -> int:
+    """The dropout seed of one rank's optimizer step: a pure function, so nothing per rank
+    has to be saved for an exact resume, and no two ranks draw the same masks."""
+    return int(np.random.SeedSequence([seed, world.rank, step]).generate_state(1)[0])
+
+
+# -- collectives: each one is reached by every rank at the same point --------------------------
+def _collective(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise RankLost(f"another training process stopped answering ({type(exc).__name__}: {exc}); the run ends "
+                       "here: continue it from its last checkpoint with --resume auto") from exc
+
+
+def mean_over_ranks(t: torch.Tensor, world: World) -> torch.Tensor:
+    """The mean of ``t`` over ranks (one all-reduce); ``t`` itself with one process."""
+    if not world.parallel:
+        return t
+    t = t.clone()
+    _collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+    return t / world.size
+
+
+def sum_over_ranks(t: torch.Tensor, world: World) -> torch.Tensor:
+    if world.parallel:
+        _collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+    return t
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (say, one ran out of memory)."""
+    if not world.parallel:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    _collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+    return bool(t.item())
+
+
+def from_main(world: World, decide: Callable[[], T]) -> T:
+    """Rank 0 calls ``decide``; every rank gets its value, or raises the exception it raised."""
+    if not world.parallel:
+        return decide()
+    box: list[Any] = [None]
+    if world.is_main:
+        try:
+            box[0] = (True, decide())
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            box[0] = (False, exc)
+    _collective(lambda: dist.broadcast_object_list(box, src=0))
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def spread_from_main(world: World, value: T | None, device: torch.device) -> T | None:
+    """Rank 0's ``value`` (None when it has none) on every rank. A flag every step; the object
+    itself only when there is one, so the common case costs one small all-reduce."""
+    if not world.parallel:
+        return value
+    if not any_rank(world.is_main and value is not None, world, device):
+        return None
+    box = [value if world.is_main else None]
+    _collective(lambda: dist.broadcast_object_list(box, src=0))
+    return box[0]
+
+
+def agree_stop(world: World, signal_name: str | None, main_cause: str | None, causes: tuple[str, ...],
+               device: torch.device) -> str | None:
+    """Why every rank stops before this step: a signal that any rank received, else rank 0's
+    ``main_cause`` (one of ``causes``: its clock says the time limit is near); None: go on."""
+    if not world.parallel:
+        return signal_name or main_cause
+    sig = int(signal.Signals[signal_name]) if signal_name in signal.Signals.__members__ else 0
+    cause = causes.index(main_cause) + 1 if world.is_main and main_cause in causes else 0
+    t = torch.tensor([sig, cause], device=device)
+    _collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+    sig, cause = t.tolist()
+    if sig:
+        return signal.Signals(sig).name
+    return causes[cause - 1] if cause else None
+
+
+def copy_from_main(world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, extra: T) -> T:
+    """Rank 0's weights, optimizer and scaler state into every rank's; returns rank 0's ``extra``.
+
+    After rank 0 alone reloaded a checkpoint (it alone has the checkpoint store).
+    """
+    if not world.parallel:
+        return extra
+    tensors = [t for t in model.state_dict().values()]
+    tensors += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    for t in tensors:
+        _collective(lambda t=t: dist.broadcast(t, src=0))
+    box = [(extra, scaler.state_dict() if scaler.is_enabled() else None)]
+    _collective(lambda: dist.broadcast_object_list(box, src=0))
+    extra, scaler_state = box[0]
+    if scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
+    return extra
+
+
+def split_for(step_batch: int, world: World, micro_batch: int):
+    """(micro-batch, accumulation) per rank that keep ``step_batch`` sequences per optimizer step
+    with this many ranks: the micro-batch kept where it divides a rank's share, else the largest
+    that does. None when the ranks cannot share the step evenly."""
+    from trainer.state import Split
+
+    if step_batch % world.size:
+        return None
+    per_rank = step_batch // world.size
+    micro = max(n for n in range(1, min(micro_batch, per_rank) + 1) if per_rank % n == 0)
+    return Split(micro, per_rank // micro)

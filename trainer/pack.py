@@ -1,0 +1,282 @@
+"""Session packs: everything the next Kaggle or Colab session needs, in one folder and one .tar.
+
+    python -m trainer.pack --out runs/run [--db experiments.db]
+    python -m studies.pack --study S          (a study's pack: studies.pack)
+
+A pack is ``session-pack/`` in the working folder plus ``session-pack.tar`` of it
+(Kaggle's dataset upload skips subfolders unless told otherwise, so the .tar is what to
+upload). Inside: ``experiments.db`` (a consistent snapshot, SQLite's backup API, with its
+paths rewritten to the pack's own), checkpoints, final models, dashboards, and
+``pack.json``: every file with its size and sha256, what the pack holds, and the exact
+command for the next session. A pack is built in a temporary folder and swapped in
+whole, so a kill while packing leaves the previous pack.
+
+This module is the format (build, read, verify, find) and the single-run pack; it imports
+expdb only inside the functions that need the database, as the command line does.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.files import TMP_PREFIX, atomic_write_json, json_safe
+
+PACK_DIR = "session-pack"
+PACK_TAR = "session-pack.tar"
+PACK_JSON = "pack.json"
+PACK_DB = "experiments.db"
+PACK_FORMAT = 1
+KAGGLE_INPUT = Path("/kaggle/input")
+SEARCH_DEPTH = 4     # how deep an input folder is searched for packs
+
+
+@dataclass(frozen=True)
+class PackResult:
+    folder: Path
+    tar: Path
+    bytes: int          # the folder's files (the .tar is the same again)
+    files: int
+
+
+def pack_paths(workdir: Path) -> tuple[Path, Path]:
+    return workdir / PACK_DIR, workdir / PACK_TAR
+
+
+def start_pack(workdir: Path) -> Path:
+    """An empty staging folder beside the pack; ``finish_pack`` swaps it in."""
+    staging = workdir / f"{TMP_PREFIX}{PACK_DIR}"
+    if staging.exists():
+        shutil.rmtree(staging)      # a pack interrupted earlier
+    staging.mkdir(parents=True)
+    return staging
+
+
+def copy_into(staging: Path, source: Path, relative: str) -> Path:
+    """Copy a file or folder into the pack at ``relative``."""
+    target = staging / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(f"{TMP_PREFIX}*"))
+    else:
+        shutil.copy2(source, target)
+    return target
+
+
+def snapshot_database(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database, even one being written (WAL included)."""
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+        dst.execute("PRAGMA journal_mode=DELETE")    # one self-contained file: no -wal beside it
+    finally:
+        dst.close()
+        src.close()
+
+
+def finish_pack(staging: Path, workdir: Path, meta: dict[str, Any]) -> PackResult:
+    """Write pack.json (every file, size and sha256, plus ``meta``), swap the pack in, tar it."""
+    files = {p.relative_to(staging).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+             for p in sorted(staging.rglob("*")) if p.is_file()}
+    atomic_write_json(staging / PACK_JSON, json_safe({
+        "format": PACK_FORMAT, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), **meta,
+        "files": files}), indent=1)
+    folder, tar = pack_paths(workdir)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+    partial = tar.with_name(f"{TMP_PREFIX}{tar.name}")
+    with tarfile.open(partial, "w") as archive:     # uncompressed: checkpoints do not shrink
+        archive.add(folder, arcname=PACK_DIR)
+    os.replace(partial, tar)
+    return PackResult(folder, tar, sum(f["bytes"] for f in files.values()), len(files))
+
+
+def read_pack(folder: Path) -> dict[str, Any] | None:
+    """A pack's pack.json, or None when ``folder`` is no pack."""
+    path = folder / PACK_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"files": {}, "unreadable": True}
+
+
+def pack_problems(folder: Path, meta: dict[str, Any]) -> list[str]:
+    """Files of the pack that are missing or do not match their size or sha256 (reads all of them)."""
+    if meta.get("unreadable"):
+        return [f"its {PACK_JSON} cannot be read"]
+    problems = []
+    for name, want in meta.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != want["bytes"] or sha256_of(path) != want["sha256"]:
+            problems.append(f"{name} does not match its sha256 in {PACK_JSON}")
+    return problems
+
+
+def find_packs(top: Path) -> list[Path]:
+    """Pack folders under ``top`` (itself included), oldest first by their pack.json."""
+    found = []
+    for root, dirs, files in os.walk(top):
+        depth = len(Path(root).relative_to(top).parts)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and depth < SEARCH_DEPTH)
+        if PACK_JSON in files:
+            found.append(Path(root))
+            dirs[:] = []
+    return sorted(found, key=lambda p: (read_pack(p) or {}).get("created_at", ""))
+
+
+def on_kaggle() -> bool:
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or KAGGLE_INPUT.is_dir()
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def describe(result: PackResult) -> str:
+    return (f"session pack: {result.folder} ({result.bytes / 1e6:.1f} MB, {result.files} files) and "
+            f"{result.tar}; save it with the notebook's output (Save Version), or upload the .tar as a "
+            "dataset, and pass it to the next session with --continue-from")
+
+
+# -- inputs: a previous session's pack or output folder, read in place ------------------------
+def input_problems(folder: Path, flag: str, study_name: str | None = None) -> list[str]:
+    """What is wrong with continuing from ``folder`` (reads only): one line each, naming the flag,
+    the folder and the fix. A pack's files are all hashed against its pack.json."""
+    import expdb
+
+    label = f"{flag} {str(folder)!r}"
+    if not folder.is_dir():
+        return [f"{label}: no such folder; pass the previous session's {PACK_DIR}/ (or the folder it ran in)"]
+    meta = read_pack(folder)
+    if meta is not None and (bad := pack_problems(folder, meta)):
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        return [f"{label}: {bad[0]}{more}: the pack was changed or damaged after it was written; copy it "
+                f"again from the previous session (its {PACK_TAR}) and pass that"]
+    name = ((meta or {}).get("study") or {}).get("name")
+    if study_name and name and name != study_name:
+        return [f"{label}: a pack of study {name!r}, not {study_name!r}; pass --study-name {name} to "
+                "continue it, or a pack of this study"]
+    if (folder / PACK_DB).is_file():
+        try:
+            expdb.check_database(folder / PACK_DB, create=False, write=False)
+        except expdb.ExpdbError as exc:
+            return [f"{label}: {exc}"]
+    elif not _has_checkpoints(folder):
+        return [f"{label}: no {PACK_DB} and no checkpoints in it; pass the previous session's "
+                f"{PACK_DIR}/ or the folder it ran in"]
+    return []
+
+
+def _has_checkpoints(folder: Path) -> bool:
+    from trainer.checkpoints import MANIFEST_FILE
+
+    return any(p.name == MANIFEST_FILE for p in _walk(folder, SEARCH_DEPTH + 2))
+
+
+def _walk(top: Path, depth: int):
+    for root, dirs, files in os.walk(top):
+        if len(Path(root).relative_to(top).parts) >= depth:
+            dirs[:] = []
+        yield from (Path(root) / f for f in files)
+
+
+def input_database(folder: Path) -> Path | None:
+    db = folder / PACK_DB
+    return db if db.is_file() else None
+
+
+def continued_config(cfg, folders: list[str]):
+    """The run continued from earlier sessions' folders: --resume auto, searching them too."""
+    return cfg.replace(resume="auto", resume_from=[*cfg.resume_from, *[str(Path(f).absolute()) for f in folders]])
+
+
+def merge_inputs(folders: list[str], into: str, log=print) -> None:
+    """Merge each input's database into the working one (idempotent)."""
+    import expdb
+
+    sources = [db for f in folders if (db := input_database(Path(f))) is not None]
+    for report in expdb.merge(sources, into=into) if sources else []:
+        log(f"--continue-from: merged {report.summary()}")
+
+
+# -- the pack of one run (python -m trainer.pack) --------------------------------------------
+def pack_run(out_dir: Path, db_path: Path | None, workdir: Path, command: str) -> PackResult:
+    """A run's pack: its newest valid checkpoint, its final model, and the database."""
+    from trainer.checkpoints import scan, verify_checkpoint
+    from trainer.errors import CheckpointError
+
+    staging = start_pack(workdir)
+    held: dict[str, str] = {}
+    for info in scan(out_dir / "checkpoints"):
+        try:
+            verify_checkpoint(info.path)
+        except CheckpointError:
+            continue
+        copy_into(staging, info.path, f"run/checkpoints/{info.path.name}")
+        held[str(info.path.resolve())] = f"run/checkpoints/{info.path.name}"
+        break
+    if (out_dir / "final_model").is_dir():
+        copy_into(staging, out_dir / "final_model", "run/final_model")
+    if db_path is not None and db_path.is_file():
+        snapshot_database(db_path, staging / PACK_DB)
+        _point_at_pack(staging / PACK_DB, out_dir, held)
+    return finish_pack(staging, workdir, {"kind": "run", "run": {"out_dir": str(out_dir)},
+                                          "checkpoints": sorted(held.values()), "next_command": command})
+
+
+def _point_at_pack(db: Path, out_dir: Path, held: dict[str, str]) -> None:
+    """In the snapshot: the run's folder and kept checkpoint as the pack's, the rest not in it."""
+    import expdb
+    from expdb.maintenance import relocate
+
+    with expdb.open(db) as snap:
+        rows = snap.checkpoints()
+        moves = {int(r.id): held.get(str(snap.resolve_path(r.path).resolve())) for r in rows.itertuples()}
+        runs = {int(r.id): "run" for r in snap.runs().itertuples()
+                if r.out_dir and snap.resolve_path(r.out_dir).resolve() == out_dir.resolve()}
+        relocate(snap, moves, runs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trainer.cli import Parser
+
+    p = Parser(prog="python -m trainer.pack", description="Write the session pack of one training run.")
+    p.add_argument("--out", default="runs/run", metavar="DIR", help="The run's folder (default: runs/run).")
+    p.add_argument("--db", default="experiments.db", metavar="FILE",
+                   help="Its SQLite experiment database (default: experiments.db; skipped when absent).")
+    p.add_argument("--workdir", default=".", metavar="DIR",
+                   help="Where session-pack/ and session-pack.tar go (default: here).")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if not (out / "checkpoints").is_dir() and not (out / "final_model").is_dir():
+        print(f"python -m trainer.pack: --out {args.out!r}: no checkpoints/ or final_model/ in it; pass the "
+              "folder of a training run (python -m trainer --out DIR)", file=sys.stderr)
+        return 2
+    command = f"python -m trainer --out {args.out} --resume auto --continue-from {Path(args.workdir) / PACK_DIR}"
+    result = pack_run(out, Path(args.db), Path(args.workdir), command)
+    print(describe(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
