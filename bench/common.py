@@ -97,6 +97,19 @@ class StepClock:
 
 
 # -- the machine -----------------------------------------------------------------------
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages: printed and stored beside the figures,
+    so that a run on a loaded machine can be told apart from a regression."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:      # not available on this platform
+        return []
+
+
+def load_text() -> str:
+    return "load " + "/".join(f"{x:.2f}" for x in load_average())
+
+
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -120,6 +133,7 @@ def machine() -> dict[str, Any]:
         pass
     import torch
     info["torch_threads"] = torch.get_num_threads()
+    info["load_average"] = load_average()
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return info
 

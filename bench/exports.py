@@ -77,7 +77,7 @@ def tokens_per_s(generate: Callable[[], Any]) -> Callable[[], float]:
 
 def run(repeats: int, smoke: bool, cache_dir: str = ".cache/bench") -> dict[str, Any]:
     from trainer.int8 import WEIGHTS_FILE, save_int8
-    from trainer.model_dir import load_model_dir
+    from trainer.inference import load_model_dir
     from trainer.onnx_export import export_onnx, onnx_logits, onnx_session
 
     work = Path(tempfile.mkdtemp(prefix="bench-exports-"))

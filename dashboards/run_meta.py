@@ -12,7 +12,9 @@ import pandas as pd
 from dashboards.run_records import Marker, Title
 from dashboards.series import column
 
-MARKER_KINDS = ("resume", "oom", "nonfinite")   # events drawn as vertical lines on step panels
+MARKER_KINDS = ("resume", "oom", "nonfinite", "early_stop")   # events drawn as vertical lines on step panels
+# An oom event whose remedy was activation checkpointing is drawn as its own kind of marker.
+CHECKPOINTING_MARKER = "gradient_checkpointing"
 
 
 def run_config(run: Any) -> dict[str, Any]:
@@ -64,12 +66,20 @@ def build_markers(run: Any, checkpoints: pd.DataFrame | None, events: pd.DataFra
     markers = []
     if events is not None and len(events):
         steps = column(events, "step")
-        markers += [Marker(str(k), float(s)) for k, s in zip(events["kind"], steps)
+        details = events["detail"] if "detail" in events else [None] * len(events)
+        markers += [Marker(marker_kind(str(k), d), float(s)) for k, s, d in zip(events["kind"], steps, details)
                     if k in MARKER_KINDS and np.isfinite(s)]
     best = best_step(run, checkpoints)
     if best is not None:
         markers.append(Marker("best", best))
     return tuple(sorted(markers, key=lambda m: (m.step, m.kind)))
+
+
+def marker_kind(kind: str, detail: Any) -> str:
+    """The event's kind, except an oom remedied by gradient checkpointing (not a smaller batch)."""
+    if kind == "oom" and isinstance(detail, dict) and detail.get("remedy") == CHECKPOINTING_MARKER:
+        return CHECKPOINTING_MARKER
+    return kind
 
 
 def best_step(run: Any, checkpoints: pd.DataFrame | None) -> float | None:

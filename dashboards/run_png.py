@@ -42,7 +42,8 @@ STYLES: dict[str, dict[str, Any]] = {
     "mem_peak": dict(kind="plot", marker="^", ms=4),
     "mem_process": dict(kind="plot", marker="o", ms=4),
 }
-MARKER_WIDTHS = {"resume": 1.4, "oom": 1.2, "nonfinite": 1.0, "best": 1.8}   # event -> line width
+MARKER_WIDTHS = {"resume": 1.4, "oom": 1.2, "gradient_checkpointing": 1.2, "nonfinite": 1.0, "best": 1.8,
+                 "early_stop": 2.0}   # event -> line width
 
 
 def render_run_dashboard(data: RunDashboardData, out: str | os.PathLike | IO[bytes]) -> None:

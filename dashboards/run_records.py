@@ -32,7 +32,7 @@ class Panel(NamedTuple):
 
 
 class Marker(NamedTuple):
-    kind: str                    # resume, oom, nonfinite or best (the best checkpoint)
+    kind: str                    # resume, oom, gradient_checkpointing, nonfinite, early_stop or best
     step: float
 
 

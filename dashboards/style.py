@@ -37,6 +37,8 @@ EVENTS = {
     "oom": EventStyle(RED, "--", "dash", "out of memory"),
     "nonfinite": EventStyle("magenta", "-.", "dashdot", "non-finite loss/grad"),
     "best": EventStyle("goldenrod", "-", "solid", "best checkpoint"),
+    "early_stop": EventStyle(BROWN, "-", "solid", "early stop"),
+    "gradient_checkpointing": EventStyle(RED, "-.", "dashdot", "out of memory: gradient checkpointing on"),
 }
 OTHER_EVENT = EventStyle("gray", ":", "dot", None)
 

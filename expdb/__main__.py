@@ -4,6 +4,7 @@
     python -m expdb --db experiments.db studies
     python -m expdb --db experiments.db show RUN
     python -m expdb --db experiments.db export RUN --format csv|json [--table T] [--out FILE]
+    python -m expdb --db experiments.db export RUN... --to tensorboard|wandb [--out-dir DIR] [--wandb-project P]
     python -m expdb merge SRC.db... --into DST.db
     python -m expdb --db experiments.db check [--root DIR] [--no-files] [--repair]
     python -m expdb --db experiments.db gc [--root DIR] [--dry-run]
@@ -42,9 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("studies", help="list the studies: runs by status, best run")
     show = sub.add_parser("show", help="one run's record and its epochs")
     show.add_argument("run", type=int, help="run id")
-    export = sub.add_parser("export", help="write a run's history as CSV or JSON")
-    export.add_argument("run", type=int, help="run id")
-    export.add_argument("--format", choices=("csv", "json"), required=True)
+    export = sub.add_parser("export", help="write a run's history as CSV or JSON, or replay runs into a tracker")
+    export.add_argument("run", type=int, nargs="+", help="run id (several with --to)")
+    export.add_argument("--format", choices=("csv", "json"))
+    export.add_argument("--to", choices=("tensorboard", "wandb"),
+                        help="replay the runs into TensorBoard event files or W&B (offline: WANDB_MODE=offline, "
+                             "then `wandb sync`)")
+    export.add_argument("--out-dir", type=Path, default=None,
+                        help="with --to: where the tracker writes (default: each run's own folder)")
+    export.add_argument("--wandb-project", default=None, help="with --to wandb: the project (default: the "
+                                                              "study name, else the run name)")
     export.add_argument("--table", choices=TABLES,
                         help="which history (csv default: steps; json default: the record and all of them)")
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
@@ -73,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(text)
     except UnknownRunError as exc:
-        print(f"expdb: error: RUN {args.run}: {exc}", file=sys.stderr)
+        runs = args.run if isinstance(args.run, list) else [args.run]
+        print(f"expdb: error: RUN {' '.join(map(str, runs))}: {exc}", file=sys.stderr)
         return 2
     except (ExpdbError, OSError) as exc:     # OSError: an unwritable --out, a closed pipe
         for line in str(exc).splitlines():
@@ -98,8 +107,23 @@ def refuse_before_writing(args: argparse.Namespace) -> None:
             problems.append(prefix + str(exc))
     if out_problem := _out_problem(getattr(args, "out", None)):
         problems.append(out_problem)
+    if args.command == "export":
+        problems += _export_problems(args)
     if problems:
         raise ExpdbError("\n".join(problems))
+
+
+def _export_problems(args: argparse.Namespace) -> list[str]:
+    if (args.format is None) == (args.to is None):
+        return ["export: pass --format csv|json (one run's history as a file) or --to tensorboard|wandb "
+                "(replay runs into a tracker), not both and not neither"]
+    if args.format and len(args.run) > 1:
+        return [f"RUN {' '.join(map(str, args.run))}: --format writes one run; pass one run id, or use --to"]
+    if args.to and args.out:
+        return [f"--out {str(args.out)!r}: --to writes tracker folders, not a file; use --out-dir DIR"]
+    if args.to and args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
+        return [f"--out-dir {str(args.out_dir)!r}: is a file; pass a directory"]
+    return []
 
 
 def _out_problem(out: Path | None) -> str | None:
@@ -149,6 +173,9 @@ def cmd_show(args: argparse.Namespace) -> tuple[int, str]:
 
 
 def cmd_export(args: argparse.Namespace) -> tuple[int, str]:
+    if args.to:
+        return cmd_replay(args)
+    args.run = args.run[0]
     with _open(args) as db:
         if args.format == "csv":
             df = _table(db, args.run, args.table or "steps")
@@ -161,6 +188,22 @@ def cmd_export(args: argparse.Namespace) -> tuple[int, str]:
             document[name] = _table(db, args.run, name).to_dict(orient="records")
     # Strict JSON: non-finite floats are written as the strings "nan", "inf", "-inf".
     return 0, json.dumps(jsonable(document), indent=2, allow_nan=False) + "\n"
+
+
+def cmd_replay(args: argparse.Namespace) -> tuple[int, str]:
+    """Runs already recorded, into TensorBoard or W&B: a Kaggle session without a network, synced later."""
+    from expdb.mirrors import MirrorError, replay
+    from trainer.errors import ConfigError
+
+    with _open(args) as db:
+        for run_id in args.run:
+            db.run(run_id)                       # an unknown id fails before any tracker file is written
+        try:
+            done = replay(db, args.run, args.to, out_dir=args.out_dir, project=args.wandb_project,
+                          log=lambda *_: None)
+        except (MirrorError, ConfigError) as exc:
+            raise ExpdbError(f"--to {args.to}: {exc}") from exc
+    return 0, "".join(line + "\n" for line in done)
 
 
 def _table(db: expdb.ExperimentDB, run_id: int, name: str) -> pd.DataFrame:

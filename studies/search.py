@@ -59,6 +59,10 @@ def build_parser() -> Parser:
     p.add_argument("--max-disk-gb", type=float, default=None, metavar="G",
                    help="Study-wide disk budget: a finished trial's checkpoints are removed, and a trial starts "
                         "only if its checkpoints and the session pack fit (default: 18 on Kaggle, none elsewhere).")
+    p.add_argument("--report-to", default=None, metavar="LIST",
+                   help="Mirror every trial to trackers too: none, or a comma list of tensorboard and wandb "
+                        "(one W&B run per trial, grouped by study; WANDB_MODE=offline without a network).")
+    p.add_argument("--wandb-project", default=None, metavar="P", help="W&B project (default: the study name).")
     p.add_argument("--keep-best-trials", type=int, default=3, metavar="K",
                    help="With --max-disk-gb: keep the final_model/ of the K best trials only (default: 3).")
     return p
@@ -118,6 +122,10 @@ def refuse_before_writing(args: argparse.Namespace, base) -> None:
         problems += continue_problems(args.continue_from, study_name, args.db)
     if problems:
         fail(PROG, ConfigError(problems))
+    if base.report_to not in ("", "none"):     # warnings only: a tracker never stops a study
+        from expdb.mirrors import check_report_to
+        for warning in check_report_to(base.report_to, Path(args.out)):
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 def _flag_problems(args: argparse.Namespace) -> list[str]:
@@ -145,7 +153,12 @@ def parse_duration(text: str) -> float:
 
 def preset_args(args: argparse.Namespace) -> argparse.Namespace:
     """The trainer's view of our flags: --preset and --config only."""
-    return argparse.Namespace(preset=args.preset, config=args.config, cfg_progress=args.progress)
+    trainer_flags = {"cfg_progress": args.progress}
+    if args.report_to is not None:
+        trainer_flags["cfg_report_to"] = args.report_to
+    if args.wandb_project is not None:
+        trainer_flags["cfg_wandb_project"] = args.wandb_project
+    return argparse.Namespace(preset=args.preset, config=args.config, **trainer_flags)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,17 @@ class TrialRecorder:
         return getattr(self.inner, name)
 
 
+def _with_mirrors(ctx: StudyContext, recorder: TrialRecorder, cfg) -> TrialRecorder:
+    """--report-to: the pruner's recorder around the mirrors around the database's, so a pruned
+    or diverged trial reaches W&B and TensorBoard with the status the database gets."""
+    if cfg.report_to in ("", "none"):
+        return recorder
+    from expdb.mirrors import mirrored
+    inner = mirrored(ctx.db, recorder.inner, cfg.report_to, cfg.out_dir, cfg.wandb_project or ctx.study_name,
+                     hparam_names=[p.name for p in ctx.space], warn=ctx.log)
+    return TrialRecorder(inner, recorder.trial, recorder.existing_run_id)
+
+
 def run_trial(ctx: StudyContext, trial: optuna.Trial, resumed: bool) -> TrialOutcome:
     """Train the trial's run and tell Optuna how it ended (unless it is to be continued)."""
     from trainer.run import train  # torch is imported only when a trial really runs
@@ -76,6 +87,7 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial, resumed: bool) -> TrialOut
     ctx.log(f"trial {trial.number}{' (continued)' if resumed else ''}: {_short(values)}")
     try:
         cfg = ctx.trial_config(trial.number, values, earlier_folders(ctx, trial.number, existing))
+        recorder = _with_mirrors(ctx, recorder, cfg)
         result = train(cfg, recorder, data=ctx.data, log=lambda *_: None, time_source=ctx.time_source)
     except TrainerError as exc:
         return _fail(ctx, trial, recorder, values, f"{type(exc).__name__}: {exc}")

@@ -40,7 +40,9 @@ def test_injected_ooms_keep_the_effective_batch_and_every_sample(fault_cfg, tiny
 
 
 def test_out_of_memory_at_micro_batch_one_ends_the_run_with_a_checkpoint(fault_cfg, tiny_data, tmp_path, monkeypatch):
-    result, db = run(fault_cfg.replace(micro_batch=1, grad_accum=16), tiny_data, tmp_path, "mb1", monkeypatch, oom="3")
+    # --gradient-checkpointing false: with auto the ladder's last rung rescues it (tests/test_grad_checkpointing.py)
+    result, db = run(fault_cfg.replace(micro_batch=1, grad_accum=16, gradient_checkpointing="false"), tiny_data,
+                     tmp_path, "mb1", monkeypatch, oom="3")
     assert result.status == "failed" and "out of memory at micro-batch 1 in step 3" in result.reason
     assert result.steps == 2 and result.final_checkpoint and result.final_checkpoint.endswith("step-0000002")
     record = db.run(result.run_id)

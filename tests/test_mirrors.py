@@ -139,10 +139,7 @@ def test_wandb_sync_sees_both_fragments_of_the_resumed_run(db, tmp_path):
 
 
 def _train():
-    try:
-        from trainer.loop import train
-    except ImportError:
-        from trainer.run import train
+    from trainer.run import train
     return train
 
 
@@ -380,3 +377,37 @@ def test_no_gpu_monitor_without_nvml_only_a_note(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)
     monitor, note = start_gpu_monitor(interval_s=0.1)
     assert monitor is None and "nvidia-ml-py" in note
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(args, cwd, env):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env={**env, "PYTHONPATH": ROOT},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_command_line_mirrors_a_run_and_replays_it_later(tmp_path, data_cache):
+    """python -m trainer --report-to ..., then python -m expdb export --to tensorboard: the wiring."""
+    env = dict(os.environ)                       # WANDB_MODE=offline etc. from the autouse fixture
+    flags = ["--preset", "quick", "--subset", "0.02", "--n-layer", "1", "--n-embd", "32", "--block-size", "32",
+             "--max-steps", "12", "--eval-every", "6", "--progress", "false", "--cache-dir", str(data_cache)]
+    trained = _cli(["trainer", *flags, "--out", "run", "--report-to", "tensorboard,wandb",
+                    "--wandb-project", "cli-test"], tmp_path, env)
+    assert trained.returncode == 0, trained.stderr
+    assert "warning" not in trained.stderr.lower(), trained.stderr
+    with expdb.open(str(tmp_path / "experiments.db")) as db:
+        (run_id,) = db.runs()["id"].tolist()
+        uid = db.run(run_id).uid
+    _, steps, _ = tb_scalars(tmp_path / "run" / "tensorboard", "train/loss")
+    assert steps == list(range(1, 13))
+    (fragment,) = [read_offline_run(f) for f in offline_fragments(tmp_path / "run", uid)]
+    assert fragment.project == "cli-test" and fragment.steps == list(range(1, 13))
+    replayed = _cli(["expdb", "--db", "experiments.db", "export", str(run_id), "--to", "tensorboard",
+                     "--out-dir", "tb"], tmp_path, env)
+    assert replayed.returncode == 0, replayed.stderr
+    (folder,) = list((tmp_path / "tb").iterdir())
+    assert tb_scalars(folder, "train/loss")[1] == list(range(1, 13))
+    bad = _cli(["expdb", "--db", "experiments.db", "export", str(run_id), "--to", "wandb", "--format", "csv"],
+               tmp_path, env)
+    assert bad.returncode == 2 and "not both" in bad.stderr

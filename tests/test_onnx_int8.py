@@ -11,7 +11,8 @@ from trainer import generate as generate_cli
 from trainer.export import export_hf
 from trainer.int8 import INT8_MARKER, WEIGHTS_FILE, quantize
 from trainer.model import build_model
-from trainer.model_dir import is_int8, load_model_dir
+from trainer.inference import load_model_dir
+from trainer.model_dir import is_int8
 from trainer.onnx_export import OPSET, onnx_logits, onnx_session
 
 pytest.importorskip("onnxruntime", reason="pip install -e '.[onnx]'")
@@ -70,7 +71,7 @@ def test_int8_keeps_the_integers_it_was_exported_with_and_generate_loads_it(fina
 @pytest.mark.parametrize("argv,message", [
     (["onnx", "{missing}", "--out", "{tmp}/m.onnx"], "no config.json"),
     (["int8", "{model}", "--out", "{model}"], "already exists"),
-    (["onnx", "{model}", "--out", "{tmp}/no/such/m.onnx"], "its directory does not exist"),
+    (["onnx", "{model}", "--out", "{tmp}/no/such/m.onnx"], "does not exist; create it first"),
 ])
 def test_bad_export_targets_exit_2_and_write_nothing(final_model, tmp_path, capsys, argv, message):
     values = {"missing": str(tmp_path / "missing"), "tmp": str(tmp_path), "model": str(final_model)}

@@ -16,7 +16,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from test_study import ROOT, TINY_SPACE, TINY_STUDY, command, env
+from test_study import TINY_SPACE, TINY_STUDY, command, env
 
 SESSION_STUDY = TINY_STUDY.replace("epochs: 2", "epochs: 1\nmax_steps: 12").replace("eval_every: 10", "eval_every: 3")
 

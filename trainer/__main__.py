@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.run import train
     time_source = SimulatedTime.from_env()   # read once, here; None: real time
     try:
-        data = prepare_data(cfg)  # the first write (the token cache), after every check passed
+        # The first write (the token cache), after every check passed; rank 0 alone reports it.
+        data = prepare_data(cfg, log=print if _is_main_process() else (lambda *_: None))
         if args.continue_from and not args.no_db and _is_main_process():
             from trainer.pack import merge_inputs
             merge_inputs(args.continue_from, args.db)
-        recorder = None if args.no_db or not _is_main_process() else _open_recorder(args.db)
+        recorder = None if args.no_db or not _is_main_process() else _open_recorder(args.db, cfg)
         result = train(cfg, recorder, data=data, time_source=time_source)
     except TrainerError as exc:
         fail(PROG, exc)
@@ -82,6 +83,20 @@ def refuse_before_writing(cfg, args) -> None:
         checks.append((f"--db {args.db!r}: ", lambda: expdb.check_database(args.db, create=True, write=True)))
     if problems := collect_problems(checks, errors=(TrainerError, expdb.ExpdbError)):
         fail(PROG, ConfigError(problems))
+    _warn_about_mirrors(cfg, args)
+
+
+def _warn_about_mirrors(cfg, args) -> None:
+    """A tracker that cannot work is a warning, never a stop: the database has the whole run."""
+    if cfg.report_to in ("", "none"):
+        return
+    if args.no_db:
+        print(f"warning: --report-to {cfg.report_to} is ignored with --no-db (the mirrors follow the "
+              "database's run); drop --no-db to mirror the run", file=sys.stderr)
+        return
+    from expdb.mirrors import check_report_to
+    for warning in check_report_to(cfg.report_to, cfg.out_dir):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _raise_all(problems: list[str]) -> None:
@@ -95,12 +110,30 @@ def _is_main_process() -> bool:
     return World.from_env().is_main
 
 
-def _open_recorder(url: str):
+def _open_recorder(url: str, cfg):
+    """The database's recorder, with the --report-to mirrors (W&B, TensorBoard) around it."""
     import expdb
+    from expdb.mirrors import mirrored
     try:
-        return expdb.open(url).recorder()
+        db = expdb.open(url)
     except expdb.ExpdbError as exc:
         fail(PROG, exc)
+    return mirrored(db, db.recorder(), cfg.report_to, cfg.out_dir, cfg.wandb_project,
+                    warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+
+
+# -- for the trainer's other commands (python -m trainer.lr_find): this module opens the database
+def database_problems(url: str) -> list[str]:
+    """What is wrong with ``--db url`` for a command that records a run, one line each; [] if nothing."""
+    import expdb
+    return collect_problems([(f"--db {url!r}: ", lambda: expdb.check_database(url, create=True, write=True))],
+                            errors=(expdb.ExpdbError,))
+
+
+def open_recorder(url: str):
+    """A recorder on ``url`` (checked first with database_problems)."""
+    import expdb
+    return expdb.open(url).recorder()
 
 
 if __name__ == "__main__":

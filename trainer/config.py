@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.recorder import REPORT_TO_CHOICES
 from trainer.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -112,6 +113,9 @@ class TrainConfig:
     progress: bool = _f(True, "Show a tqdm progress bar.")
     compile: bool = _f(False, "Compile the model with torch.compile (faster steps on a GPU after the first "
                        "ones compile; off by default).")
+    report_to: str = _f("none", "Mirror the run to trackers as well as the experiment database: none, or a "
+                        "comma list of tensorboard and wandb (W&B without a network: WANDB_MODE=offline).")
+    wandb_project: str = _f("", "W&B project for --report-to wandb (default: the study name, else the run name).")
     # --- where things go --------------------------------------------------------------
     out_dir: str = _f("runs/run", "Directory for this run's checkpoints and final model.")
     cache_dir: str = _f(".cache/trainer", "Directory for the tokenizer and token caches.")
@@ -162,6 +166,7 @@ class TrainConfig:
         if _is_int(self.n_embd) and _is_int(self.n_head) and self.n_head > 0 and self.n_embd % self.n_head:
             p.append(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: "
                      "pick a width that is a multiple of the number of heads")
+        p += report_to_problems(self.report_to)
         p += self._data_file_problems() + self._folder_problems() + self._resume_problems() + self._time_problems()
         if self.dataset and self.data_files:
             p.append("--dataset and --data-files both given: pass only one data source")
@@ -300,3 +305,15 @@ def _is_int(v: Any) -> bool:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def report_to_problems(value: str) -> list[str]:
+    """--report-to names every tracker it asks for correctly (the mirrors themselves live in expdb)."""
+    names = [n.strip().lower() for n in str(value).split(",") if n.strip()]
+    unknown = [n for n in names if n not in REPORT_TO_CHOICES]
+    if unknown:
+        return [f"--report-to {value!r}: unknown tracker {', '.join(map(repr, unknown))}; choose from "
+                f"{', '.join(REPORT_TO_CHOICES)}, comma-separated (e.g. --report-to wandb,tensorboard)"]
+    if "none" in names and len(names) > 1:
+        return [f"--report-to {value!r}: 'none' cannot be combined with a tracker; drop one of them"]
+    return []

@@ -22,6 +22,7 @@ the fix (--resume auto), and torchrun ends the run with the failed rank's exit c
 from __future__ import annotations
 
 import atexit
+import ctypes
 import dataclasses
 import os
 import signal
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+PR_SET_PDEATHSIG = 1
 TIMEOUT = timedelta(minutes=10)   # a collective waits this long for a rank that hangs (not one that dies)
 
 
@@ -81,9 +83,24 @@ def join(placement):
         placement = dataclasses.replace(placement, description=f"{placement.description}, rank {world.rank} "
                                                                  f"of {world.size}")
     if not dist.is_initialized():
+        _stop_with_launcher()
         dist.init_process_group("nccl" if placement.device.type == "cuda" else "gloo", timeout=TIMEOUT)
         atexit.register(_leave)
     return world, placement
+
+
+def _stop_with_launcher() -> None:
+    """SIGTERM this process when torchrun dies (Linux): torchrun starts each rank in a session of
+    its own, so a launcher killed with SIGKILL (a notebook kernel restarted) would leave the
+    ranks training on, unseen, into the folder the next run resumes from. SIGTERM, not SIGKILL:
+    the ranks agree to stop after the same step and rank 0 writes an emergency checkpoint."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        return                  # not Linux: the ranks end when their next collective fails
+    if os.getppid() == 1:       # the launcher died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _leave() -> None:
@@ -96,9 +113,8 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
     if not world.parallel:
         return model
     from torch.nn.parallel import DistributedDataParallel
-    # No buffers change in training (nothing to broadcast before each forward).
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    # GPT-2 has no buffers, so DDP's buffer sync before each forward costs nothing.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def share(sample_ids: np.ndarray, world: World) -> np.ndarray:

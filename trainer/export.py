@@ -2,6 +2,8 @@
 
     python -m trainer.export json CHECKPOINT_DIR --out model.json [--weights-only]
     python -m trainer.export import model.json --out CHECKPOINT_DIR
+    python -m trainer.export onnx FINAL_MODEL --out model.onnx      # checked in onnxruntime
+    python -m trainer.export int8 FINAL_MODEL --out DIR             # dynamic int8, for CPU inference
 """
 from __future__ import annotations
 
@@ -43,9 +45,9 @@ def export_hf(model: "GPT2LMHeadModel", tokenizer: "PreTrainedTokenizerFast", cf
 
 
 def build_parser() -> Parser:
-    p = Parser(prog=PROG, description="Convert checkpoints to and from one portable JSON file "
-                                      "(tensors as base64 of their raw bytes).")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{json,import}")
+    p = Parser(prog=PROG, description="Convert checkpoints to and from one portable JSON file (tensors as base64 "
+                                      "of their raw bytes), and a final_model/ to ONNX or int8.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{json,import,onnx,int8}")
     to_json = sub.add_parser("json", help="Write a checkpoint directory as one JSON file.")
     to_json.add_argument("checkpoint", help="A checkpoint directory, e.g. runs/my-model/checkpoints/step-0001000.")
     to_json.add_argument("--out", required=True, help="The JSON file to write.")
@@ -54,29 +56,70 @@ def build_parser() -> Parser:
     back = sub.add_parser("import", help="Rebuild a checkpoint directory from a JSON file.")
     back.add_argument("json_file", help="A file written by `json`.")
     back.add_argument("--out", required=True, help="The checkpoint directory to create (must not exist).")
+    onnx = sub.add_parser("onnx", help="Write final_model/ as ONNX (opset 18), verified in onnxruntime.")
+    onnx.add_argument("model_dir", help="A final_model/ directory written by python -m trainer.")
+    onnx.add_argument("--out", required=True, help="The .onnx file to write.")
+    int8 = sub.add_parser("int8", help="Quantize final_model/'s Linear layers to int8 (CPU inference).")
+    int8.add_argument("model_dir", help="A final_model/ directory written by python -m trainer.")
+    int8.add_argument("--out", required=True, help="The directory to create (must not exist); "
+                                                    "python -m trainer.generate loads it.")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from trainer.errors import CheckpointError, ConfigError
-    from trainer.checkpoints import export_json, import_json
 
     problem = _check_paths(args)
     if problem:
         fail(PROG, ConfigError([problem]))
     started = time.perf_counter()
     try:
-        if args.command == "json":
-            out = export_json(Path(args.checkpoint), Path(args.out), weights_only=args.weights_only)
-        else:
-            out = import_json(Path(args.json_file), Path(args.out))
-    except CheckpointError as exc:   # nothing was written: both write beside --out, then rename
-        source = f"CHECKPOINT_DIR {args.checkpoint!r}" if args.command == "json" else f"JSON_FILE {args.json_file!r}"
-        fail(PROG, CheckpointError(f"{source}: {exc}"))
+        out, note = _EXPORTS[args.command](args)
+    except CheckpointError as exc:   # nothing was written: every export writes beside --out, then renames
+        fail(PROG, CheckpointError(f"{_source(args)}: {exc}"))
     size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir()))
-    print(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.2f} s")
+    print(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.2f} s{note}")
     return 0
+
+
+def _json(args) -> tuple[Path, str]:
+    from trainer.checkpoints import export_json
+    return export_json(Path(args.checkpoint), Path(args.out), weights_only=args.weights_only), ""
+
+
+def _import(args) -> tuple[Path, str]:
+    from trainer.checkpoints import import_json
+    return import_json(Path(args.json_file), Path(args.out)), ""
+
+
+def _onnx(args) -> tuple[Path, str]:
+    from trainer.inference import load_model_dir
+    from trainer.onnx_export import export_onnx
+
+    model, _ = load_model_dir(args.model_dir)
+    done = export_onnx(model, Path(args.out))
+    return done.path, (f"; opset {done.opset}, max |difference| from PyTorch's logits {done.max_abs_diff:.2e} "
+                       "in onnxruntime")
+
+
+def _int8(args) -> tuple[Path, str]:
+    from trainer.inference import load_model_dir
+    from trainer.int8 import save_int8
+
+    model, _ = load_model_dir(args.model_dir)
+    return save_int8(model, Path(args.model_dir), Path(args.out)), "; load it with python -m trainer.generate"
+
+
+_EXPORTS = {"json": _json, "import": _import, "onnx": _onnx, "int8": _int8}
+
+
+def _source(args) -> str:
+    if args.command == "json":
+        return f"CHECKPOINT_DIR {args.checkpoint!r}"
+    if args.command == "import":
+        return f"JSON_FILE {args.json_file!r}"
+    return f"MODEL_DIR {args.model_dir!r}"
 
 
 def _check_paths(args) -> str | None:
@@ -85,6 +128,17 @@ def _check_paths(args) -> str | None:
             return f"CHECKPOINT_DIR {args.checkpoint!r}: no such directory; pass a step-NNNNNNN checkpoint directory"
         if Path(args.out).is_dir():
             return f"--out {args.out!r}: is a directory; pass the name of the JSON file to write"
+        return _parent_problem(args.out)
+    if args.command in ("onnx", "int8"):
+        from trainer.model_dir import is_int8, model_dir_problem
+        if problem := model_dir_problem(args.model_dir):
+            return problem
+        if is_int8(args.model_dir):
+            return f"MODEL_DIR {args.model_dir!r} is already int8; pass the fp32 final_model/ it came from"
+        if args.command == "onnx" and Path(args.out).is_dir():
+            return f"--out {args.out!r}: is a directory; pass the name of the .onnx file to write"
+        if args.command == "int8" and Path(args.out).exists():
+            return f"--out {args.out!r} already exists; pass a new directory name (nothing is overwritten)"
         return _parent_problem(args.out)
     if not Path(args.json_file).is_file():
         return f"JSON_FILE {args.json_file!r}: no such file; pass a file written by `{PROG} json`"

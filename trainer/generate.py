@@ -1,4 +1,5 @@
-"""python -m trainer.generate MODEL_DIR --prompt TEXT: sample text from an exported model."""
+"""python -m trainer.generate MODEL_DIR --prompt TEXT: sample text from an exported model
+(final_model/, or its int8 form from python -m trainer.export int8)."""
 from __future__ import annotations
 
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from trainer.cli import Parser, fail
 from trainer.errors import CheckpointError
+from trainer.model_dir import model_dir_problem
 
 PROG = "python -m trainer.generate"
 
@@ -23,26 +25,13 @@ def build_parser() -> Parser:
     return p
 
 
-def model_dir_problem(model_dir: str) -> str | None:
-    """Why ``model_dir`` is not a model directory this loads, or None."""
-    if not (Path(model_dir) / "config.json").is_file():
-        return (f"MODEL_DIR {model_dir!r}: no config.json there; pass a final_model/ directory "
-                "written by python -m trainer")
-    if not (Path(model_dir) / "model.safetensors").is_file():
-        return (f"MODEL_DIR {model_dir!r}: no model.safetensors there; only safetensors weights are "
-                "loaded (a pytorch_model.bin is a pickle, which can run code when loaded)")
-    return None
-
-
 def generate(model_dir: str, prompt: str, *, max_new_tokens: int = 100, temperature: float = 0.8,
              top_k: int = 50, top_p: float = 0.95, num_samples: int = 1, seed: int = 0) -> list[str]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if problem := model_dir_problem(model_dir):
-        raise CheckpointError(problem)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True).eval()
+    from trainer.inference import load_model_dir
+
+    model, tokenizer = load_model_dir(model_dir)      # fp32 final_model/ or its int8 form
     torch.manual_seed(seed)
     ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").input_ids
     sampling = temperature > 0

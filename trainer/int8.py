@@ -24,9 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from trainer.errors import CheckpointError
 from trainer.files import TMP_PREFIX, atomic_write_json
+from trainer.model_dir import INT8_MARKER, INT8_WEIGHTS as WEIGHTS_FILE
 
-WEIGHTS_FILE = "model.int8.safetensors"
-INT8_MARKER = "quantization.json"     # present only in an int8 directory
 METHOD = "torch.ao.quantization.quantize_dynamic, qint8 per-tensor weights, Linear layers"
 _INT8, _SCALE, _ZERO = ".weight.int8", ".weight.scale", ".weight.zero_point"
 

@@ -262,11 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args, out_dir=args.out)
     except TrainerError as exc:
         fail(PROG, ConfigError(settings.problems() + (exc.problems if isinstance(exc, ConfigError) else [str(exc)])))
-    checks = environment_checks(cfg) + [("", lambda: _raise(settings.problems()))]
+    problems = collect_problems(environment_checks(cfg) + [("", lambda: _raise(settings.problems()))])
     if not args.no_db:
-        import expdb
-        checks.append((f"--db {args.db!r}: ", lambda: expdb.check_database(args.db, create=True, write=True)))
-    if problems := collect_problems(checks, errors=_user_errors(args)):
+        from trainer.__main__ import database_problems     # the trainer's one door to the database
+        problems += database_problems(args.db)
+    if problems:
         fail(PROG, ConfigError(problems))
     return _run(cfg, settings, args)
 
@@ -275,13 +275,14 @@ def _run(cfg: TrainConfig, settings: FinderSettings, args) -> int:
     from trainer.cli import fail
     from trainer.data import prepare_data
     from trainer.device import place
+    from trainer.__main__ import open_recorder
     from trainer.errors import TrainerError
 
     try:
         data = prepare_data(cfg)       # the first write (the token cache), after every check passed
         placement = place(cfg)
         placement.apply()
-        recorder = None if args.no_db else _open_recorder(args.db)
+        recorder = None if args.no_db else open_recorder(args.db)
         result = find(cfg, data, placement, settings, recorder)
     except TrainerError as exc:
         fail(PROG, exc)
@@ -289,19 +290,6 @@ def _run(cfg: TrainConfig, settings: FinderSettings, args) -> int:
     print(f"suggested learning rate: {s.lr:.3g} ({s.rule} of the smoothed loss; minimum at {s.minimum_lr:.3g}); "
           f"the config's lr is {cfg.lr:g}\ntrain with: --lr {s.lr:.3g}\nplot: {result.plot_file}")
     return 0
-
-
-def _open_recorder(url: str):
-    import expdb
-    return expdb.open(url).recorder()
-
-
-def _user_errors(args) -> tuple[type[Exception], ...]:
-    from trainer.errors import TrainerError
-    if args.no_db:
-        return (TrainerError,)
-    import expdb
-    return (TrainerError, expdb.ExpdbError)
 
 
 def _raise(problems: list[str]) -> None:

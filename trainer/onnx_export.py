@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,13 +56,13 @@ def export_onnx(model: torch.nn.Module, out: Path) -> OnnxExport:
 
     model = model.eval().float()
     context = model.config.n_positions
-    wrapped = _Logits(model)
+    wrapped = _Logits(model).eval()
     ids = check_input(model.config.vocab_size, context)
     out = Path(out)
     tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{os.getpid()}")
     batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=context)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):       # the exporter narrates every pass
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():   # it narrates every pass
             torch.onnx.export(wrapped, (ids,), str(tmp), input_names=["input_ids"], output_names=["logits"],
                               dynamic_shapes={"input_ids": {0: batch, 1: seq}}, opset_version=OPSET,
                               dynamo=True, external_data=False)
@@ -72,6 +74,20 @@ def export_onnx(model: torch.nn.Module, out: Path) -> OnnxExport:
     finally:
         tmp.unlink(missing_ok=True)
     return OnnxExport(out, out.stat().st_size, OPSET, diff)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter warns about torchvision ops and pytree internals that a GPT-2 never uses."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def onnx_session(path: Path):

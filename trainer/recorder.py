@@ -21,6 +21,13 @@ EVENT_SCALER_SKIP = "scaler_skip"                  # {"scale", "total"}: fp16 ov
 EVENT_EARLY_STOP = "early_stop"                    # {"best_step", "best_val_loss", "patience", "steps_saved", ...}
 EVENT_LR_FIND = "lr_find"                          # {"suggested_lr", "rule", "plot", ...}: a finder's outcome
 
+# Kinds expdb's mirrors add (expdb/mirrors): a tracker switched off, or one that could not keep up.
+EVENT_MIRROR_FAILED = "mirror_failed"              # {"mirror", "error", "fix"}
+EVENT_MIRROR_LAGGED = "mirror_lagged"              # {"mirror", "dropped", "unfinished"}
+
+# The trackers a run can be mirrored to besides the experiment database (--report-to).
+REPORT_TO_CHOICES = ("none", "tensorboard", "wandb")
+
 
 @dataclass(frozen=True)
 class RunInfo:

@@ -141,7 +141,7 @@ def _start(t: Trainer, plan: ResumePlan, notes: list[str]) -> None:
         report_resume(plan, t.store, state.step, notes, t.log)
         t.store.reconcile()
     t.log(f"run {state.run_id}: {info.n_params:,} parameters on {info.device}, {t.placement.precision}; "
-          f"{t.total_steps} optimizer steps of {cfg.effective_batch} x {cfg.block_size} tokens")
+          f"{t.total_steps} optimizer steps of {t.step_batch} x {cfg.block_size} tokens")
 
 
 def _stop_for_signal(t: Trainer, halt: Halt) -> NoReturn:

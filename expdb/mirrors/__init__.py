@@ -14,7 +14,8 @@ imported only when a mirror opens.
 """
 from expdb.mirrors.base import (EVENT_MIRROR_FAILED, EVENT_MIRROR_LAGGED, CheckpointRef, Mirror, MirrorError,
                                 MirrorRun, RunEnd)
-from expdb.mirrors.factory import REPORT_TO_CHOICES, check_report_to, is_main_process, mirrors_for, parse_report_to
+from expdb.mirrors.factory import (REPORT_TO_CHOICES, check_report_to, is_main_process, mirrored, mirrors_for,
+                                   parse_report_to)
 from expdb.mirrors.fanout import MirroredRecorder, MirrorWarning
 from expdb.mirrors.replay import replay
 from expdb.mirrors.tensorboard import TensorBoardMirror
@@ -22,7 +23,7 @@ from expdb.mirrors.wandb import WandbMirror, wandb_run_id
 from expdb.mirrors.wandb_offline import OfflineRun, offline_fragments, read_offline_run
 
 __all__ = [
-    "MirroredRecorder", "MirrorWarning", "mirrors_for", "check_report_to", "parse_report_to", "is_main_process",
+    "MirroredRecorder", "MirrorWarning", "mirrored", "mirrors_for", "check_report_to", "parse_report_to", "is_main_process",
     "REPORT_TO_CHOICES", "replay", "TensorBoardMirror", "WandbMirror", "wandb_run_id", "Mirror", "MirrorRun",
     "RunEnd", "CheckpointRef", "MirrorError", "EVENT_MIRROR_FAILED", "EVENT_MIRROR_LAGGED",
     "OfflineRun", "offline_fragments", "read_offline_run",

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
 from trainer.recorder import RunInfo
+from trainer.recorder import EVENT_MIRROR_FAILED, EVENT_MIRROR_LAGGED  # noqa: F401 - re-exported
 
-EVENT_MIRROR_FAILED = "mirror_failed"      # {"mirror", "error", "fix"}: the mirror was switched off
-EVENT_MIRROR_LAGGED = "mirror_lagged"      # {"mirror", "dropped", "unfinished"}: it could not keep up
 
 
 class MirrorError(Exception):

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Sequence
 
 from expdb.mirrors.base import Mirror
+from expdb.mirrors.fanout import MirroredRecorder, warn_once
 from expdb.mirrors.tensorboard import INSTALL_FIX as TB_INSTALL_FIX
 from expdb.mirrors.tensorboard import SUBDIR as TB_SUBDIR
 from expdb.mirrors.tensorboard import TensorBoardMirror
 from expdb.mirrors.wandb import INSTALL_FIX as WANDB_INSTALL_FIX
 from expdb.mirrors.wandb import LOGIN_FIX, WandbMirror, offline_mode
 from trainer.errors import ConfigError
+from trainer.recorder import REPORT_TO_CHOICES
 
-REPORT_TO_CHOICES = ("none", "tensorboard", "wandb")
 LOW_DISK_BYTES = 200 * 1024 ** 2       # below this, event files and W&B logs may fill the disk
 
 
@@ -66,6 +67,13 @@ def mirrors_for(report_to: str | Sequence[str] | None, run_out_dir: str | Path |
         elif name == "wandb":
             built.append(WandbMirror(project, entity, rewind=rewind, wandb_dir=base))
     return built
+
+
+def mirrored(db, recorder, report_to: str | Sequence[str] | None, run_out_dir: str | Path | None = None,
+             project: str | None = None, *, hparam_names: list[str] | None = None, warn=warn_once):
+    """``recorder`` (a DBRecorder of ``db``) with the ``--report-to`` mirrors around it, or as it is."""
+    mirrors = mirrors_for(report_to, run_out_dir, project or None, hparam_names=hparam_names)
+    return MirroredRecorder(recorder, mirrors, lookup=db.run, warn=warn) if mirrors else recorder
 
 
 def check_report_to(report_to: str | Sequence[str] | None, run_out_dir: str | Path) -> list[str]:

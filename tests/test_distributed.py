@@ -1,0 +1,157 @@
+"""Data-parallel training for real: 2 processes started by torchrun, gloo on the CPU.
+
+Every run trains the same tiny model on a tiny corpus this module writes. The 2-process
+runs take micro-batch 4 x 1 accumulation x 2 processes per optimizer step; the 1-process
+reference takes 4 x 2 x 1: the same 8 sequences per step, in the same order.
+"""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.distributed import World, share, split_for
+from trainer.state import Split
+
+STEPS = 40
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly brew potent elixirs "
+         "in old copper pots").split()
+
+
+def flags(out: Path, cache: Path, corpus: Path, **more) -> list[str]:
+    settings = {"data-files": corpus, "subset": 1.0, "vocab-size": 300, "n-layer": 1, "n-embd": 32, "n-head": 2,
+                "block-size": 32, "precision": "fp32", "device": "cpu", "progress": "false",
+                "max-steps": STEPS, "eval-every": 10, "eval-batches": 4, "save-every": 10, "keep-checkpoints": 10,
+                "warmup-steps": 2, "lr": 3e-3, "micro-batch": 4, "grad-accum": 1, "cache-dir": cache,
+                "out": out, "db": f"{out}.db", **more}
+    return [x for k, v in settings.items() for x in (f"--{k}", str(v))]
+
+
+def launch(nproc: int, args: list[str], **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "trainer", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--standalone", "-m", "trainer", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def run(nproc: int, args: list[str], expect: int = 0) -> str:
+    proc = launch(nproc, args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == expect, out[-3000:]
+    return out
+
+
+def step_losses(db: str) -> dict[int, float]:
+    with sqlite3.connect(db) as c:
+        return dict(c.execute("SELECT step, loss FROM step_metrics"))
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final_model" / "model.safetensors"))
+
+
+def assert_close(a: dict[int, float], b: dict[int, float], steps) -> None:
+    worst = max(abs(a[s] - b[s]) / abs(b[s]) for s in steps)
+    assert worst < 1e-4, worst
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import random
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))})
+                            + "\n" for _ in range(600)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus):
+    """The uninterrupted runs: 2 processes, and 1 process with the same 8 sequences per step."""
+    root = tmp_path_factory.mktemp("ddp")
+    cache = root / "cache"
+    run(1, flags(root / "one", cache, corpus, **{"grad-accum": 2}))   # also fills the token cache
+    run(2, flags(root / "two", cache, corpus))
+    return root
+
+
+def test_shares_and_splits():
+    ids = list(range(8))
+    assert [list(share(ids, World(r, r, 2))) for r in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert split_for(8, World(0, 0, 1), 4) == Split(4, 2)      # 2 -> 1: twice the accumulation
+    assert split_for(8, World(0, 0, 2), 4) == Split(4, 1)      # 1 -> 2
+    assert split_for(12, World(0, 0, 2), 4) == Split(3, 2)     # 6 each: the micro-batch that divides it
+    assert split_for(8, World(0, 0, 3), 4) is None
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_with_the_same_effective_batch(runs):
+    one, two = step_losses(f"{runs / 'one'}.db"), step_losses(f"{runs / 'two'}.db")
+    assert sorted(two) == list(range(1, STEPS + 1))
+    assert_close(two, one, range(1, STEPS + 1))
+    with sqlite3.connect(f"{runs / 'two'}.db") as c:
+        assert c.execute("SELECT status FROM runs").fetchall() == [("completed",)]     # one run row
+    # one set of checkpoints, rank 0's, and nothing else in the run folder
+    assert sorted(p.name for p in (runs / "two").iterdir()) == ["checkpoints", "final_model"]
+    assert sorted(p.name for p in (runs / "two/checkpoints").glob("step-*")) == \
+        [f"step-{s:07d}" for s in (10, 20, 30, 40)]
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(x) for x in text.split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_launcher_then_resume_auto_ends_as_an_uninterrupted_run(runs, corpus, tmp_path):
+    out = tmp_path / "killed"
+    args = flags(out, runs / "cache", corpus)
+    proc = launch(2, args)
+    first = out / "checkpoints" / "step-0000010"
+    while not (first / "manifest.json").exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.01)
+    ranks = _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    # The ranks notice the launcher is gone (SIGTERM), agree to stop after the same step, and end.
+    deadline = time.monotonic() + 120
+    while not all(_gone(pid) for pid in ranks):
+        assert time.monotonic() < deadline, "the ranks outlived their launcher"
+        time.sleep(0.05)
+    assert not (out / "final_model").exists(), "the run finished before it was killed"
+    resumed = run(2, args + ["--resume", "auto"])
+    assert "resuming from" in resumed
+    a, b = weights(out), weights(runs / "two")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, source, accum", [(1, "two", 1), (2, "one", 2)])
+def test_resume_with_another_number_of_processes_keeps_the_effective_batch(runs, corpus, tmp_path,
+                                                                           nproc, source, accum):
+    """2 -> 1 and 1 -> 2: from the step-20 checkpoint, the same flags; the losses go on as before."""
+    out = tmp_path / "resumed"
+    checkpoint = runs / source / "checkpoints" / "step-0000020"
+    log = run(nproc, flags(out, runs / "cache", corpus, **{"grad-accum": accum, "resume": checkpoint}))
+    assert "each optimizer step keeps its 8 sequences" in log
+    resumed, original = step_losses(f"{out}.db"), step_losses(f"{runs / source}.db")
+    assert sorted(resumed) == list(range(21, STEPS + 1))
+    assert_close(resumed, original, range(21, STEPS + 1))
