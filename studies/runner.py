@@ -69,7 +69,7 @@ def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | 
     print(f"study {study_name!r}: {len(finished_trials(study))} of {args.trials} trials finished "
           f"(storage {storage_url}, {args.n_jobs} worker{'s' if args.n_jobs > 1 else ''})")
     try:
-        reasons = _run_workers(ctx, args.n_jobs)
+        reasons = _run_workers(ctx, args.n_jobs, trial_devices(getattr(args, "devices", None), args.n_jobs))
     except (TrainingInterrupted, KeyboardInterrupt):
         _write_pack(ctx, args, inputs)      # a signal ends the session: its pack first
         raise
@@ -100,15 +100,25 @@ def storage_url_for(db: str) -> str:
     return db if "://" in db else f"sqlite:///{db}"
 
 
-def _run_workers(ctx: StudyContext, n_jobs: int) -> list[str]:
+def trial_devices(devices: str | None, n_jobs: int) -> list[str | None]:
+    """The GPU each of the ``n_jobs`` workers trains on (--devices cuda:0,cuda:1; default: every
+    visible GPU), taken in turn; None for each on a machine without one (they share the cores)."""
+    import torch
+
+    names = [d.strip() for d in devices.split(",") if d.strip()] if devices else \
+        [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [names[k % len(names)] if names else None for k in range(n_jobs)]
+
+
+def _run_workers(ctx: StudyContext, n_jobs: int, devices: list[str | None]) -> list[str]:
     if n_jobs == 1:
-        return [work(ctx)]
+        return [work(ctx, devices[0])]
     # Share the cores: K trials each spinning on all cores' OpenMP threads run many times slower.
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
     with ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="trial-worker") as pool:
-        return list(pool.map(lambda _: work(ctx), range(n_jobs)))
+        return list(pool.map(lambda k: work(ctx, devices[k]), range(n_jobs)))
 
 
 def _exit_code(ctx: StudyContext, reasons: list[str]) -> int:

@@ -45,6 +45,9 @@ def build_parser() -> Parser:
                    help="This session's time (e.g. 8h30m): no trial starts that cannot finish in it, and the "
                         "running trial checkpoints and stops before it ends; the next invocation continues it.")
     p.add_argument("--n-jobs", type=int, default=1, metavar="K", help="Trials run in parallel in this process.")
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="GPUs the --n-jobs workers train on, one trial per GPU at a time, e.g. cuda:0,cuda:1 "
+                        "(default: every visible GPU). Without a GPU the workers share the CPU cores.")
     p.add_argument("--max-failures", type=int, default=3, metavar="M",
                    help="Stop after M failed trials in this session (default: 3).")
     p.add_argument("--stale-after", type=parse_duration, default=300.0, metavar="DURATION",
@@ -132,6 +135,9 @@ def _flag_problems(args: argparse.Namespace) -> list[str]:
     checks = [
         (args.trials >= 1, f"--trials {args.trials}: use a positive number of trials, e.g. --trials 10"),
         (args.n_jobs >= 1, f"--n-jobs {args.n_jobs}: use 1 or more parallel trials"),
+        (args.devices is None or all(d.strip()[:5] == "cuda:" and d.strip()[5:].isdigit()
+                                     for d in args.devices.split(",")),
+         f"--devices {args.devices!r}: list GPUs as cuda:0,cuda:1"),
         (args.max_failures >= 1, f"--max-failures {args.max_failures}: use 1 or more"),
         (args.max_disk_gb is None or args.max_disk_gb > 0,
          f"--max-disk-gb {args.max_disk_gb}: use a positive number of GB, e.g. --max-disk-gb 18"),

@@ -25,8 +25,12 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, op
 RUNNING = (optuna.trial.TrialState.RUNNING,)
 
 
-def work(ctx: StudyContext) -> str:
-    """Run trials until the study is done; return why this worker stopped."""
+def work(ctx: StudyContext, device: str | None = None) -> str:
+    """Run trials until the study is done, on ``device`` (a GPU of --devices) when given; return
+    why this worker stopped."""
+    if device is not None:
+        import torch
+        torch.cuda.set_device(device)   # this thread's current GPU: its trials' --device cuda resolves to it
     while True:
         if ctx.failures >= ctx.max_failures:
             return "failures"

@@ -43,6 +43,9 @@ TRAINER = [
     ("trainer --config notes.txt", "--config 'notes.txt'", {}),
     ("trainer --n-embd 30", "--n-embd 30", {}),
     ("trainer --micro-batch lots", "--micro-batch", {}),
+    ("trainer --early-stop-patience -1", "--early-stop-patience -1", {}),
+    ("trainer --early-stop-min-delta -0.5", "--early-stop-min-delta -0.5", {}),
+    ("trainer --gradient-checkpointing maybe", "--gradient-checkpointing 'maybe'", {}),
     ("trainer --no-such-flag", "--no-such-flag", {}),
     ("trainer", "TRAINER_INJECT_OOM='x'", {"TRAINER_INJECT_OOM": "x"}),
     ("trainer", "TRAINER_SIMULATED_STEP_S='fast'", {"TRAINER_SIMULATED_STEP_S": "fast"}),
@@ -108,6 +111,13 @@ TOOLS = [
     ("trainer.generate notes.txt", "MODEL_DIR 'notes.txt'", {}),
     ("trainer.generate a_dir --max-new-tokens 0", "--max-new-tokens 0", {}),
     ("trainer.generate a_dir --top-p 2", "--top-p 2", {}),
+    ("trainer.lr_find", "--out", {}),
+    ("trainer.lr_find --out lrf --min-lr 0", "--min-lr 0.0", {}),
+    ("trainer.lr_find --out lrf --max-lr 1e-9", "--max-lr 1e-09", {}),
+    ("trainer.lr_find --out lrf --steps 2", "--steps 2", {}),
+    ("trainer.lr_find --out notes.txt", "--out 'notes.txt'", {}),
+    ("trainer.lr_find --out lrf --db notes.txt", "--db 'notes.txt': ", {}),
+    ("trainer.lr_find --out lrf --early-stop-patience -1", "--early-stop-patience -1", {}),
 ]
 CASES = TRAINER + STUDIES + EXPDB + DASHBOARDS + TOOLS
 
@@ -253,7 +263,7 @@ def test_a_bad_invocation_is_refused_before_anything_is_written(outcomes, case):
 def test_every_command_line_is_walked():
     modules = {command.split()[0] for command, _, _ in CASES}
     assert modules == {"trainer", "studies.search", "studies.report", "expdb", "dashboards", "trainer.export",
-                       "trainer.generate"}
+                       "trainer.generate", "trainer.lr_find"}
 
 
 if __name__ == "__main__":     # the launcher of run_forked: jobs on stdin, exit codes on stdout

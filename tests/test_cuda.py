@@ -109,3 +109,20 @@ def test_micro_batch_one_that_does_not_fit_ends_the_run_with_its_reason(gpu_cfg,
     result, db = run(cfg, full_tiny_data, tmp_path, "mb1")
     assert result.status == "failed" and "out of memory at micro-batch 1" in result.reason
     assert db.run(result.run_id).status == "failed"
+
+
+def test_tf32_is_on_for_fp32_on_ampere_and_newer_only(tiny_cfg):
+    from trainer.device import place
+
+    major, minor = torch.cuda.get_device_capability(0)
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        fp32 = place(tiny_cfg.replace(device="cuda", precision="fp32"))
+        fp32.apply()
+        assert fp32.tf32 == ((major, minor) >= (8, 0))                      # a T4 is 7.5: off
+        assert ("TF32 matmuls" in fp32.description) == fp32.tf32
+        assert (torch.backends.cuda.matmul.fp32_precision == "tf32") == fp32.tf32
+        half = place(tiny_cfg.replace(device="cuda", precision="bf16" if torch.cuda.is_bf16_supported() else "fp16"))
+        assert not half.tf32 and "TF32" not in half.description           # autocast already uses tensor cores
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved

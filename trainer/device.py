@@ -77,7 +77,10 @@ def _resolve_device(name: str) -> torch.device:
         raise ConfigError(["--device 'cuda': no CUDA GPU is visible; use --device cpu or auto"])
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device("cuda:0" if name == "cuda" else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    # This thread's current GPU: cuda:0 unless a study's worker (--devices) or torchrun set another.
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _resolve_precision(name: str, device: torch.device) -> str:

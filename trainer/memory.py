@@ -135,3 +135,35 @@ def largest_micro_batch(try_batch, effective_batch: int, device: torch.device, c
         if torch.cuda.max_memory_allocated(device) <= headroom * total:
             return n
     return 1
+
+
+def training_memory_estimate(cfg, env=None, vocab_size: int | None = None) -> str:
+    """What training ``cfg``'s model needs, from its shape alone, against what this machine has.
+
+    Weights, gradients and AdamW's two moments are 16 bytes a parameter in fp32. Activations
+    per layer follow Korthikanti et al. (2022): 34 x tokens x width + 5 x heads x sequence^2 x
+    micro-batch bytes in 16-bit, twice that in fp32; the logits (tokens x vocabulary, fp32)
+    are counted four times (output, its fp32 copy, softmax, gradient). An estimate:
+    bench/peak_memory.py measures the kaggle-t4 preset at micro-batch 8 on the CPU at 7.05 GB
+    peak resident, about 6.5 GB above the process's own; this says 5.1 GB.
+    """
+    vocab = vocab_size or (50257 if cfg.tokenizer == "gpt2" else cfg.vocab_size)
+    n_params = vocab * cfg.n_embd + cfg.block_size * cfg.n_embd + cfg.n_layer * 12 * cfg.n_embd ** 2
+    tokens = cfg.micro_batch * cfg.block_size
+    per_layer = tokens * cfg.n_embd * 34 + 5 * cfg.micro_batch * cfg.n_head * cfg.block_size ** 2
+    bytes_each = 2 if cfg.precision in ("bf16", "fp16") else 4    # "auto" counted as fp32: the safe side
+    activations = cfg.n_layer * per_layer * bytes_each / 2 + 4 * tokens * vocab * 4
+    needed = (16 * n_params + activations) / 1024 ** 3
+    have = _available_gb(env)
+    verdict = ("fits" if needed < 0.9 * have else "does NOT fit: lower --micro-batch (raise --grad-accum), "
+               "--block-size, or use MODE low-memory") if have else "unknown: no memory figure here"
+    return (f"memory check: {n_params / 1e6:.1f} M parameters, micro-batch {cfg.micro_batch} x {cfg.block_size} "
+            f"tokens: about {needed:.1f} GB to train (weights, AdamW, activations) against {have:.1f} GB "
+            f"available: {verdict}")
+
+
+def _available_gb(env) -> float:
+    gpus = getattr(env, "gpus", ()) if env is not None else ()
+    if gpus:
+        return gpus[0].memory_gb
+    return psutil.virtual_memory().available / 1024 ** 3
