@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-PARTS = ("throughput", "logging", "checkpoints", "studies", "dashboards", "gpu")
+PARTS = ("throughput", "logging", "checkpoints", "studies", "dashboards", "gpu", "mirrors", "exports")
 RESULTS = Path("bench/results/latest.json")
 DOCS = Path("docs/benchmarks.md")
 SMOKE_RESULTS = Path("bench/results/smoke.json")
@@ -50,11 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def runners(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, Any]]]:
-    from bench import checkpoints, dashboard, gpu, metric_logging, study, throughput
+    from bench import checkpoints, dashboard, exports, gpu, metric_logging, mirrors, study, throughput
     r, s, c = args.repeats, args.smoke, args.cache_dir
     return {"throughput": lambda: throughput.run(r, s, c), "logging": lambda: metric_logging.run(r, s),
             "checkpoints": lambda: checkpoints.run(r, s), "studies": lambda: study.run(r, s, c),
-            "dashboards": lambda: dashboard.run(r, s), "gpu": lambda: gpu.run(r, s, c)}
+            "dashboards": lambda: dashboard.run(r, s), "gpu": lambda: gpu.run(r, s, c),
+            "mirrors": lambda: mirrors.run(r, s), "exports": lambda: exports.run(r, s, c)}
 
 
 def quiet() -> None:

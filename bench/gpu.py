@@ -6,8 +6,10 @@ newer) for all three. The data is the offline standard-library corpus with a byt
 (WikiText-103 and the GPT-2 tokenizer would need the network). Without a GPU the part records
 that it was not measured.
 
-MFU = tokens/s x FLOPs per token / the GPU's peak dense tensor FLOPS, FLOPs per token as in
-nanoGPT's ``estimate_mfu``: 6 N + 12 L H Q T (N parameters without position embeddings).
+MFU = tokens/s x FLOPs per token / the GPU's peak dense tensor FLOPS (trainer.flops), FLOPs per
+token as in nanoGPT's ``estimate_mfu``: 6 N + 12 L H Q T (N parameters without position
+embeddings); the trainer's own epoch metric uses the plain 6 N. The trainer also runs with
+--compile (torch.compile), against its eager self; compiling happens in the warm-up steps.
 """
 from __future__ import annotations
 
@@ -20,14 +22,11 @@ from bench.plain_loop import run_plain
 from bench.throughput import Contender, Rounds, Sizes, run_ours
 from trainer.data import prepare_data
 from trainer.device import place
+from trainer.flops import peak_flops
 from trainer.presets import PRESETS
 
 NOT_MEASURED = "not measured: no CUDA GPU on this machine"
-OURS, PLAIN, HF = "trainer", "plain loop", "HF Trainer"
-
-# Peak dense tensor-core FLOPS in the 16-bit type each GPU trains in (vendor datasheets).
-PEAK_FLOPS = {"T4": 65e12, "P100": 18.7e12, "V100": 125e12, "A10G": 70e12, "L4": 121e12,
-              "A100": 312e12, "H100": 989e12, "H200": 989e12}
+OURS, OURS_COMPILED, PLAIN, HF = "trainer", "trainer --compile", "plain loop", "HF Trainer"
 
 _T4 = PRESETS["kaggle-t4"]
 FULL = Sizes(subset=1.0, vocab_size=32000, n_layer=_T4["n_layer"], n_embd=_T4["n_embd"], n_head=_T4["n_head"],
@@ -35,10 +34,6 @@ FULL = Sizes(subset=1.0, vocab_size=32000, n_layer=_T4["n_layer"], n_embd=_T4["n
              device="cuda", warmup=3, steps=30, eval_every=15, eval_batches=20, save_every=15)
 SMOKE = replace(FULL, subset=0.03, vocab_size=512, n_layer=1, n_embd=32, n_head=2, block_size=32, micro_batch=4,
                 grad_accum=2, warmup=2, steps=4, eval_every=2, eval_batches=2, save_every=4)
-
-
-def peak_flops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
 
 
 def flops_per_token(n_params: int, sizes: Sizes) -> float:
@@ -61,8 +56,8 @@ def run(repeats: int, smoke: bool, cache_dir: str, log: Callable[[str], None] = 
     cfg = sizes.config(cache_dir, base)
     data = prepare_data(cfg, log=lambda *_: None)
     precision = place(cfg.replace(precision="auto")).precision
-    specs = {OURS: Contender(run_ours, "auto"), PLAIN: Contender(run_plain, precision),
-             HF: Contender(run_hf, precision)}
+    specs = {OURS: Contender(run_ours, "auto"), OURS_COMPILED: Contender(run_ours, "auto", compile=True),
+             PLAIN: Contender(run_plain, precision), HF: Contender(run_hf, precision)}
     rounds = Rounds.measure(specs, cfg, data, sizes, repeats, log, main=OURS)
     results = rounds.tokens_per_s
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
@@ -81,5 +76,7 @@ def run(repeats: int, smoke: bool, cache_dir: str, log: Callable[[str], None] = 
         ratios=[ratio(f"{OURS} / {PLAIN}", results[OURS], results[PLAIN]),
                 ratio(f"{HF} / {PLAIN}", results[HF], results[PLAIN]),
                 ratio(f"{OURS} / {HF}", results[OURS], results[HF]),
+                ratio(f"{OURS_COMPILED} / {OURS}", results[OURS_COMPILED], results[OURS],
+                      note="torch.compile against eager, the same steps"),
                 rounds.step_ratio(OURS, PLAIN), rounds.step_ratio(OURS, HF)],
         repeats=repeats, smoke=smoke, extra={"measured": True})

@@ -126,9 +126,11 @@ class Contender:
     loop: Callable
     precision: str
     database: bool = True
+    compile: bool = False      # the trainer's --compile
 
     def bind(self, cfg: TrainConfig, data: PreparedData, out_dir: Path) -> Callable[[StepClock], None]:
         kw = {"database": self.database} if self.loop is run_ours else {}
+        cfg = cfg.replace(compile=True) if self.compile else cfg
         return lambda clock: self.loop(cfg, data, self.precision, out_dir, clock, **kw)
 
 

@@ -184,13 +184,14 @@ def results(settings: Settings):
         if settings.task == "study":
             display(db.study(settings.study_name))
             from dashboards import write_study_report
-            page = write_study_report(db, settings.study_name, settings.out / "report.html")
+            page = write_study_report(str(settings.db), settings.study_name, settings.out / "report.html")
             display(HTML(f"study report: <code>{page}</code> (open it from the output folder)"))
     return runs
 
 
-def export_and_generate(settings: Settings, prompt: str, max_new_tokens: int = 40) -> str:
-    """The best completed run's final_model/, loaded with transformers, continuing ``prompt``."""
+def export_and_generate(settings: Settings, prompt: str, max_new_tokens: int = 40) -> str | None:
+    """The best completed run's final_model/, loaded with transformers, continuing ``prompt``
+    (None, with a note, in a session that ended before any run completed: the hand-off follows)."""
     import expdb
     from trainer.generate import generate
 
@@ -201,7 +202,9 @@ def export_and_generate(settings: Settings, prompt: str, max_new_tokens: int = 4
     folders = [settings.db.parent / d for d in done.get("out_dir", []) if d]
     models = [f / "final_model" for f in folders if (f / "final_model").is_dir()]
     if not models:
-        raise NotebookError("no completed run has a final_model/ yet: train until one completes, then run this cell")
+        print("no completed run has a final_model/ yet (this session ended first); the next session continues "
+              "the study, and its notebook shows the model here")
+        return None
     text = generate(str(models[0]), prompt, max_new_tokens=max_new_tokens, temperature=0)[0]
     print(f"model: {models[0]}\n--- {text}")
     return text

@@ -81,3 +81,10 @@ def test_bad_export_targets_exit_2_and_write_nothing(final_model, tmp_path, caps
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_generation_stops_at_the_models_context_instead_of_failing(final_model, tiny_data):
+    from trainer.generate import generate
+
+    (text,) = generate(str(final_model), "def " * 50, max_new_tokens=100, temperature=0)  # context: 32
+    assert len(tiny_data.tokenizer(text).input_ids) <= 32

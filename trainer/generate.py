@@ -34,6 +34,10 @@ def generate(model_dir: str, prompt: str, *, max_new_tokens: int = 100, temperat
     model, tokenizer = load_model_dir(model_dir)      # fp32 final_model/ or its int8 form
     torch.manual_seed(seed)
     ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").input_ids
+    # GPT-2 has learned positions up to its context only: keep the prompt's end and stop at the context.
+    context = model.config.n_positions
+    ids = ids[:, -(context - 1):]
+    max_new_tokens = min(max_new_tokens, context - ids.shape[1])
     sampling = temperature > 0
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=sampling,
                          temperature=temperature if sampling else None, top_k=top_k if sampling else None,

@@ -27,9 +27,9 @@ from trainer.clock import StopClock
 from trainer.config import TrainConfig
 from trainer.data import PreparedData
 from trainer.device import Placement, memory_snapshot
-from trainer.distributed import (World, agree_stop, any_rank, copy_from_main, from_main, mean_over_ranks, share,
-                                 split_for, spread_from_main, step_seed, sum_over_ranks, wrap)
-from trainer.errors import ConfigError, DataError, StopTraining
+from trainer.distributed import (World, agree_stop, any_rank, copy_from_main, from_main, mean_over_ranks,
+                                 resumed_split, share, spread_from_main, step_seed, sum_over_ranks, wrap)
+from trainer.errors import DataError, StopTraining
 from trainer.early_stop import EarlyStop, decide
 from trainer.faults import count_nonfinite, is_nonfinite, pick_micro_batch, reload_before_streak, remedy_after_oom
 from trainer.interrupts import StopRequests
@@ -136,7 +136,10 @@ class Trainer:
             return []
         self.state, saved = load_checkpoint(plan.path, model=self.model, optimizer=self.optimizer,
                                             scaler=self.scaler)
-        (self.state.micro_batch, self.state.grad_accum), world_note = self._resumed_split(saved)
+        # The split to go on with: the checkpoint's, shared anew if the number of processes changed.
+        (self.state.micro_batch, self.state.grad_accum), world_note = resumed_split(
+            self.state.split, self.state.world_size, Split(saved.get("micro_batch"), saved.get("grad_accum")),
+            Split(self.cfg.micro_batch, self.cfg.grad_accum), self.world)
         self.state.world_size = self.world.size
         self._count_steps()
         if self.cfg.gradient_checkpointing != "auto":   # an explicit setting wins over what auto turned on
@@ -149,29 +152,6 @@ class Trainer:
         for note in notes:
             self.log(f"warning: {note}")
         return notes
-
-    def _resumed_split(self, saved: dict) -> tuple[Split, str | None]:
-        """The split to continue with, and a note when the number of processes changed.
-
-        The run may have lowered its micro-batch (memory): that is kept unless the settings
-        changed. Resumed by another number of processes, each step keeps its sequences, shared
-        by this many (1 -> 2: half the accumulation each; 2 -> 1: twice as much).
-        """
-        cfg, state, was = self.cfg, self.state, self.state.world_size
-        if (saved.get("micro_batch"), saved.get("grad_accum")) != (cfg.micro_batch, cfg.grad_accum) \
-                or state.micro_batch * state.grad_accum != cfg.effective_batch:
-            return Split(cfg.micro_batch, cfg.grad_accum), None
-        if was == self.world.size:
-            return state.split, None
-        step_batch = state.micro_batch * state.grad_accum * was
-        split = split_for(step_batch, self.world, state.micro_batch)
-        if split is None:
-            raise ConfigError([f"--resume: the checkpoint's optimizer steps of {step_batch} sequences (from {was} "
-                               f"processes) cannot be shared evenly by {self.world.size}; use a number of "
-                               "processes that divides it (torchrun --nproc_per_node)"])
-        return split, (f"trained by {was} process(es), resumed by {self.world.size}: each optimizer step keeps its "
-                       f"{step_batch} sequences, as micro-batch {split.micro_batch} x {split.grad_accum} accumulation "
-                       f"x {self.world.size} (was {state.micro_batch} x {state.grad_accum} x {was})")
 
     # -- the steps ------------------------------------------------------------------------
     def run_steps(self) -> Halt | None:

@@ -205,7 +205,8 @@ def find(cfg: TrainConfig, data, placement, settings: FinderSettings, recorder=N
         suggestion = suggest(curve)
         files = _write_outputs(out, cfg, settings, curve, suggestion, run_id)
     except BaseException as exc:
-        recorder.finish("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", f"{type(exc).__name__}: {exc}")
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        recorder.finish(status, f"{type(exc).__name__}: {exc}")
         raise
     recorder.log_event(EVENT_LR_FIND, len(curve.lrs), {**_summary(cfg, settings, curve, suggestion),
                                                        "result": str(files[0]), "plot": str(files[1])})
@@ -246,7 +247,8 @@ def build_parser():
     p.add_argument("--min-lr", type=float, default=FinderSettings.min_lr, help="First learning rate (default 1e-6).")
     p.add_argument("--max-lr", type=float, default=FinderSettings.max_lr, help="Last learning rate (default 1).")
     p.add_argument("--steps", type=int, default=FinderSettings.steps, help="Optimizer steps (default 200).")
-    p.add_argument("--db", default="experiments.db", metavar="URL", help="Experiment database (default experiments.db).")
+    p.add_argument("--db", default="experiments.db", metavar="URL",
+                   help="Experiment database: a SQLite path or a SQLAlchemy URL (default experiments.db).")
     p.add_argument("--no-db", action="store_true", help="Record nothing in a database.")
     add_config_flags(p, skip={"out_dir", "lr"})    # the finder chooses the lr; --out is its own
     return p
