@@ -124,7 +124,7 @@ def _paths(text: str) -> tuple[str, ...]:
 
 # -- the sections ----------------------------------------------------------------------------
 def environment(settings: Settings) -> Environment:
-    print(settings.env.describe())
+    print(settings.env.describe(settings.out))
     return settings.env
 
 

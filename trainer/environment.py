@@ -43,11 +43,11 @@ class Environment:
             return "bf16 (CPU autocast)" if cpu_has_native_bf16() else "fp32"
         return "bf16" if self.gpus[0].bf16 else "fp16 with a gradient scaler"
 
-    def describe(self) -> str:
+    def describe(self, working_dir: Path | None = None) -> str:
         where = {"kaggle": "Kaggle", "colab": "Colab", "local": "a local machine"}[self.platform]
         gpus = ", ".join(f"cuda:{g.index} {g.name} ({g.memory_gb:.1f} GB)" for g in self.gpus) or "no GPU (CPU only)"
         inputs = f"; inputs {self.input_dir}" if self.input_dir else ""
-        return (f"running on {where}: working folder {self.working_dir}{inputs}; {gpus}; "
+        return (f"running on {where}: working folder {working_dir or self.working_dir}{inputs}; {gpus}; "
                 f"precision: {self.precision}")
 
 
