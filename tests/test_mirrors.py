@@ -389,7 +389,8 @@ def _cli(args, cwd, env):
 
 def test_the_command_line_mirrors_a_run_and_replays_it_later(tmp_path, data_cache):
     """python -m trainer --report-to ..., then python -m expdb export --to tensorboard: the wiring."""
-    env = dict(os.environ)                       # WANDB_MODE=offline etc. from the autouse fixture
+    # WANDB_MODE=offline etc. from the autouse fixture; not the service an earlier test started in this process
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     flags = ["--preset", "quick", "--subset", "0.02", "--n-layer", "1", "--n-embd", "32", "--block-size", "32",
              "--max-steps", "12", "--eval-every", "6", "--progress", "false", "--cache-dir", str(data_cache)]
     trained = _cli(["trainer", *flags, "--out", "run", "--report-to", "tensorboard,wandb",

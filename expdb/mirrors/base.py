@@ -8,10 +8,10 @@ the mirror off with one warning instead of letting the exception reach training.
 from __future__ import annotations
 
 import errno
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
+from trainer.files import finite_or_none as finite  # noqa: F401 - one home; re-exported
 from trainer.recorder import RunInfo
 from trainer.recorder import EVENT_MIRROR_FAILED, EVENT_MIRROR_LAGGED  # noqa: F401 - re-exported
 
@@ -110,14 +110,6 @@ class BestTracker:
 
 
 # -- metric names, shared so TensorBoard and W&B show the same tags ---------------------
-def finite(value: Any) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numeric entries of ``metrics`` (bools and strings are not scalars to plot)."""
     return {k: float(v) for k, v in metrics.items()

@@ -74,7 +74,8 @@ class WandbMirror:
     def open(self, run: MirrorRun) -> None:
         import wandb        # ImportError without wandb
 
-        self.wandb_dir = self.wandb_dir or Path(run.out_dir)
+        # Absolute: a wandb-core service shared with another process resolves relative paths from its own cwd.
+        self.wandb_dir = (self.wandb_dir or Path(run.out_dir)).absolute()
         self.wandb_dir.mkdir(parents=True, exist_ok=True)
         run_id = wandb_run_id(run)
         earlier = wandb_offline.offline_fragments(self.wandb_dir, run_id)     # before init adds its own
