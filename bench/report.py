@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ORDER = ("throughput", "logging", "checkpoints", "studies", "dashboards", "gpu")
+ORDER = ("throughput", "logging", "checkpoints", "studies", "dashboards", "gpu", "mirrors", "exports")
 
 
 def fmt(x: float | None, integer: bool = False) -> str:

@@ -62,6 +62,9 @@ def build_parser() -> Parser:
     p.add_argument("--max-disk-gb", type=float, default=None, metavar="G",
                    help="Study-wide disk budget: a finished trial's checkpoints are removed, and a trial starts "
                         "only if its checkpoints and the session pack fit (default: 18 on Kaggle, none elsewhere).")
+    p.add_argument("--lr-from-finder", default=None, metavar="DIR",
+                   help="Search lr over a decade around the suggestion of `python -m trainer.lr_find --out DIR` "
+                        "(a --space that sets lr keeps precedence).")
     p.add_argument("--report-to", default=None, metavar="LIST",
                    help="Mirror every trial to trackers too: none, or a comma list of tensorboard and wandb "
                         "(one W&B run per trial, grouped by study; WANDB_MODE=offline without a network).")
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = config_from_args(preset_args(args))
         space = load_space(args.space) if args.space else None  # None: the preset's default
+        if args.lr_from_finder:
+            from studies.space import with_finder_lr
+            space = with_finder_lr(space, args.preset or default_preset_name(), args.lr_from_finder)
         if space and (problems := space_problems(space, args.sampler)):
             raise ConfigError(problems)
     except TrainerError as exc:
@@ -155,6 +161,11 @@ def parse_duration(text: str) -> float:
         return parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def default_preset_name() -> str:
+    from trainer.presets import default_preset
+    return default_preset()
 
 
 def preset_args(args: argparse.Namespace) -> argparse.Namespace:

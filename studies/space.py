@@ -85,6 +85,19 @@ def default_space(preset: str) -> list[Param]:
     return list(DEFAULT_SPACES.get(preset, DEFAULT_SPACES["quick"]))
 
 
+def with_finder_lr(space: list[Param] | None, preset: str, finder_dir: str) -> list[Param]:
+    """``space`` (None: the preset's default) with lr searched around an lr finder's suggestion,
+    unless the given space sets lr itself (--space keeps precedence)."""
+    from trainer.lr_find import lr_range
+
+    given = space is not None and any(p.name == "lr" for p in space)
+    low, high = lr_range(finder_dir)          # a missing finder result: ConfigError naming the flag
+    if given:
+        return space
+    base = [p for p in (space if space is not None else default_space(preset)) if p.name != "lr"]
+    return [Param("lr", low=low, high=high, log=True), *base]
+
+
 def suggest_config(trial: optuna.Trial, space: list[Param], base: TrainConfig) -> dict[str, Any]:
     """The trial's settings: one value per searched parameter, and grad_accum keeping the
     effective batch of ``base`` when micro_batch is searched."""

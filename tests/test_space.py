@@ -81,3 +81,19 @@ def test_grid_needs_finite_values():
 def test_default_spaces_only_name_real_settings():
     for name, space in DEFAULT_SPACES.items():
         assert all(p.name in TrainConfig.__dataclass_fields__ for p in space), name
+
+
+def test_an_lr_finder_result_sets_the_lr_range_unless_the_space_sets_lr(tmp_path):
+    import json
+
+    from studies.space import Param, default_space, with_finder_lr
+
+    (tmp_path / "lr_find.json").write_text(json.dumps({"suggested_lr": 4e-3, "minimum_lr": 8e-3}))
+    space = with_finder_lr(None, "quick", str(tmp_path))
+    (lr,) = [p for p in space if p.name == "lr"]
+    assert lr.log and lr.low == pytest.approx(4e-3 / 10 ** 0.5) and lr.high == pytest.approx(8e-3)
+    assert [p.name for p in space if p.name != "lr"] == [p.name for p in default_space("quick") if p.name != "lr"]
+    mine = [Param("lr", low=1e-4, high=2e-4, log=True)]
+    assert with_finder_lr(mine, "quick", str(tmp_path)) == mine          # --space keeps precedence
+    with pytest.raises(ConfigError, match="--lr-from-finder .*no readable lr_find.json"):
+        with_finder_lr(None, "quick", str(tmp_path / "missing"))
