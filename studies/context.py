@@ -66,3 +66,8 @@ class StudyContext:
             extra["resume_from"] = [*self.base.resume_from, *resume_from]
         return self.base.replace(**values, **extra, out_dir=str(self.trial_dir(number)),
                                  run_name=f"{self.study_name}/trial-{number}", resume="auto", save_on_eval=True)
+
+
+def storage_url_for(db: str) -> str:
+    """Optuna's storage defaults to the experiment database's own file or server."""
+    return db if "://" in db else f"sqlite:///{db}"

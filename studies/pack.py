@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     refuse_before_writing(argparse_for_report(args))
     import expdb
-    from studies.runner import storage_url_for
+    from studies.context import storage_url_for
 
     study = optuna.load_study(study_name=args.study, storage=args.storage or storage_url_for(args.db))
     with expdb.open(args.db, create=False) as db:

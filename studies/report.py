@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
 
     import expdb
-    from studies.runner import results_table, storage_url_for
+    from studies.context import storage_url_for
+    from studies.results import results_table
 
     storage = args.storage or storage_url_for(args.db)
     study = optuna.load_study(study_name=args.study, storage=storage)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,13 +13,14 @@ import optuna
 import pandas as pd
 
 import expdb
-from studies.context import StudyContext
+from studies.context import StudyContext, storage_url_for
 from studies.disk import GB, DiskBudget
 from studies.lock import StudyLock
 from studies.sampling import make_sampler
 from studies.sessions import merge_inputs
 from studies.space import Param, default_space, space_problems
-from studies.trial import FAIL_REASON_ATTR, RUN_ID_ATTR
+from studies.trial import RUN_ID_ATTR
+from studies.results import results_table
 from studies.worker import FINISHED, release, work
 from trainer.clock import SimulatedTime, wall_clock
 from trainer.config import TrainConfig
@@ -95,11 +95,6 @@ def _write_pack(ctx: StudyContext, args: argparse.Namespace, inputs: list[str]) 
     ctx.log(f"next session: {command}")
 
 
-def storage_url_for(db: str) -> str:
-    """Optuna's storage defaults to the experiment database's own file or server."""
-    return db if "://" in db else f"sqlite:///{db}"
-
-
 def trial_devices(devices: str | None, n_jobs: int) -> list[str | None]:
     """The GPU each of the ``n_jobs`` workers trains on (--devices cuda:0,cuda:1; default: every
     visible GPU), taken in turn; None for each on a machine without one (they share the cores)."""
@@ -159,18 +154,6 @@ def make_pruner(name: str, steps_per_epoch: int, base: TrainConfig) -> optuna.pr
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
-
-
-def results_table(study: optuna.Study) -> pd.DataFrame:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        loss = t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
-                                                    if t.intermediate_values else math.nan)
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "run_id": t.user_attrs.get(RUN_ID_ATTR),
-                     "val_loss": loss, "val_ppl": perplexity(loss),
-                     "seconds": t.duration.total_seconds() if t.duration else math.nan, **t.params,
-                     "note": t.user_attrs.get(FAIL_REASON_ATTR, "")[:60]})
-    return pd.DataFrame(rows)
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainer.pack import KAGGLE_INPUT, PACK_DIR, find_packs, input_database, input_problems, on_kaggle, read_pack
+from trainer.environment import KAGGLE_INPUT, platform
+from trainer.pack import PACK_DIR, find_packs, input_database, input_problems, read_pack
 
 FLAG = "--continue-from"
 KAGGLE_MAX_DISK_GB = 18.0
@@ -26,7 +27,7 @@ KAGGLE_MAX_DISK_GB = 18.0
 
 def session_defaults(args: argparse.Namespace, log=print) -> argparse.Namespace:
     """The flags with Kaggle's defaults filled in: --continue-from from /kaggle/input, --max-disk-gb 18."""
-    if not on_kaggle():
+    if platform() != "kaggle":
         return args
     changes = {}
     if args.max_disk_gb is None:

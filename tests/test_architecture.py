@@ -135,6 +135,11 @@ def test_no_import_circles(imports):
         for c in circles)
 
 
+# The trainer's command lines that open the experiment database: `python -m trainer` (its recorder)
+# and `python -m trainer.pack` (a session pack holds a snapshot of the database, paths relocated).
+COMPOSITION_ROOTS = ("trainer.__main__", "trainer.pack")
+
+
 def allowed(imp: Import) -> bool:
     """The directions between packages."""
     source, target = imp.source.split(".")[0], imp.target.split(".")[0]
@@ -143,7 +148,7 @@ def allowed(imp: Import) -> bool:
     if source == target:
         return True
     if source == "trainer":                              # the trainer knows only its Recorder protocol...
-        return imp.source == "trainer.__main__" and target == "expdb"   # ...but its command line opens one
+        return imp.source in COMPOSITION_ROOTS and target == "expdb"    # ...but its command lines open one
     if source == "expdb":
         return imp.target in ("trainer.recorder", "trainer.files", "trainer.metrics", "trainer.errors")
     if source == "dashboards":

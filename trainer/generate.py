@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from trainer.cli import Parser, fail
 from trainer.errors import CheckpointError

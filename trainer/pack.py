@@ -36,7 +36,6 @@ PACK_TAR = "session-pack.tar"
 PACK_JSON = "pack.json"
 PACK_DB = "experiments.db"
 PACK_FORMAT = 1
-KAGGLE_INPUT = Path("/kaggle/input")
 SEARCH_DEPTH = 4     # how deep an input folder is searched for packs
 
 
@@ -137,10 +136,6 @@ def find_packs(top: Path) -> list[Path]:
             found.append(Path(root))
             dirs[:] = []
     return sorted(found, key=lambda p: (read_pack(p) or {}).get("created_at", ""))
-
-
-def on_kaggle() -> bool:
-    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or KAGGLE_INPUT.is_dir()
 
 
 def sha256_of(path: Path) -> str:
