@@ -117,3 +117,50 @@ def test_two_sessions_of_the_notebook_continue_one_study(tmp_path, data_cache, m
     assert sorted(runs["trial_number"]) == [0, 1, 2]                   # one row per trial, none repeated
     assert set(runs["status"]) <= {"completed", "pruned"}
     assert (resumed.query("kind == 'resume'")["step"] > 0).any()        # the trial went on from its checkpoint
+
+
+@pytest.mark.slow
+def test_the_interrupt_button_ends_the_run_as_ctrl_c_does_and_the_next_cell_works(tmp_path, data_cache):
+    """A real kernel: the training cell is interrupted once a checkpoint exists (whenever that is)."""
+    import time
+
+    from jupyter_client.manager import start_new_kernel
+
+    import expdb
+
+    out = tmp_path / "work"
+    overrides = {"subset": 0.02, "max_steps": 100000, "epochs": 1000, "save_every": 2, "eval_every": 50,
+                 "block_size": 32, "n_layer": 1, "n_embd": 32, "cache_dir": str(data_cache), "progress": False}
+    kernel, client = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
+    try:
+        client.execute("import studies.notebook as nb\n"
+                       f"settings = nb.Settings.from_cell(MODE='quick', TASK='run', TRIALS=1, TIME_BUDGET='', "
+                       f"DATA='offline', OUT={str(out)!r}, OVERRIDES={overrides!r})")
+        assert client.get_shell_msg(timeout=120)["content"]["status"] == "ok"
+        client.execute("status = nb.train(settings, watch_every=0)")
+        checkpoints = out / "runs" / "run" / "checkpoints"
+        deadline = time.monotonic() + 600          # a bound on a hang, not on how fast training is
+        while not any(checkpoints.glob("step-*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert any(checkpoints.glob("step-*")), "no checkpoint was written"
+        kernel.interrupt_kernel()                  # the notebook's interrupt button
+        reply = client.get_shell_msg(timeout=300)
+        assert reply["content"]["status"] == "ok"  # the cell ends cleanly, not with a traceback
+        msg_id = client.execute("print('next cell', status, len(nb.results(settings)))")
+        texts = []
+        while True:
+            msg = client.get_iopub_msg(timeout=120)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                texts.append(msg["content"]["text"])
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        assert "next cell 130 1" in "".join(texts)
+    finally:
+        client.stop_channels()
+        kernel.shutdown_kernel(now=True)
+    with expdb.open(str(out / "experiments.db"), create=False) as db:
+        (run,) = db.runs().itertuples()
+        assert run.status == "interrupted" and "signal" in (run.status_reason or "")
+        assert (db.events(run.id)["kind"] == "signal").any()
