@@ -55,6 +55,12 @@ def build_parser() -> Parser:
                         "taken over (default: 5m). On this machine a dead worker is detected at once.")
     p.add_argument("--progress", type=parse_bool, default=True, metavar="BOOL",
                    help="Show each trial's progress bar (default: true).")
+    add_session_flags(p)
+    return p
+
+
+def add_session_flags(p: Parser) -> None:
+    """Sessions (continuing, disk), trackers and the lr finder: what a study adds around its trials."""
     p.add_argument("--continue-from", nargs="+", default=None, metavar="DIR",
                    help="Earlier sessions' session-pack/ or output folders, read in place: their databases are "
                         "merged into --db and their unfinished trials resume from their checkpoints (on Kaggle, "
@@ -71,7 +77,6 @@ def build_parser() -> Parser:
     p.add_argument("--wandb-project", default=None, metavar="P", help="W&B project (default: the study name).")
     p.add_argument("--keep-best-trials", type=int, default=3, metavar="K",
                    help="With --max-disk-gb: keep the final_model/ of the K best trials only (default: 3).")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,8 +169,9 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resumes_exactly(tmp_path, shared_
     verify_checkpoint(checkpoint)
     stopped_at = int(text.split("SIGTERM: stopped at step ")[1].split(";")[0])
     assert info.step == stopped_at and 0 < stopped_at < 160 and info.epoch == 0
-    # an emergency checkpoint, unless a periodic one of that very step was just written
-    assert info.kind == "emergency" or (info.kind == "periodic" and stopped_at % 5 == 0)
+    # an emergency checkpoint, unless a scheduled one of that very step was just written: periodic every
+    # 5 steps, or "best" at an evaluation step (every 20): where the signal lands depends on the machine's speed
+    assert info.kind == "emergency" or (info.kind in ("periodic", "best") and stopped_at % 5 == 0)
     proc, log = start(tmp_path, "second", shared_cache, "--out", "run", "--db", "exp.db", "--resume", "auto")
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     expected, got = final_weights(uninterrupted / "run"), final_weights(tmp_path / "run")
