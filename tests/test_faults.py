@@ -3,16 +3,10 @@ import math
 
 import pytest
 
-import expdb
-from trainer.run import train
+from trainer_fixtures import run_with_faults
 
 
-def run(cfg, data, tmp_path, name, monkeypatch, oom="", nan=""):
-    monkeypatch.setenv("TRAINER_INJECT_OOM", oom)
-    monkeypatch.setenv("TRAINER_INJECT_NAN", nan)
-    db = expdb.open(tmp_path / f"{name}.db")
-    result = train(cfg.replace(out_dir=str(tmp_path / name)), db.recorder(), data=data, log=lambda *_: None)
-    return result, db
+run = run_with_faults   # tests/trainer_fixtures.py
 
 
 @pytest.fixture

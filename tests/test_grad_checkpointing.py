@@ -5,14 +5,13 @@ from pathlib import Path
 
 import pytest
 
-import expdb
 from dashboards.run_data import fetch_run_data
 from dashboards.run_records import Marker
 from trainer.errors import StopTraining
 from trainer.faults import GRADIENT_CHECKPOINTING, HALVE_MICRO_BATCH, remedy_after_oom
-from trainer.run import train
 from trainer.state import Split
 from trainer_fixtures import ListRecorder
+from trainer_fixtures import run_with_faults
 
 OOM = RuntimeError("CPU out of memory (a test's)")
 
@@ -36,11 +35,7 @@ def test_the_ladder_halves_the_micro_batch_first_then_checkpoints_then_gives_up(
         remedy(Split(1, 8), checkpointing="false")
 
 
-def run(cfg, data, tmp_path, name, monkeypatch, oom=""):
-    monkeypatch.setenv("TRAINER_INJECT_OOM", oom)
-    db = expdb.open(tmp_path / f"{name}.db")
-    result = train(cfg.replace(out_dir=str(tmp_path / name)), db.recorder(), data=data, log=lambda *_: None)
-    return result, db
+run = run_with_faults   # tests/trainer_fixtures.py
 
 
 @pytest.fixture

@@ -81,3 +81,15 @@ class ListRecorder:
 
     def event_kinds(self):
         return [kind for kind, _, _ in self.events]
+
+
+def run_with_faults(cfg, data, tmp_path, name, monkeypatch, oom="", nan=""):
+    """A run into its own database with TRAINER_INJECT_OOM / _NAN set (empty: none); (result, db)."""
+    import expdb
+    from trainer.run import train
+
+    monkeypatch.setenv("TRAINER_INJECT_OOM", oom)
+    monkeypatch.setenv("TRAINER_INJECT_NAN", nan)
+    db = expdb.open(tmp_path / f"{name}.db")
+    result = train(cfg.replace(out_dir=str(tmp_path / name)), db.recorder(), data=data, log=lambda *_: None)
+    return result, db
