@@ -24,32 +24,34 @@ class Aborted(Exception):
 class TurnClock(StepClock):
     """Stamps the cumulative time its loop held the turn, and hands the turn on at each stamp."""
 
-    def __init__(self, name: str, group: "Interleaved", sync: Callable[[], None] | None = None):
+    def __init__(self, name: str, group: "Interleaved", sync: Callable[[], None] | None = None,
+                 timer: Callable[[], float] = time.perf_counter):
         super().__init__()
-        self.name, self._group, self._sync = name, group, sync
+        self.name, self._group, self._sync, self._timer = name, group, sync, timer
         self._active = 0.0
         self._resumed = 0.0
 
     def begin(self) -> None:
         self._group.wait_turn(self.name)
-        self._resumed = time.perf_counter()
+        self._resumed = self._timer()
 
     def stamp(self, step: int) -> None:
         if self._sync:
             self._sync()        # a GPU's queued work belongs to the step that queued it
-        self._active += time.perf_counter() - self._resumed
+        self._active += self._timer() - self._resumed
         self.stamps[step] = self._active
         self._group.pass_turn(self.name)
         self._group.wait_turn(self.name)
         if self._group.aborted:
             raise Aborted(f"{self.name}: stopped because another contender failed")
-        self._resumed = time.perf_counter()
+        self._resumed = self._timer()
 
 
 class Interleaved:
-    def __init__(self, names: list[str], sync: Callable[[], None] | None = None):
+    def __init__(self, names: list[str], sync: Callable[[], None] | None = None,
+                 timer: Callable[[], float] = time.perf_counter):
         self.order = list(names)
-        self.clocks = {n: TurnClock(n, self, sync) for n in names}
+        self.clocks = {n: TurnClock(n, self, sync, timer) for n in names}
         self._cond = threading.Condition()
         self._turn = names[0]
         self._done: set[str] = set()
@@ -73,12 +75,14 @@ class Interleaved:
 
 
 def run_interleaved(loops: dict[str, Callable[[StepClock], None]], main: str | None = None,
-                    sync: Callable[[], None] | None = None) -> dict[str, StepClock]:
+                    sync: Callable[[], None] | None = None,
+                    timer: Callable[[], float] = time.perf_counter) -> dict[str, StepClock]:
     """Run every loop to its end, stepping in turn; each gets a clock of its own held time.
-    ``sync`` (e.g. torch.cuda.synchronize) runs before every stamp."""
+    ``sync`` (e.g. torch.cuda.synchronize) runs before every stamp; ``timer`` reads the time
+    (a test passes a clock it advances itself, so that what it checks is the bookkeeping)."""
     names = list(loops)
     main = main or names[0]
-    group = Interleaved(names, sync)
+    group = Interleaved(names, sync, timer)
     errors: dict[str, BaseException] = {}
 
     def body(name: str) -> None:

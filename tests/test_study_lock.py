@@ -43,7 +43,7 @@ def test_locks_of_different_studies_are_independent(tmp_path):
         ctx = mp.get_context("spawn")
         p = ctx.Process(target=_hold, args=(url, "b", str(tmp_path / "b.txt"), 1))
         p.start()
-        p.join(30)  # would hang if "b" waited for "a"
+        p.join(120)  # a bound on a hang (if "b" waited for "a"), not on how fast a process starts
         assert p.exitcode == 0
     a.close()
     b.close()
