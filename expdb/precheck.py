@@ -43,14 +43,38 @@ def check_database(url_or_path: str | os.PathLike, *, create: bool, write: bool)
 
 
 def check_storage_file(url: str) -> None:
-    """An Optuna storage URL naming a SQLite file: that file must be a SQLite file, or not exist yet."""
+    """An Optuna storage URL: a SQLite file must be a SQLite file, or not exist yet; a server
+    must answer one connection (read only: Optuna creates its tables later)."""
     if "://" not in url:
         raise ExpdbError("not a URL; pass a SQLAlchemy URL such as sqlite:///study.db")
-    if make_url(url).get_backend_name() != "sqlite" or _is_new_path(url):
-        if make_url(url).get_backend_name() == "sqlite":
-            _check_creatable(Path(make_url(url).database))
-        return
-    locate(url, create=False, readonly=True)
+    if make_url(url).get_backend_name() != "sqlite":
+        _check_server(url)
+    elif _is_new_path(url):
+        _check_creatable(Path(make_url(url).database))
+    else:
+        locate(url, create=False, readonly=True)
+
+
+def _check_server(url: str) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        # A host that drops packets would hold the check for minutes of TCP retries.
+        timeout = {"connect_timeout": 10} if make_url(url).get_backend_name() == "postgresql" else {}
+        engine = create_engine(url, poolclass=NullPool, connect_args=timeout)
+    except (ImportError, ValueError) as exc:      # no driver for the dialect, or a malformed URL
+        raise ExpdbError(f"cannot use this URL ({exc}); for PostgreSQL pass postgresql+psycopg://USER@HOST/DB "
+                         "(psycopg is installed with this package)") from exc
+    try:
+        with translated(shown), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except ExpdbError as exc:
+        raise ExpdbError(f"{exc}; check that the server is running and the URL (host, port, user, "
+                         "database) is right") from exc
+    finally:
+        engine.dispose()
 
 
 def study_names(url: str) -> list[str]:

@@ -70,6 +70,8 @@ def refuse_before_writing(args) -> None:
         expdb.check_database(args.db, create=False, write=False)
     except expdb.ExpdbError as exc:
         problems.append(f"--db {args.db!r}: {exc}")
+        if args.storage:                                # a storage of its own is checked all the same
+            problems += _study_problems(args, args.storage)
     else:
         problems += _study_problems(args, args.storage or args.db)   # Optuna's tables beside expdb's by default
     if problems:

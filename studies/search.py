@@ -8,6 +8,7 @@ the same command again continues the same study until it has --trials finished t
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -126,7 +127,7 @@ def refuse_before_writing(args: argparse.Namespace, base) -> None:
         (f"--db {args.db!r}: ", lambda: expdb.check_database(args.db, create=True, write=True))]
     if args.storage:
         checks.append((f"--storage {args.storage!r}: ", lambda: expdb.check_storage_file(args.storage)))
-    problems = collect_problems(checks, errors=(TrainerError, expdb.ExpdbError))
+    problems = collect_problems(checks, errors=(TrainerError, expdb.ExpdbError)) + device_problems(args.devices)
     if problem := folder_problem(Path(args.out)):
         problems.append(f"--out {args.out!r}: {problem}")
     if args.continue_from:
@@ -146,6 +147,9 @@ def _flag_problems(args: argparse.Namespace) -> list[str]:
     checks = [
         (args.trials >= 1, f"--trials {args.trials}: use a positive number of trials, e.g. --trials 10"),
         (args.n_jobs >= 1, f"--n-jobs {args.n_jobs}: use 1 or more parallel trials"),
+        (args.study_name is None or study_name_ok(args.study_name),
+         f"--study-name {args.study_name!r}: use a name of letters, digits, '-', '_' or '.' "
+         "(it names the study's folder under --out), e.g. --study-name quick-lr"),
         (args.devices is None or all(d.strip()[:5] == "cuda:" and d.strip()[5:].isdigit()
                                      for d in args.devices.split(",")),
          f"--devices {args.devices!r}: list GPUs as cuda:0,cuda:1"),
@@ -156,6 +160,26 @@ def _flag_problems(args: argparse.Namespace) -> list[str]:
                                      "trial's final model is what a study is for)"),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def study_name_ok(name: str) -> bool:
+    """The name is a folder under --out (and a W&B group): plain characters, not '.' or '..'."""
+    return re.fullmatch(r"[A-Za-z0-9._-]+", name) is not None and name not in (".", "..")
+
+
+def device_problems(devices: str | None) -> list[str]:
+    """--devices naming GPUs this machine does not have (torch's count of visible ones)."""
+    if devices is None:
+        return []
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [d.strip() for d in devices.split(",") if int(d.strip()[5:]) >= count]
+    if not missing:
+        return []
+    have = f"only cuda:0..cuda:{count - 1}" if count else "no GPU that torch can use"
+    return [f"--devices {devices!r}: {', '.join(missing)} not found (this machine has {have}); "
+            "drop --devices to use every visible GPU, or the CPU where there is none"]
 
 
 def parse_duration(text: str) -> float:

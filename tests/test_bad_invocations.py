@@ -47,6 +47,7 @@ TRAINER = [
     ("trainer --early-stop-min-delta -0.5", "--early-stop-min-delta -0.5", {}),
     ("trainer --gradient-checkpointing maybe", "--gradient-checkpointing 'maybe'", {}),
     ("trainer --no-such-flag", "--no-such-flag", {}),
+    ("trainer --text-column=", "--text-column ''", {}),
     ("trainer", "TRAINER_INJECT_OOM='x'", {"TRAINER_INJECT_OOM": "x"}),
     ("trainer", "TRAINER_SIMULATED_STEP_S='fast'", {"TRAINER_SIMULATED_STEP_S": "fast"}),
     *([("trainer --device cuda", "--device 'cuda'", {}),
@@ -60,6 +61,10 @@ STUDIES = [
     ("studies.search --storage sqlite:///notes.txt", "--storage 'sqlite:///notes.txt'", {}),
     ("studies.search --out notes.txt", "--out 'notes.txt'", {}),
     ("studies.search --trials 0", "--trials 0", {}),
+    ("studies.search --study-name=", "--study-name ''", {}),
+    ("studies.search --study-name a/b", "--study-name 'a/b'", {}),
+    ("studies.search --devices cuda:99", "--devices 'cuda:99'", {}),
+    ("studies.search --storage postgresql+psycopg://nohost.invalid/db", "--storage 'postgresql+psycopg:", {}),
     ("studies.search --continue-from missing_dir", "--continue-from 'missing_dir'", {}),
     ("studies.search --continue-from a_dir", "--continue-from 'a_dir'", {}),
     ("studies.search --max-disk-gb 0", "--max-disk-gb 0", {}),
@@ -75,6 +80,7 @@ STUDIES = [
     ("studies.report --study s --db good.db", "--study 's'", {}),
     ("studies.report --study s --db good.db --out notes.txt", "--out 'notes.txt'", {}),
     ("studies.report --study s --db good.db --top 0", "--top 0", {}),
+    ("studies.report --study s --storage postgresql+psycopg://nohost.invalid/db", "--storage 'postgresql", {}),
 ]
 EXPDB = [
     ("expdb --db notes.txt runs", "--db 'notes.txt': ", {}),

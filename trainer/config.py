@@ -172,6 +172,8 @@ class TrainConfig:
             p.append("--dataset and --data-files both given: pass only one data source")
         if self.dataset_config and not self.dataset:
             p.append(f"--dataset-config {self.dataset_config!r} without --dataset: name the dataset too")
+        need(isinstance(self.text_column, str) and self.text_column.strip() != "", "text_column",
+             "name the column that holds the text, e.g. --text-column text")
         return p
 
     def _data_file_problems(self) -> list[str]:
