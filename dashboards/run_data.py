@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dashboards.run_records import Marker, Panel, RunDashboardData, Series, Title
+from dashboards.run_records import Marker, Panel, RunDashboardData, SecondAxis, Series, Title
 from dashboards.run_meta import build_markers, build_title, human_count, run_config
 from dashboards.series import (MAX_POINTS, column, finite_xy, moving_average, reduce_minmax,
                                smoothing_window)
 
-__all__ = ["Marker", "Panel", "RunDashboardData", "Series", "Title", "build_run_data",
+__all__ = ["Marker", "Panel", "RunDashboardData", "SecondAxis", "Series", "Title", "build_run_data",
            "fetch_run_data"]
 
 GPU_MEMORY = (("mem_gpu_allocated_mb", "allocated"), ("mem_gpu_reserved_mb", "reserved"),
@@ -29,6 +29,8 @@ NO_STEPS = "no step metrics recorded"
 NO_VALIDATION = "no validation yet"
 NO_EPOCHS = "no epoch completed yet"
 MISSING = "missing or non-finite"
+GPU_UTIL_CPU = "GPU utilisation: not sampled (CPU run)"
+GPU_UTIL_MISSING = "GPU utilisation: not recorded (no nvidia-ml-py, or an older run)"
 
 
 def fetch_run_data(db: Any, run_id: int, max_points: int = MAX_POINTS) -> RunDashboardData:
@@ -182,18 +184,29 @@ def epoch_time_panel(epochs) -> Panel:
 
 
 def memory_panel(epochs) -> Panel:
-    """GPU allocated/reserved/peak when the run recorded any (it ran on a GPU), else process RSS."""
+    """GPU allocated/reserved/peak when the run recorded any (it ran on a GPU), else process RSS;
+    GPU utilisation on a second axis when it was sampled, else a note saying why it is absent."""
     epoch = column(epochs, "epoch")
     gpu = _present(tuple(_series(f"mem_{name}", f"GPU {name}", *finite_xy(epoch, column(epochs, col))[:2])
                          for col, name in GPU_MEMORY))
+    util = utilisation_axis(epochs)
+    # no note before the first epoch (NO_EPOCHS says it), nor where utilisation is drawn
+    util_note = None if util or not len(epoch) else GPU_UTIL_MISSING if gpu else GPU_UTIL_CPU
     if gpu:
-        return Panel("GPU memory per epoch", "epoch", "MB", gpu, by_step=False,
-                     from_zero=True)
+        return Panel("GPU memory per epoch", "epoch", "MB", gpu, _present((util_note,)), by_step=False,
+                     from_zero=True, second_axis=util)
     x, y, _ = finite_xy(epoch, column(epochs, "mem_process_mb"))
     note = _absent_note(epochs, x, NO_EPOCHS, "memory not recorded")
     return Panel("Process memory (RSS) per epoch", "epoch", "MB",
-                 _present((_series("mem_process", "process RSS", x, y),)), _present((note,)),
-                 by_step=False, from_zero=True)
+                 _present((_series("mem_process", "process RSS", x, y),)), _present((note, util_note)),
+                 by_step=False, from_zero=True, second_axis=util)
+
+
+def utilisation_axis(epochs) -> SecondAxis | None:
+    """The run's GPU utilisation per epoch (mean over the epoch's samples and GPUs), 0-100 %."""
+    series = _series("gpu_util", "GPU utilisation", *finite_xy(column(epochs, "epoch"),
+                                                               column(epochs, "gpu_util_pct"))[:2])
+    return SecondAxis("GPU utilisation (%)", (series,), (0.0, 100.0)) if series else None
 
 
 # -- small helpers ---------------------------------------------------------------------------

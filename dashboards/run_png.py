@@ -18,11 +18,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, LogFormatter, LogLocator, MaxNLocator
 
 from dashboards.output import emit
-from dashboards.run_records import Marker, Panel, RunDashboardData, Series
+from dashboards.run_records import Marker, Panel, RunDashboardData, SecondAxis, Series
 from dashboards.style import DPI, FIGURE_WIDTH_IN, NOTE_COLOR, ROLE_COLORS, event_style
 
 FIGSIZE = (FIGURE_WIDTH_IN, 10)    # inches: 2700 x 1500 pixels at 150 dpi
 GRID = dict(left=0.045, right=0.99, bottom=0.055, top=0.885, wspace=0.2, hspace=0.3)
+SECOND_AXIS_RIGHT = 0.965   # GRID's right edge when a last-column panel's right axis needs its labels
 PNG_OPTIONS = dict(format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
 MAX_LINE_MARKERS = 150
 HEADROOM = 0.12       # fraction of the data range left free above and below the data
@@ -41,6 +42,7 @@ STYLES: dict[str, dict[str, Any]] = {
     "mem_reserved": dict(kind="plot", marker="s", ms=4),
     "mem_peak": dict(kind="plot", marker="^", ms=4),
     "mem_process": dict(kind="plot", marker="o", ms=4),
+    "gpu_util": dict(kind="plot", marker="D", ms=4, ls="--", lw=1.4),
 }
 MARKER_WIDTHS = {"resume": 1.4, "oom": 1.2, "gradient_checkpointing": 1.2, "nonfinite": 1.0, "best": 1.8,
                  "early_stop": 2.0}   # event -> line width
@@ -56,14 +58,16 @@ def render_run_dashboard(data: RunDashboardData, out: str | os.PathLike | IO[byt
 def build_figure(data: RunDashboardData) -> Figure:
     """The dashboard as a Figure (2 rows x 3 panels) for saving or inspection in tests."""
     fig = Figure(figsize=FIGSIZE)
-    axes = fig.add_gridspec(2, 3, **GRID).subplots()
+    right = SECOND_AXIS_RIGHT if any(p.second_axis for p in data.panels[2::3]) else GRID["right"]
+    axes = fig.add_gridspec(2, 3, **{**GRID, "right": right}).subplots()
     # the markers' legend goes on the first step panel with data (the loss, unless it has none)
     keyed = next((p for p in data.panels if p.by_step and p.has_data), None)
     for ax, panel in zip(axes.flat, data.panels):
         draw_panel(ax, panel)
+        twin = draw_second_axis(ax, panel.second_axis)
         if panel.by_step and panel.has_data:
             draw_markers(ax, data.markers, legend=panel is keyed)
-        finish_axes(ax, panel)
+        finish_axes(ax, panel, twin)
     fig.suptitle(data.title.text, fontsize=13)
     return fig
 
@@ -74,6 +78,18 @@ def draw_panel(ax: Axes, panel: Panel) -> None:
     ax.set_title(panel.title, fontsize=12, fontweight="bold", y=1.0, pad=8)   # y: no auto-placement pass
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)
+
+
+def draw_second_axis(ax: Axes, axis: SecondAxis | None) -> Axes | None:
+    """``axis``'s series against a y axis of their own on the right (a twin sharing x)."""
+    if axis is None:
+        return None
+    twin = ax.twinx()
+    for series in axis.series:
+        draw_series(twin, series)
+    twin.set_ylim(*axis.limits)
+    twin.set_ylabel(axis.label)
+    return twin
 
 
 def draw_series(ax: Axes, s: Series) -> None:
@@ -102,7 +118,7 @@ def draw_markers(ax: Axes, markers: tuple[Marker, ...], legend: bool) -> None:
                    label=style.label if show else None)
 
 
-def finish_axes(ax: Axes, panel: Panel) -> None:
+def finish_axes(ax: Axes, panel: Panel, twin: Axes | None = None) -> None:
     if panel.log_y and panel.has_data:
         set_log_y(ax)
     elif panel.has_data:
@@ -113,10 +129,14 @@ def finish_axes(ax: Axes, panel: Panel) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     ax.grid(True, which="major", alpha=0.3)
-    if len(ax.get_legend_handles_labels()[0]) > 1:          # one entry would repeat the title
+    handles, labels = ax.get_legend_handles_labels()
+    if twin is not None:            # one legend for both axes, on the twin, which is drawn over ax
+        handles, labels = [a + b for a, b in zip((handles, labels), twin.get_legend_handles_labels())]
+    if len(handles) > 1:            # one entry would repeat the title
         # "best" tests every position against thousands of points; a falling curve leaves the
         # upper right free, and epoch panels have few points
-        ax.legend(loc="upper right" if panel.by_step else "best", fontsize=8, framealpha=0.85)
+        (twin or ax).legend(handles, labels, loc="upper right" if panel.by_step else "best", fontsize=8,
+                            framealpha=0.85)
     if panel.notes:
         draw_notes(ax, panel.notes, centred=not panel.has_data)
 

@@ -16,6 +16,13 @@ class Series(NamedTuple):
     y: tuple[float, ...]         # role "clip": one value, drawn as a horizontal line
 
 
+class SecondAxis(NamedTuple):
+    """Series read against a y axis of their own on the panel's right (utilisation beside memory)."""
+    label: str                   # that axis's label
+    series: tuple[Series, ...]
+    limits: tuple[float, float]  # fixed: a percentage reads against 0-100 whatever the data
+
+
 class Panel(NamedTuple):
     title: str
     xlabel: str
@@ -25,6 +32,7 @@ class Panel(NamedTuple):
     log_y: bool = False
     by_step: bool = True         # x is the optimizer step, so event markers belong on it
     from_zero: bool = False      # y axis starts at 0 (sizes such as memory read against zero)
+    second_axis: SecondAxis | None = None
 
     @property
     def has_data(self) -> bool:

@@ -25,7 +25,8 @@ from trainer.metrics import perplexity
 
 RUN_COLUMNS = ("kind", "epoch", "step", "train_loss", "val_loss", "val_ppl", "lr", "grad_norm",
                "epoch_seconds", "tokens_per_s", "mem_process_mb", "mem_gpu_allocated_mb",
-               "mem_gpu_reserved_mb", "mem_gpu_peak_mb")
+               "mem_gpu_reserved_mb", "mem_gpu_peak_mb", "gpu_util_pct", "gpu_util_max_pct",
+               "gpu_mem_used_mb", "gpu_temp_c", "gpu_power_w")
 SUMMARY_COLUMNS = ("run_id", "study_name", "trial_number", "name", "status", "status_reason",
                    "best_val_loss", "best_ppl", "best_step", "n_steps", "n_epochs", "resume_count",
                    "duration_s", "started_at", "ended_at")

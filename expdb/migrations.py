@@ -10,6 +10,10 @@ drop the old one, rename), with foreign keys off for the connection so that drop
 v1 -> v2: ``runs.uid`` (a uid per run, so that merges recognise runs across files);
 ``step_metrics`` keyed by (run_id, step) without a surrogate id (WITHOUT ROWID on
 SQLite); ``step_rollups`` added and filled.
+
+v2 -> v3: ``epoch_metrics`` gains the nullable GPU columns (utilisation, memory used,
+temperature, power: trainer.gpu_monitor); ``ALTER TABLE ... ADD COLUMN`` on both
+backends, no rebuild. Rows of earlier epochs keep NULL there: nothing was sampled.
 """
 from __future__ import annotations
 
@@ -103,5 +107,14 @@ def _v1_to_v2_sqlite(conn: Connection) -> None:
     conn.exec_driver_sql("DROP TABLE step_metrics__v1")
 
 
+_V3_EPOCH_GPU_COLUMNS = ("gpu_util_pct", "gpu_util_max_pct", "gpu_mem_used_mb", "gpu_temp_c", "gpu_power_w")
+
+
+def _v2_to_v3(conn: Connection) -> None:
+    # FLOAT is SQLAlchemy's Float on both: REAL affinity on SQLite, double precision on PostgreSQL.
+    for name in _V3_EPOCH_GPU_COLUMNS:
+        conn.exec_driver_sql(f"ALTER TABLE epoch_metrics ADD COLUMN {name} FLOAT")
+
+
 # from_version -> the step to from_version + 1
-STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
+STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}

@@ -23,6 +23,8 @@ Schema choices:
   of each metric and the steps where they occur); the writer keeps it in step with
   ``step_metrics`` in the same transaction, so ``step_series`` can reduce a
   million-step run without reading a million rows.
+- ``epoch_metrics.gpu_*`` (version 3) are nullable: a CPU run, or one without NVML, has none,
+  and adding nullable columns upgrades a table in place on both backends (no rebuild).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, Float, F
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bump when a table or view changes, and teach expdb.migrations to upgrade the older version.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VERSION_TABLE = "expdb_schema_version"
 
 RUN_STATUSES = ("running", "completed", "pruned", "failed", "interrupted")
@@ -138,6 +140,15 @@ class EpochMetric(Base):
     mem_gpu_allocated_mb: Mapped[float | None] = mapped_column(Float)
     mem_gpu_reserved_mb: Mapped[float | None] = mapped_column(Float)
     mem_gpu_peak_mb: Mapped[float | None] = mapped_column(Float)
+    # The GPUs the run trains on (under torchrun those of rank 0's machine), read through NVML
+    # every few seconds by a thread of their own (trainer.gpu_monitor) and aggregated over the
+    # epoch's samples. NULL on a CPU, without nvidia-ml-py, or when no sample fell in the epoch.
+    gpu_util_pct: Mapped[float | None] = mapped_column(Float)       # each GPU's mean, averaged over GPUs
+    gpu_util_max_pct: Mapped[float | None] = mapped_column(Float)   # highest sample of any GPU
+    # As nvidia-smi shows it: every process on the GPU, not only torch's allocations (mem_gpu_*).
+    gpu_mem_used_mb: Mapped[float | None] = mapped_column(Float)    # highest sample of any GPU
+    gpu_temp_c: Mapped[float | None] = mapped_column(Float)         # highest sample of any GPU
+    gpu_power_w: Mapped[float | None] = mapped_column(Float)        # the GPUs' mean powers, summed
     recorded_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     nan_columns: Mapped[str | None] = _nan_columns()
 

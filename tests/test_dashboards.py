@@ -12,11 +12,11 @@ import pytest
 from matplotlib.image import imread
 
 import dashboards
-from dashboards.run_data import (NO_EPOCHS, NO_STEPS, NO_VALIDATION, build_run_data, fetch_run_data,
-                                 mid_epoch_steps)
+from dashboards.run_data import (GPU_UTIL_CPU, GPU_UTIL_MISSING, NO_EPOCHS, NO_STEPS, NO_VALIDATION,
+                                 build_run_data, fetch_run_data, mid_epoch_steps)
 from dashboards.run_html import render_run_html, run_figure
 from dashboards.run_png import build_figure, padded, render_run_dashboard
-from dashboards.run_records import Marker, Panel, Series, Title
+from dashboards.run_records import Marker, Panel, SecondAxis, Series, Title
 from dashboards.series import reduce_minmax
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -43,9 +43,9 @@ def evals_frame(steps=(2, 4), val=(4.5, 3.0)):
                              val_ppl=np.exp(val)))
 
 
-def epochs_frame(n=2, gpu=False, val=True, seconds=None):
+def epochs_frame(n=2, gpu=False, val=True, seconds=None, util=None):
     gpu_mb = [1000.0 + e for e in range(n)] if gpu else [np.nan] * n
-    return pd.DataFrame(dict(
+    return pd.DataFrame(dict(gpu_util_pct=list(util) if util else np.nan,
         run_id=1, epoch=list(range(n)), step=[2 * (e + 1) for e in range(n)],
         train_loss=[4.0 - e for e in range(n)], val_loss=[4.2 - e for e in range(n)] if val else np.nan,
         val_ppl=np.nan, lr=1e-3, grad_norm=0.5,
@@ -149,7 +149,7 @@ def test_epoch_panels_records():
                                     by_step=False, from_zero=True)
     assert data.memory == Panel("Process memory (RSS) per epoch", "epoch", "MB",
                                 (Series("mem_process", "process RSS", (0.0, 1.0), (500.0, 501.0)),),
-                                by_step=False, from_zero=True)
+                                (GPU_UTIL_CPU,), by_step=False, from_zero=True)
 
 
 @pytest.mark.parametrize("seconds, unit, shown", [((30.0, 119.0), "seconds", (30.0, 119.0)),
@@ -165,6 +165,41 @@ def test_memory_panel_prefers_gpu_columns():
     assert data.memory.title == "GPU memory per epoch"
     assert [s.label for s in data.memory.series] == ["GPU allocated", "GPU reserved", "GPU peak"]
     assert data.memory.series[0].y == (1000.0, 1001.0)
+    assert data.memory.second_axis is None and data.memory.notes == (GPU_UTIL_MISSING,)   # no NVML on that GPU
+
+
+UTIL_AXIS = SecondAxis("GPU utilisation (%)", (Series("gpu_util", "GPU utilisation", (0.0, 1.0), (55.0, 80.0)),),
+                       (0.0, 100.0))
+
+
+def test_memory_panel_draws_gpu_utilisation_on_a_second_axis():
+    data = build_run_data(make_run(), epochs=epochs_frame(gpu=True, util=(55.0, 80.0)))
+    assert data.memory.second_axis == UTIL_AXIS and data.memory.notes == ()
+    assert data.memory.series[2].y == (1000.0, 1001.0)       # memory stays on the left axis
+    one_missing = build_run_data(make_run(), epochs=epochs_frame(gpu=True, util=(55.0, np.nan)))
+    assert one_missing.memory.second_axis.series[0].x == (0.0,)   # an epoch without a sample is not drawn
+
+
+def test_the_png_draws_utilisation_against_a_right_axis_of_0_to_100():
+    fig = build_figure(build_run_data(make_run(), steps_frame(), evals_frame(),
+                                      epochs_frame(gpu=True, util=(55.0, 80.0))))
+    memory, twin = fig.axes[5], fig.axes[6]
+    assert len(fig.axes) == 7 and twin.get_shared_x_axes().joined(memory, twin)
+    assert (twin.get_ylabel(), twin.get_ylim()) == ("GPU utilisation (%)", (0.0, 100.0))
+    assert twin.get_lines()[0].get_ydata().tolist() == [55.0, 80.0] and memory.get_ylabel() == "MB"
+    assert [t.get_text() for t in twin.get_legend().get_texts()] == ["GPU allocated", "GPU reserved", "GPU peak",
+                                                                      "GPU utilisation"]
+
+
+def test_the_html_draws_utilisation_on_the_memory_panels_secondary_axis():
+    fig = run_figure(build_run_data(make_run(), steps_frame(), evals_frame(),
+                                    epochs_frame(gpu=True, util=(55.0, 80.0))))
+    (util,) = [t for t in fig.data if t.name == "GPU utilisation"]
+    (memory,) = {(t.xaxis, t.yaxis) for t in fig.data if t.name == "GPU peak"}
+    assert util.xaxis == memory[0] and util.yaxis != memory[1] and list(util.y) == [55.0, 80.0]
+    right = fig.layout[util.yaxis.replace("y", "yaxis")]
+    assert (right.overlaying, right.side, tuple(right.range), right.title.text) == (
+        memory[1], "right", (0.0, 100.0), "GPU utilisation (%)")
 
 
 def test_markers_from_events_and_best_step():
@@ -254,6 +289,8 @@ CASES = {
                                   evals_frame((2,), (np.nan,))),
     "no_validation": lambda: build_run_data(make_run(status="running"), steps_frame(), None,
                                             epochs_frame(1, val=False)),
+    "gpu_utilisation": lambda: build_run_data(make_run(), steps_frame(), evals_frame(),
+                                              epochs_frame(2, gpu=True, util=(55.0, 80.0))),
 }
 
 
@@ -311,7 +348,7 @@ def test_flat_memory_line_sits_inside_the_axes():
 
 
 # -- real databases: runs written through expdb's recorder -----------------------------------------
-def record_run(db, name, losses, status="completed", study=None, trial=None, gpu=False):
+def record_run(db, name, losses, status="completed", study=None, trial=None, gpu=False, util=None):
     from trainer.recorder import RunInfo
 
     rec = db.recorder(study_name=study, trial_number=trial)
@@ -326,6 +363,9 @@ def record_run(db, name, losses, status="completed", study=None, trial=None, gpu
     rec.log_checkpoint("best.pt", "best", 2, losses[1] + 0.1, 10, "0" * 64)
     memory = dict(mem_gpu_allocated_mb=900.0, mem_gpu_reserved_mb=1200.0, mem_gpu_peak_mb=1100.0) \
         if gpu else dict(mem_process_mb=300.0)
+    if util is not None:        # as trainer.gpu_monitor.gpu_epoch_metrics sends it
+        memory.update(gpu_util_pct=util, gpu_util_max_pct=100.0, gpu_mem_used_mb=1500.0, gpu_temp_c=70.0,
+                      gpu_power_w=60.0)
     rec.log_epoch(0, dict(train_loss=float(np.nanmean(losses)), epoch_seconds=1.5,
                           step=len(losses), **memory))
     rec.finish(status)
@@ -355,6 +395,18 @@ def test_a_recorded_run_read_back(db):
     assert data.title.study == "sweep" and data.title.trial == 0
     gpu = fetch_run_data(db, record_run(db, "g", [3.0, 2.0], gpu=True))
     assert gpu.memory.title == "GPU memory per epoch" and gpu.memory.series[2].y == (1100.0,)
+
+
+def test_recorded_gpu_utilisation_is_drawn_and_a_cpu_run_says_why_it_is_not(db, tmp_path):
+    gpu = record_run(db, "g", [3.0, 2.0], gpu=True, util=72.5)
+    cpu = record_run(db, "c", [3.0, 2.0])
+    drawn = fetch_run_data(db, gpu).memory
+    assert drawn.second_axis.series == (Series("gpu_util", "GPU utilisation", (0.0,), (72.5,)),)
+    assert fetch_run_data(db, cpu).memory.notes == (GPU_UTIL_CPU,)
+    page = dashboards.write_run_dashboard(db, gpu, tmp_path / "gpu.html").read_text()
+    assert '"name":"GPU utilisation"' in page and '"overlaying":"y6"' in page
+    png = dashboards.write_run_dashboard(db, gpu, tmp_path / "gpu.png")
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
 
 
 def write_resumed_run(db, n_steps=60, resume_at=30):

@@ -177,6 +177,23 @@ def test_a_version_1_file_is_merged_without_being_changed(tmp_path: Path):
     assert expdb.merge([source], into=into)[0].runs_skipped == 3
 
 
+def test_a_version_2_file_and_a_version_3_file_merge_with_their_gpu_columns(tmp_path: Path):
+    """A v2 session (no GPU columns yet: NULL) and a v3 one (GPU columns filled) in one database."""
+    old, new = tmp_path / "v2.db", tmp_path / "v3.db"
+    shutil.copy(DATA / "expdb_v2.db", old)
+    shutil.copy(DATA / "expdb_v3.db", new)
+    before = old.read_bytes()
+    into = tmp_path / "all.db"
+    reports = expdb.merge([old, new], into=into)
+    assert [len(r.runs_added) for r in reports] == [3, 3] and old.read_bytes() == before
+    with expdb.open(into) as db:
+        epochs = db.epochs()
+    util = epochs.groupby("run_id")["gpu_util_pct"].apply(list).to_dict()
+    assert all(math.isnan(u) for run in (1, 2, 3, 6) for u in util[run])     # v2's runs, and v3's CPU run
+    assert util[4] == util[5] == [87.5, 87.5]
+    assert epochs.set_index("run_id").loc[4, "gpu_mem_used_mb"].tolist() == [14_000.0, 14_000.0]
+
+
 def test_studies_that_cannot_be_combined_are_refused_untouched(tmp_path: Path):
     a, b, into = tmp_path / "a.db", tmp_path / "b.db", tmp_path / "all.db"
     study_session(a, trials=1)

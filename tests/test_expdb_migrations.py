@@ -1,8 +1,8 @@
 """Schema versions: saved database files of earlier versions are upgraded in place.
 
-tests/data/expdb_v1.db was made by schema version 1 (see tests/data/make_expdb_file.py);
-tests/data/expdb_v2.db by version 2, the current one: when version 3 comes, it is the
-file whose upgrade to test (see test_current_file_needs_no_upgrade).
+tests/data/expdb_vN.db was made by schema version N (see tests/data/make_expdb_file.py);
+expdb_v3.db by the current one: when version 4 comes, it is the file whose upgrade to test
+(as test_v2_file_gains_the_gpu_columns does for expdb_v2.db; see test_current_file_needs_no_upgrade).
 """
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 import expdb
+from expdb.__main__ import main as expdb_cli
 from expdb.migrations import v1_uid
 from expdb.models import SCHEMA_VERSION
 
 DATA = Path(__file__).parent / "data"
+GPU_COLUMNS = ["gpu_util_pct", "gpu_util_max_pct", "gpu_mem_used_mb", "gpu_temp_c", "gpu_power_w"]
 
 
 @pytest.fixture
@@ -73,7 +75,7 @@ def test_v1_file_is_upgraded_in_place_and_keeps_its_data(v1_copy: Path):
     conn = sqlite3.connect(v1_copy)
     assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
-    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [1, 2]
+    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [1, 2, 3]
     steps = conn.execute("SELECT run_id, step, loss, nan_columns FROM step_metrics WHERE run_id < 4 "
                          "ORDER BY run_id, step").fetchall()
     uids = conn.execute("SELECT uid FROM runs WHERE id < 4 ORDER BY id").fetchall()
@@ -103,11 +105,11 @@ def test_two_processes_opening_a_v1_file_upgrade_it_once(v1_copy: Path):
     for p in workers:
         p.start()
     for p in workers:
-        p.join(timeout=60)
+        p.join(timeout=120)     # a bound on a hang, not on how fast a spawned process starts
     assert [p.exitcode for p in workers] == [0, 0]
     assert [queue.get(timeout=5) for _ in workers] == [3, 3]
     conn = sqlite3.connect(v1_copy)
-    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [1, 2]
+    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [1, 2, 3]
     conn.close()
 
 
@@ -119,48 +121,134 @@ def test_read_only_v1_file_is_refused_untouched(v1_copy: Path):
     assert sorted(p.name for p in v1_copy.parent.iterdir()) == ["experiments.db"]
 
 
+def _rows(path: Path, table: str, order: str) -> list[tuple]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
+    finally:
+        conn.close()
+
+
+V2_TABLES = {"runs": "id", "step_metrics": "run_id, step", "step_rollups": "run_id, block",
+             "eval_metrics": "id", "epoch_metrics": "id", "checkpoints": "id", "events": "id"}
+
+
+def test_v2_file_gains_the_gpu_columns_and_keeps_every_row(tmp_path: Path):
+    path = tmp_path / "experiments.db"
+    shutil.copy(DATA / "expdb_v2.db", path)
+    before = {table: _rows(path, table, order) for table, order in V2_TABLES.items()}
+    expdb.check_database(path, create=False, write=True)      # an upgradable version: the pre-check accepts it
+
+    with expdb.open(path) as db:
+        epochs = db.epochs()
+        assert len(epochs) == 6 and epochs[GPU_COLUMNS].isna().all().all()     # nothing was sampled then
+        assert db.runs()["n_steps"].tolist() == [30, 30, 31]
+        assert db.recorder("v1-study", 2).start_run(_info()) == 4      # writing works too
+
+    after = {table: _rows(path, table, order) for table, order in V2_TABLES.items()}
+    assert after["epoch_metrics"] == [row + (None,) * 5 for row in before["epoch_metrics"]]   # appended, NULL
+    assert {t: r for t, r in after.items() if t not in ("runs", "epoch_metrics")} == \
+        {t: r for t, r in before.items() if t not in ("runs", "epoch_metrics")}
+    assert after["runs"][:3] == before["runs"]
+    conn = sqlite3.connect(path)
+    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [2, 3]
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    conn.close()
+    assert expdb_cli(["--db", str(path), "check", "--no-files"]) == 0, "python -m expdb check"
+    assert schema_of(f"sqlite:///{path}") == _fresh_schema(tmp_path)
+
+
+def test_upgraded_v2_file_takes_gpu_columns(tmp_path: Path):
+    path = tmp_path / "experiments.db"
+    shutil.copy(DATA / "expdb_v2.db", path)
+    with expdb.open(path) as db:
+        rec = db.recorder()
+        run_id = rec.start_run(_info())
+        rec.log_epoch(0, {"step": 5, "train_loss": 2.0, "gpu_util_pct": 80.0, "gpu_power_w": 120.0,
+                          "gpu0_util": 80.0})      # a key without a column is ignored
+        rec.finish("completed")
+        row = db.epochs(run_id).iloc[0]
+    assert (row["gpu_util_pct"], row["gpu_power_w"]) == (80.0, 120.0) and math.isnan(row["gpu_temp_c"])
+
+
 def test_current_file_needs_no_upgrade(tmp_path: Path):
-    # When SCHEMA_VERSION becomes 3, turn this into the upgrade test of expdb_v2.db (as above
-    # for v1) and save an expdb_v3.db made by the new schema.
+    # When SCHEMA_VERSION becomes 4, turn this into the upgrade test of expdb_v3.db (as above
+    # for v2) and save an expdb_v4.db made by the new schema.
     path = tmp_path / "experiments.db"
     shutil.copy(DATA / f"expdb_v{SCHEMA_VERSION}.db", path)
     with expdb.open(path) as db:
         assert db.runs()["n_steps"].tolist() == [30, 30, 31]
         assert db.studies()["n_completed"].tolist() == [2]
+        gpu = db.epochs().set_index(["run_id", "epoch"])[GPU_COLUMNS]
+    assert gpu.loc[1].values.tolist() == [[87.5, 100.0, 14_000.0, 71.0, 65.0]] * 2
+    assert gpu.loc[3].isna().all().all()
     conn = sqlite3.connect(path)
     assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version")] == [SCHEMA_VERSION]
     conn.close()
+    assert schema_of(f"sqlite:///{path}") == _fresh_schema(tmp_path)
 
 
-@pytest.mark.postgres
-def test_v1_schema_on_postgres_is_upgraded(new_postgres_db):
-    """The saved v1 file's tables and rows, recreated on the server, then opened."""
+def _fresh_schema(tmp_path: Path) -> dict:
+    expdb.open(tmp_path / "fresh.db").close()
+    return schema_of(f"sqlite:///{tmp_path / 'fresh.db'}")
+
+
+def _restore_on_postgres(db_file: Path, url: str) -> None:
+    """The tables and rows of a saved SQLite file, recreated on the server as a restore would."""
     from sqlalchemy import MetaData, insert, select
 
-    upgraded, fresh = new_postgres_db(), new_postgres_db()
-    v1 = create_engine(f"sqlite:///{DATA / 'expdb_v1.db'}")
-    pg = create_engine(upgraded)
+    source = create_engine(f"sqlite:///{db_file}")
+    pg = create_engine(url)
     meta = MetaData()
-    meta.reflect(v1, only=["runs", "step_metrics", "eval_metrics", "epoch_metrics", "checkpoints", "events",
-                           "expdb_schema_version"])
+    meta.reflect(source, only=[t for t in inspect(source).get_table_names() if t in expdb_tables()])
     for table in meta.tables.values():
         for column in table.c:
             column.type = column.type.as_generic()      # SQLite's DATETIME is PostgreSQL's TIMESTAMP
-    with v1.connect() as src, pg.begin() as dst:
+    with source.connect() as src, pg.begin() as dst:
         meta.create_all(dst)
         for table in meta.sorted_tables:
             rows = [dict(r) for r in src.execute(select(table)).mappings()]
             dst.execute(insert(table), rows)
             if "id" in table.c:     # as a restore would: the id sequence continues after the rows
                 dst.exec_driver_sql(f"SELECT setval('{table.name}_id_seq', {max(r['id'] for r in rows)})")
-    v1.dispose()
+    source.dispose()
     pg.dispose()
+
+
+@pytest.mark.postgres
+def test_v1_schema_on_postgres_is_upgraded(new_postgres_db):
+    """The saved v1 file's tables and rows, recreated on the server, then opened."""
+    upgraded, fresh = new_postgres_db(), new_postgres_db()
+    _restore_on_postgres(DATA / "expdb_v1.db", upgraded)
     with expdb.open(upgraded) as db:
         assert db.runs()["n_steps"].tolist() == [30, 30, 31]
         assert math.isnan(db.steps(3).set_index("step").loc[31, "loss"])
         assert db.recorder("v1-study", 2).start_run(_info()) == 4
     expdb.open(fresh).close()
     assert schema_of(upgraded) == schema_of(fresh)
+
+
+@pytest.mark.postgres
+def test_v2_schema_on_postgres_gains_the_gpu_columns(postgres_db_url, new_postgres_db):
+    """The saved v2 file's tables and rows on the server, opened: ALTER TABLE adds the columns."""
+    fresh = new_postgres_db()
+    _restore_on_postgres(DATA / "expdb_v2.db", postgres_db_url)
+    with expdb.open(postgres_db_url) as db:
+        epochs = db.epochs()
+        assert len(epochs) == 6 and epochs[GPU_COLUMNS].isna().all().all()
+        assert epochs["train_loss"].notna().all()
+        assert db.runs()["n_steps"].tolist() == [30, 30, 31]
+        rec = db.recorder("v1-study", 2)
+        run_id = rec.start_run(_info())
+        rec.log_epoch(0, {"step": 1, "gpu_util_pct": 55.0, "gpu_mem_used_mb": 900.0})
+        rec.finish("completed")
+        assert db.epochs(run_id)[["gpu_util_pct", "gpu_mem_used_mb"]].values.tolist() == [[55.0, 900.0]]
+    engine = create_engine(postgres_db_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version FROM expdb_schema_version ORDER BY id")).scalars().all() == [2, 3]
+    engine.dispose()
+    expdb.open(fresh).close()
+    assert schema_of(postgres_db_url) == schema_of(fresh)
 
 
 def _dt(text_value: str):

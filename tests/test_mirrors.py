@@ -18,7 +18,6 @@ from expdb.mirrors import (EVENT_MIRROR_FAILED, EVENT_MIRROR_LAGGED, MirroredRec
                            WandbMirror, check_report_to, mirrors_for, offline_fragments, parse_report_to,
                            read_offline_run, replay)
 from trainer.errors import ConfigError, StopTraining
-from trainer.gpu_monitor import GpuSample, aggregate, start_gpu_monitor
 from trainer.recorder import RunInfo
 
 pytest.importorskip("tensorboard", reason="the mirror tests need tensorboard (pip install tensorboard)")
@@ -324,6 +323,31 @@ def test_replay_writes_a_recorded_run_once_even_when_run_twice(db, tmp_path):
     assert fragment.name == "trial-1" and fragment.group == "s" and fragment.config["lr"] == 3e-3
 
 
+def test_gpu_columns_reach_both_mirrors_live_and_replayed_and_none_is_left_out(db, tmp_path):
+    """An epoch of a GPU run (utilisation and memory sampled, no temperature or power: a board
+    that reports neither) and one of a CPU run (all None), as trainer.loop sends them."""
+    out, warnings = tmp_path / "run", []
+    gpu = {"gpu_util_pct": 81.5, "gpu_util_max_pct": 99.0, "gpu_mem_used_mb": 7000.0, "gpu_temp_c": None,
+           "gpu_power_w": None}
+    rec = mirrored(db, out, warnings)
+    run_id = rec.start_run(run_info(out))
+    drive(rec, 1, range(1, 11))
+    rec.log_epoch(0, {"step": 10, "train_loss": 2.5, **gpu})
+    drive(rec, 1, range(11, 21))
+    rec.log_epoch(1, {"step": 20, "train_loss": 2.4, **dict.fromkeys(gpu)})
+    rec.finish("completed")
+    replay(db, [run_id], to="tensorboard", out_dir=tmp_path / "export", log=lambda *_: None)
+    (replayed,) = list((tmp_path / "export").iterdir())
+    for log_dir in (out / "tensorboard", replayed):
+        values, steps, acc = tb_scalars(log_dir, "epoch/gpu_util_pct")
+        assert values == {10: 81.5} and tb_scalars(log_dir, "epoch/gpu_mem_used_mb")[0] == {10: 7000.0}
+        assert not {"epoch/gpu_temp_c", "epoch/gpu_power_w"} & set(acc.Tags()["scalars"]), log_dir
+    (fragment,) = [read_offline_run(f) for f in offline_fragments(out, db.run(run_id).uid)]
+    rows = [row for row in fragment.history if "epoch/train_loss" in row]
+    assert [row.get("epoch/gpu_util_pct") for row in rows] == [81.5, None]
+    assert not any("epoch/gpu_temp_c" in row for row in rows) and warnings == []
+
+
 def test_report_to_names_are_checked_with_the_flag_the_value_and_the_choices():
     assert parse_report_to("wandb, TensorBoard") == ["wandb", "tensorboard"]
     assert parse_report_to("none") == [] and parse_report_to(None) == []
@@ -354,29 +378,6 @@ def test_the_wandb_run_id_is_the_run_uid_and_the_project_follows_the_study(db, t
     rec.finish("completed")
     (fragment,) = [read_offline_run(f) for f in offline_fragments(tmp_path / "t", db.run(run_id).uid)]
     assert (fragment.project, fragment.name, fragment.group) == ("my-study", "trial-4", "my/study")
-
-
-# -- GPU utilisation ---------------------------------------------------------------------
-def test_gpu_samples_aggregate_to_mean_and_max_per_gpu():
-    samples = [GpuSample(0, 50.0, 1000.0, 60.0, None), GpuSample(0, 100.0, 3000.0, 70.0, None),
-               GpuSample(1, 10.0, 500.0, 40.0, 75.0)]
-    assert aggregate(samples) == {
-        "gpu0_util": 75.0, "gpu0_util_max": 100.0, "gpu0_mem_mb": 2000.0, "gpu0_mem_mb_max": 3000.0,
-        "gpu0_temp_c": 65.0, "gpu0_temp_c_max": 70.0,
-        "gpu1_util": 10.0, "gpu1_util_max": 10.0, "gpu1_mem_mb": 500.0, "gpu1_mem_mb_max": 500.0,
-        "gpu1_temp_c": 40.0, "gpu1_temp_c_max": 40.0, "gpu1_power_w": 75.0, "gpu1_power_w_max": 75.0}
-    assert aggregate([]) == {}
-
-
-def test_no_gpu_monitor_without_nvml_only_a_note(monkeypatch):
-    import torch
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the absent path is not what it takes")
-    monitor, note = start_gpu_monitor(interval_s=0.1)
-    assert monitor is None and note.startswith("GPU utilisation not sampled")
-    monkeypatch.setitem(sys.modules, "pynvml", None)
-    monitor, note = start_gpu_monitor(interval_s=0.1)
-    assert monitor is None and "nvidia-ml-py" in note
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 -m trainer --micro-batch 8 ...
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR/PORT) in each process;
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE (and MASTER_ADDR/PORT) in each process;
 without them the run is one process and nothing here communicates. With them:
 
 - every rank takes its own contiguous share of each optimizer step's sequences from the
@@ -53,11 +53,14 @@ class World:
     rank: int = 0
     local_rank: int = 0
     size: int = 1
+    local_size: int = 1     # ranks on this machine (torchrun's LOCAL_WORLD_SIZE)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "World":
         env = os.environ if environ is None else environ
-        return cls(int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1")))
+        size = env.get("WORLD_SIZE", "1")
+        return cls(int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(size),
+                   int(env.get("LOCAL_WORLD_SIZE", size)))
 
     @property
     def is_main(self) -> bool:
@@ -90,6 +93,17 @@ def join(placement):
         dist.init_process_group("nccl" if placement.device.type == "cuda" else "gloo", timeout=TIMEOUT)
         atexit.register(_leave)
     return world, placement
+
+
+def run_gpus(device: torch.device, world: World) -> tuple[int, ...]:
+    """The GPUs (cuda indices) this process's run trains on and can see: its own device in one
+    process; under torchrun those of this machine's ranks, each on cuda:<local_rank> (``join``),
+    as rank 0 alone reports. None on the CPU."""
+    if device.type != "cuda":
+        return ()
+    if world.parallel:
+        return tuple(range(world.local_size))
+    return (device.index if device.index is not None else torch.cuda.current_device(),)
 
 
 def _stop_with_launcher() -> None:

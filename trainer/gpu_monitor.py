@@ -1,8 +1,8 @@
 """GPU utilisation, memory, temperature and power, sampled by a thread of its own through NVML.
 
-    monitor, note = start_gpu_monitor(interval_s=5)     # (None, "why not") on a CPU machine
+    monitor, note = start_gpu_monitor(interval_s=2, gpus=(0,))   # (None, "why not") on a CPU machine
     ...
-    metrics.update(monitor.read())      # mean and max of each GPU since the previous read
+    metrics.update(gpu_epoch_metrics(monitor.read()))   # the epoch_metrics columns, since the last read
 
 NVML comes from ``nvidia-ml-py`` (``import pynvml``, the optional ``gpu`` extra). NVML
 calls take tens of microseconds to milliseconds each and a GPU's utilisation is a
@@ -12,13 +12,17 @@ the training step; ``read`` only swaps a list under a lock.
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 INSTALL_NOTE = "pip install nvidia-ml-py (or the 'gpu' extra)"
+CPU_NOTE = "GPU utilisation not sampled: training on the CPU"
 FIELDS = (("util", "util_pct"), ("mem_mb", "mem_used_mb"), ("temp_c", "temp_c"), ("power_w", "power_w"))
+# The epoch_metrics columns (expdb schema 3) that gpu_epoch_metrics fills.
+EPOCH_COLUMNS = ("gpu_util_pct", "gpu_util_max_pct", "gpu_mem_used_mb", "gpu_temp_c", "gpu_power_w")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,22 @@ def aggregate(samples: Sequence[GpuSample]) -> dict[str, float]:
                 out[f"gpu{gpu}_{name}"] = statistics.fmean(values)
                 out[f"gpu{gpu}_{name}_max"] = max(values)
     return out
+
+
+def gpu_epoch_metrics(reading: dict[str, float]) -> dict[str, float | None]:
+    """One epoch's GPU columns from a ``read()`` (whose GPUs are the run's: the monitor samples
+    no other). Utilisation: the mean over the GPUs of each one's mean, and the highest sample;
+    memory used and temperature: the highest sample of any GPU (what runs out or throttles);
+    power: each GPU's mean, summed (what the run draws). None where nothing was sampled."""
+    def per_gpu(name: str) -> list[float]:      # gpu<k>_<name> of every GPU k in the reading
+        return [v for key, v in reading.items() if re.fullmatch(rf"gpu\d+_{name}", key)]
+
+    util, power = per_gpu("util"), per_gpu("power_w")
+    highest = {column: max(values) if (values := per_gpu(name)) else None
+               for column, name in (("gpu_util_max_pct", "util_max"), ("gpu_mem_used_mb", "mem_mb_max"),
+                                    ("gpu_temp_c", "temp_c_max"))}
+    return {"gpu_util_pct": statistics.fmean(util) if util else None, **highest,
+            "gpu_power_w": sum(power) if power else None}
 
 
 class GpuMonitor:
@@ -81,8 +101,15 @@ class GpuMonitor:
                 return
 
 
-def start_gpu_monitor(interval_s: float = 5.0) -> tuple[GpuMonitor | None, str | None]:
-    """A running monitor of the visible GPUs, or (None, a note saying why there is none)."""
+def start_gpu_monitor(interval_s: float = 5.0, gpus: Sequence[int] | None = None
+                      ) -> tuple[GpuMonitor | None, str | None]:
+    """A running monitor of the visible GPUs, or (None, a note saying why there is none).
+
+    ``gpus``: which visible GPUs (torch's cuda:<k>) to sample; None: all of them; empty: none,
+    as for a run on the CPU, which gets only the note.
+    """
+    if gpus is not None and not gpus:
+        return None, CPU_NOTE
     try:
         import pynvml
     except ImportError:
@@ -91,28 +118,29 @@ def start_gpu_monitor(interval_s: float = 5.0) -> tuple[GpuMonitor | None, str |
         pynvml.nvmlInit()
     except Exception as exc:            # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
         return None, f"GPU utilisation not sampled: NVML unavailable ({exc}); no NVIDIA GPU or driver here"
-    handles = _visible_handles(pynvml)
+    handles = [(k, h) for k, h in _visible_handles(pynvml) if gpus is None or k in gpus]
     if not handles:
         pynvml.nvmlShutdown()
-        return None, "GPU utilisation not sampled: NVML sees no visible GPU"
-    return GpuMonitor(lambda: [_read(pynvml, k, h) for k, h in enumerate(handles)], interval_s,
+        among = f" among cuda:{', cuda:'.join(map(str, gpus))}" if gpus else ""
+        return None, f"GPU utilisation not sampled: NVML sees no visible GPU{among}"
+    return GpuMonitor(lambda: [_read(pynvml, k, h) for k, h in handles], interval_s,
                       on_close=pynvml.nvmlShutdown), None
 
 
-def _visible_handles(pynvml: Any) -> list[Any]:
-    """NVML counts physical GPUs; CUDA_VISIBLE_DEVICES (indices or UUIDs) picks torch's cuda:0, 1, ..."""
-    count = pynvml.nvmlDeviceGetCount()
+def _visible_handles(pynvml: Any) -> list[tuple[int, Any]]:
+    """(torch's cuda index, NVML handle) of each visible GPU. NVML counts physical GPUs;
+    CUDA_VISIBLE_DEVICES (indices or UUIDs) picks torch's cuda:0, 1, ... in its order."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
-        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        return [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())]
     handles = []
-    for token in (t.strip() for t in visible.split(",") if t.strip()):
+    for k, token in enumerate(t.strip() for t in visible.split(",") if t.strip()):
         try:
             handle = (pynvml.nvmlDeviceGetHandleByIndex(int(token)) if token.isdigit()
                       else pynvml.nvmlDeviceGetHandleByUUID(token))
         except Exception:               # noqa: BLE001 - an entry NVML does not know (a MIG slice)
-            continue
-        handles.append(handle)
+            continue                    # skipped, and the next entry keeps its own cuda index
+        handles.append((k, handle))
     return handles
 
 

@@ -36,6 +36,7 @@ from trainer.interrupts import StopRequests
 from trainer.memory import (FaultInjector, clear_cache_if_due, enable_gradient_checkpointing,
                             gradient_checkpointing_on, is_out_of_memory, memory_report)
 from trainer.flops import utilisation
+from trainer.gpu_monitor import GpuMonitor, gpu_epoch_metrics
 from trainer.metrics import perplexity
 from trainer.model import build_model, build_optimizer, compiled, count_parameters, next_token_loss
 from trainer.recorder import EVENT_SCALER_SKIP, Recorder
@@ -66,9 +67,11 @@ class Trainer:
     """One run's model, optimizer, data position and checkpoints, stepped by ``run_steps``."""
 
     def __init__(self, cfg: TrainConfig, data: PreparedData, placement: Placement, recorder: Recorder,
-                 stops: StopRequests, clock: StopClock, log=print, world: World | None = None):
+                 stops: StopRequests, clock: StopClock, log=print, world: World | None = None,
+                 gpu_monitor: GpuMonitor | None = None):
         self.cfg, self.data, self.placement, self.recorder, self.log = cfg, data, placement, recorder, log
         self.stops, self.clock = stops, clock
+        self.gpu_monitor = gpu_monitor      # samples on its own thread; the epoch end only reads it
         self.device = placement.device
         # Only one process writes files and records when several train together (torchrun).
         self.world = world or World.from_env()
@@ -349,6 +352,8 @@ class Trainer:
             "mfu": utilisation(self._flops_per_token, tokens / seconds if seconds > 0 else math.nan,
                                self.device, self.world.size),
             **memory_snapshot(self.device),
+            # the samples since the last epoch end (None on the CPU, or when none fell in this epoch)
+            **gpu_epoch_metrics(self.gpu_monitor.read() if self.gpu_monitor else {}),
         }
         epoch = state.epoch
         # The position moves first: an interruption after it never logs this epoch twice.

@@ -23,24 +23,31 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, Iterator, NoReturn
 
 from trainer.checkpoints import ResumePlan, load_checkpoint, plan_resume, report_resume, scan
 from trainer.clock import SimulatedTime, StopClock
 from trainer.config import TrainConfig
 from trainer.data import PreparedData, prepare_data
 from trainer.device import place
-from trainer.distributed import from_main, join
+from trainer.distributed import World, from_main, join, run_gpus
 from trainer.errors import EXIT_SIGNALS, StopTraining, TrainingInterrupted
 from trainer.export import export_hf
 from trainer.files import json_float
+from trainer.gpu_monitor import GpuMonitor, start_gpu_monitor
 from trainer.interrupts import StopRequests
 from trainer.early_stop import EarlyStop
 from trainer.loop import EARLY_STOP, TIME, Halt, Trainer
 from trainer.model import count_parameters
 from trainer.recorder import EVENT_EARLY_STOP, EVENT_SIGNAL, EVENT_TIME_BUDGET, NullRecorder, Recorder, RunInfo
+
+# NVML's utilisation is the busy fraction of its last 1/6 to 1 s: a sample every 2 s sees a
+# 10-second epoch five times, for four NVML calls per GPU on the monitor's own thread.
+GPU_SAMPLE_S = 2.0
+StartGpuMonitor = Callable[[float, tuple[int, ...]], tuple[GpuMonitor | None, str | None]]
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,14 @@ class RunResult:
 
 
 def train(cfg: TrainConfig, recorder: Recorder | None = None, *, data: PreparedData | None = None,
-          resume: str | None = None, log=print, time_source: SimulatedTime | None = None) -> RunResult:
+          resume: str | None = None, log=print, time_source: SimulatedTime | None = None,
+          gpu_monitor: StartGpuMonitor = start_gpu_monitor) -> RunResult:
     """Train one model as ``cfg`` says; report everything to ``recorder``.
 
     ``resume`` overrides ``cfg.resume``; ``time_source`` is the clock that --time-budget and
     --deadline are measured on (simulated in tests, see trainer.clock; None: real time).
+    ``gpu_monitor(interval_s, gpus)`` starts the sampling of the run's GPUs (empty on the CPU)
+    and returns (monitor or None, a note why not); NVML's by default, fixed samples in tests.
 
     Returns a RunResult with status completed, pruned, failed or interrupted (time budget or
     deadline). Raises ConfigError, DataError or CheckpointError for bad input before the
@@ -83,14 +93,32 @@ def train(cfg: TrainConfig, recorder: Recorder | None = None, *, data: PreparedD
     data = data or prepare_data(cfg, log=log)
     if not world.is_main:                # rank 0 alone records and reports
         recorder, log = NullRecorder(), _quiet
-    with StopRequests().installed() as stops:
-        loop = Trainer(cfg, data, placement, recorder or NullRecorder(), stops, clock, log=log, world=world)
+    with StopRequests().installed() as stops, _sampling_gpus(placement.device, world, gpu_monitor, log) as gpus:
+        loop = Trainer(cfg, data, placement, recorder or NullRecorder(), stops, clock, log=log, world=world,
+                       gpu_monitor=gpus)
         notes = loop.restore(plan)
         return _drive(loop, plan, notes)
 
 
 def _quiet(*_: object) -> None:
     """The log of ranks other than 0: their lines would repeat rank 0's."""
+
+
+@contextmanager
+def _sampling_gpus(device, world: World, start: StartGpuMonitor, log) -> Iterator[GpuMonitor | None]:
+    """The run's GPUs sampled on the monitor's own thread until the run ends, however it ends
+    (rank 0 alone: it alone reports the epochs); the note of why not, once, where they are not."""
+    if not world.is_main:
+        yield None
+        return
+    monitor, note = start(GPU_SAMPLE_S, run_gpus(device, world))
+    if note:
+        log(note)
+    try:
+        yield monitor
+    finally:
+        if monitor is not None:
+            monitor.stop()
 
 
 def _drive(t: Trainer, plan: ResumePlan, notes: list[str]) -> RunResult:

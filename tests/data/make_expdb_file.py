@@ -1,9 +1,11 @@
 """How tests/data/expdb_vN.db were made: this script, run by the expdb of schema version N.
 
-    python tests/data/make_expdb_file.py tests/data/expdb_v2.db     # the current schema
+    python tests/data/make_expdb_file.py tests/data/expdb_v3.db     # the current schema
 
-It makes a database of whatever schema the expdb that runs it has. expdb_v1.db was made
-at commit 33b5a9a (schema 1, the script then named make_expdb_v1.py); to make it again:
+It makes a database of whatever schema the expdb that runs it has (metrics without a
+column in that schema are ignored, so the same script made every version). expdb_v1.db
+was made at commit 33b5a9a (schema 1, the script then named make_expdb_v1.py), and
+expdb_v2.db at commit dae620f (schema 2); to make one again:
 
     git worktree add /tmp/expdb-v1 33b5a9a
     cd /tmp/expdb-v1 && PYTHONPATH=. python tests/data/make_expdb_v1.py tests/data/expdb_v1.db
@@ -13,7 +15,9 @@ When the schema changes, keep the old files and add one made by the new schema.
 What it holds (tests/test_expdb_migrations.py relies on it): an Optuna study "v1-study"
 with two trials whose user attribute "run_id" points to runs 1 and 2 of that study,
 and run 3 outside any study that failed with NaN and infinite values; 30 steps per
-run, evals, two epochs, checkpoints (one flagged deleted) and events.
+run, evals, two epochs, checkpoints (one flagged deleted) and events. From version 3 the
+epochs of runs 1 and 2 hold GPU utilisation, memory, temperature and power (as if trained
+on a GPU); run 3's are NULL (a CPU run).
 """
 import math
 import sqlite3
@@ -32,6 +36,11 @@ def info(name, **kw):
                    n_params=1000, device="cpu", precision="fp32", host="v1host", **kw)
 
 
+# An epoch's GPU columns (schema 3), as trainer.gpu_monitor.gpu_epoch_metrics gives them.
+GPU_EPOCH = {"gpu_util_pct": 87.5, "gpu_util_max_pct": 100.0, "gpu_mem_used_mb": 14_000.0, "gpu_temp_c": 71.0,
+             "gpu_power_w": 65.0}
+
+
 def record(db, run_info, final_loss, status="completed"):
     rec = db.recorder()
     run_id = rec.start_run(run_info)
@@ -42,7 +51,8 @@ def record(db, run_info, final_loss, status="completed"):
         if step % 10 == 0:
             rec.log_eval(step, (step - 1) // 15, {"val_loss": loss + 0.1, "val_ppl": math.exp(loss + 0.1)})
         if step % 15 == 0:
-            rec.log_epoch(step // 15 - 1, {"train_loss": loss, "val_loss": loss + 0.1, "step": step})
+            gpu = GPU_EPOCH if status == "completed" else {}
+            rec.log_epoch(step // 15 - 1, {"train_loss": loss, "val_loss": loss + 0.1, "step": step, **gpu})
             rec.log_checkpoint(f"runs/{run_info.name}/step-{step:07d}", "periodic", step, loss + 0.1,
                                4096, f"{run_id:02d}{step:02d}" * 16)
     rec.log_event("checkpoint_deleted", 30, {"path": f"runs/{run_info.name}/step-0000015"})
