@@ -1,7 +1,7 @@
 """python -m bench: measure this project side by side with its peers.
 
     python -m bench                       # every part (about ten minutes on 2 CPU cores)
-    python -m bench throughput logging    # some parts; the others keep their last results
+    python -m bench throughput ddp        # some parts; the others keep their last results
     python -m bench --smoke               # tiny sizes in seconds: checks the benchmarks still run
 
 Results go to a JSON file (default bench/results/latest.json) and docs/benchmarks.md is
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-PARTS = ("throughput", "logging", "checkpoints", "studies", "dashboards", "gpu", "mirrors", "exports")
+PARTS = ("throughput", "logging", "checkpoints", "studies", "dashboards", "gpu", "mirrors", "exports", "ddp")
 RESULTS = Path("bench/results/latest.json")
 DOCS = Path("docs/benchmarks.md")
 SMOKE_RESULTS = Path("bench/results/smoke.json")
@@ -50,12 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def runners(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, Any]]]:
-    from bench import checkpoints, dashboard, exports, gpu, metric_logging, mirrors, study, throughput
+    from bench import checkpoints, dashboard, ddp, exports, gpu, metric_logging, mirrors, study, throughput
     r, s, c = args.repeats, args.smoke, args.cache_dir
     return {"throughput": lambda: throughput.run(r, s, c), "logging": lambda: metric_logging.run(r, s),
             "checkpoints": lambda: checkpoints.run(r, s), "studies": lambda: study.run(r, s, c),
             "dashboards": lambda: dashboard.run(r, s), "gpu": lambda: gpu.run(r, s, c),
-            "mirrors": lambda: mirrors.run(r, s), "exports": lambda: exports.run(r, s, c)}
+            "mirrors": lambda: mirrors.run(r, s), "exports": lambda: exports.run(r, s, c),
+            "ddp": lambda: ddp.run(r, s, c)}
 
 
 def quiet() -> None:

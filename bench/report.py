@@ -1,9 +1,10 @@
 """docs/benchmarks.md from the results JSON: machine, versions, targets, one table per part."""
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
-ORDER = ("throughput", "logging", "checkpoints", "studies", "dashboards", "gpu", "mirrors", "exports")
+ORDER = ("throughput", "logging", "checkpoints", "studies", "dashboards", "gpu", "mirrors", "exports", "ddp")
 
 
 def fmt(x: float | None, integer: bool = False) -> str:
@@ -52,6 +53,8 @@ def machine_lines(m: dict[str, Any], versions: dict[str, str]) -> list[str]:
     bf16 = {True: ", native bf16", False: ", no native bf16"}.get(m.get("cpu_bf16"), "")
     lines = [f"- machine: {m['cpu']}, {m['cores']} cores{bf16}, {m.get('ram_gb', '?')} GB RAM, "
              f"torch on {m.get('torch_threads', '?')} threads, GPU: {m.get('gpu') or 'none'}",
+             "- load average (1/5/15 min) at the end of the run: "
+             + ("/".join(f"{x:.2f}" for x in m.get("load_average") or []) or "not available"),
              "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
     return lines
 
@@ -88,8 +91,19 @@ def part_section(number: int, p: dict[str, Any]) -> list[str]:
             name = r["name"] + (f" ({r['note']})" if r.get("note") else "")
             lines.append(f"| {name} | {fmt(r['median'])} | {spread(r)} |")
         lines.append("")
-    lines += [f"- {note}" for note in p.get("notes", [])]
-    return lines + ([""] if p.get("notes") else [])
+    notes = p.get("notes", []) + load_notes(p)
+    lines += [f"- {note}" for note in notes]
+    return lines + ([""] if notes else [])
+
+
+def load_notes(p: dict[str, Any]) -> list[str]:
+    """The machine's load beside the figures: a loaded run can then be told from a regression."""
+    rounds = p.get("load_average", {}).get("per_round") or []
+    if not rounds:
+        return []
+    ones = [r[0] for r in rounds if r]
+    return [f"load average (1 min) after each round: {', '.join(f'{x:.2f}' for x in ones)} "
+            f"(median {statistics.median(ones):.2f})"]
 
 
 def settings_line(p: dict[str, Any]) -> str:

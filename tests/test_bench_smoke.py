@@ -74,15 +74,20 @@ def test_markdown_from_results():
     part = {"title": "Thing", "date": "d", "repeats": 2, "smoke": False, "settings": {"n": 1},
             "method": "how", "rows": [row("a", [1000.0, 2000.0], "tokens/s")],
             "ratios": [ratio("a / b", [1.0, 2.0], [2.0, 2.0])],
-            "targets": [target("a / b", 0.75, 0.98)], "notes": ["a note"]}
+            "targets": [target("a / b", 0.75, 0.98)], "notes": ["a note"],
+            "load_average": {"per_round": [[1.5, 1.0, 0.5], [0.25, 0.9, 0.5], [3.0, 2.0, 1.0]]}}
     results = {"meta": {"date": "d", "command": "python -m bench", "results": "r.json",
-                        "machine": {"cpu": "CPU", "cores": 2}, "versions": {"python": "3"}},
+                        "machine": {"cpu": "CPU", "cores": 2, "load_average": [0.5, 0.25, 0.125]},
+                        "versions": {"python": "3"}},
                "parts": {"throughput": part}}
     md = markdown(results)
     assert "| a | 1,500 | 1,000 – 2,000 | tokens/s |" in md
     assert "| a / b | 0.750 | 0.500 – 1.000 |" in md
     assert "| a / b | ≥ 0.980 | 0.750 | **missed** |" in md
     assert "- a note" in md
+    # the load beside the figures: per round, and the machine's at the end of the run
+    assert "- load average (1 min) after each round: 1.50, 0.25, 3.00 (median 1.50)" in md
+    assert "- load average (1/5/15 min) at the end of the run: 0.50/0.25/0.12" in md
 
 
 def test_summary_and_paired_ratio():
