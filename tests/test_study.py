@@ -256,3 +256,13 @@ def test_a_diverging_trial_is_pruned_with_its_reason_and_the_study_completes(stu
     assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] * 2
     runs = pd.read_sql("select status, status_reason from runs", url)
     assert list(runs.status) == ["pruned", "pruned"] and runs.status_reason.str.startswith("diverged").all()
+
+
+def test_each_worker_of_n_jobs_takes_the_next_device_in_turn():
+    import torch
+
+    from studies.runner import trial_devices
+    assert trial_devices("cuda:0, cuda:1", 3) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert trial_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
+    visible = [f"cuda:{i}" for i in range(torch.cuda.device_count())]      # the default: every visible GPU
+    assert trial_devices(None, 2) == ([visible[k % len(visible)] for k in range(2)] if visible else [None, None])
