@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.distributed import World, share, split_for
+from trainer.distributed import World, peer_failure, share, split_for
+from trainer.errors import RankLost
+from trainer.interrupts import StopRequests
 from trainer.state import Split
 
 STEPS = 40
@@ -94,6 +96,31 @@ def test_shares_and_splits():
     assert split_for(8, World(0, 0, 3), 4) is None
 
 
+def test_a_failed_all_reduce_is_a_lost_rank_and_other_errors_stay_what_they_are():
+    two, one = World(0, 0, 2), World(0, 0, 1)
+    gloo = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer\n...")
+    lost = peer_failure(gloo, two)
+    assert isinstance(lost, RankLost) and "Connection reset by peer" in str(lost) and "--resume auto" in str(lost)
+    assert "\n" not in str(lost)                                       # one line
+    assert peer_failure(gloo, one) is None                             # one process: no peer to lose
+    assert peer_failure(RuntimeError("shape mismatch"), two) is None
+    assert peer_failure(lost, two) is lost
+
+
+def test_after_ignore_from_now_stop_signals_change_nothing_even_after_the_block():
+    previous = signal.getsignal(signal.SIGTERM)
+    stops = StopRequests()
+    try:
+        with stops.installed():
+            stops.ignore_from_now()
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)     # a second one would raise KeyboardInterrupt otherwise
+        assert not stops.requested
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.slow
 def test_two_processes_train_as_one_with_the_same_effective_batch(runs):
     one, two = step_losses(f"{runs / 'one'}.db"), step_losses(f"{runs / 'two'}.db")
@@ -137,6 +164,39 @@ def test_sigkill_of_the_launcher_then_resume_auto_ends_as_an_uninterrupted_run(r
         assert time.monotonic() < deadline, "the ranks outlived their launcher"
         time.sleep(0.05)
     assert not (out / "final_model").exists(), "the run finished before it was killed"
+    resumed = run(2, args + ["--resume", "auto"])
+    assert "resuming from" in resumed
+    a, b = weights(out), weights(runs / "two")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def _rank_of(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_run_with_its_checkpoint_and_resume_auto_continues(runs, corpus, tmp_path):
+    out = tmp_path / "rank-died"
+    args = flags(out, runs / "cache", corpus)
+    proc = launch(2, args)
+    first = out / "checkpoints" / "step-0000010"
+    while not (first / "manifest.json").exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.01)
+    rank1 = next(pid for pid in _children(proc.pid) if _rank_of(pid) == 1)
+    os.kill(rank1, signal.SIGKILL)                     # rank 1 dies; rank 0 and the launcher live on
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, log[-3000:]
+    # one line from the rank that lived, naming the fix; torchrun then names the rank that died
+    assert "another training process stopped answering" in log and "--resume auto" in log, log[-3000:]
+    assert "trainer.distributed.RankLost" not in log, log[-3000:]                 # no traceback of ours
+    assert "rank      : 1 (local_rank: 1)" in log and "SIGKILL" in log, log[-3000:]
+    assert not (out / "final_model").exists(), "the run finished although a rank died"
+    with sqlite3.connect(f"{out}.db") as c:
+        (status, reason), = c.execute("SELECT status, status_reason FROM runs").fetchall()
+        saved = [s for (s,) in c.execute("SELECT step FROM checkpoints")]
+    assert status == "failed" and "RankLost" in reason and 10 in saved, (status, reason, saved)
     resumed = run(2, args + ["--resume", "auto"])
     assert "resuming from" in resumed
     a, b = weights(out), weights(runs / "two")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from trainer.cli import Parser, add_config_flags, collect_problems, config_from_args, environment_checks, fail
-from trainer.errors import EXIT_FAILED, EXIT_TIME_BUDGET, ConfigError, TrainerError, TrainingInterrupted
+from trainer.errors import EXIT_FAILED, EXIT_TIME_BUDGET, ConfigError, RankLost, TrainerError, TrainingInterrupted
 
 PROG = "python -m trainer"
 
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         print(f"{PROG}: {stop}", file=sys.stderr)
         return stop.exit_code
+    except RankLost as lost:     # already recorded as failed; torchrun names the rank that died
+        print(f"{PROG}: {lost}", file=sys.stderr)
+        return EXIT_FAILED
     if result.status == "interrupted":
         print(f"interrupted: run {result.run_id} at step {result.steps} ({result.reason}); "
               f"resume from {result.final_checkpoint} with --resume auto")

@@ -34,16 +34,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, RankLost
 from trainer.state import Split
 
 T = TypeVar("T")
 PR_SET_PDEATHSIG = 1
 TIMEOUT = timedelta(minutes=10)   # a collective waits this long for a rank that hangs (not one that dies)
-
-
-class RankLost(RuntimeError):
-    """A collective failed: another process of the run died or stopped answering."""
 
 
 @dataclass(frozen=True)
@@ -151,8 +147,25 @@ def _collective(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except (RuntimeError, dist.DistBackendError) as exc:
-        raise RankLost(f"another training process stopped answering ({type(exc).__name__}: {exc}); the run ends "
-                       "here: continue it from its last checkpoint with --resume auto") from exc
+        raise _rank_lost(exc) from exc
+
+
+def _rank_lost(exc: BaseException) -> RankLost:
+    first_line = (str(exc).splitlines() or [""])[0][:200]    # gloo's messages run on for lines
+    return RankLost(f"another training process stopped answering ({type(exc).__name__}: {first_line}); "
+                    "the run ends here: continue it from its last checkpoint with --resume auto")
+
+
+def peer_failure(exc: BaseException, world: World) -> RankLost | None:
+    """``exc`` as a lost rank when it is one, else None. Besides our own collectives, the
+    gradient all-reduce inside DDP's backward meets a dead rank first as often as not; it
+    raises the backend's error (NCCL: DistBackendError, gloo: a RuntimeError from gloo)."""
+    if isinstance(exc, RankLost):
+        return exc
+    if world.parallel and (isinstance(exc, dist.DistBackendError)
+                           or (isinstance(exc, RuntimeError) and "gloo" in str(exc).lower())):
+        return _rank_lost(exc)
+    return None
 
 
 def mean_over_ranks(t: torch.Tensor, world: World) -> torch.Tensor:

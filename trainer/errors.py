@@ -23,6 +23,11 @@ class CheckpointError(TrainerError):
     """A checkpoint is missing, incomplete, corrupt or unsafe to load."""
 
 
+class RankLost(RuntimeError):
+    """A collective of a data-parallel run failed: another process of the run died or stopped
+    answering. Not a TrainerError (nothing the user passed is wrong); the run ends failed."""
+
+
 class StopTraining(Exception):
     """Raised by a recorder (for example a study's pruner) to end a run early.
 
@@ -37,7 +42,7 @@ class StopTraining(Exception):
 
 
 # Exit codes of `python -m trainer` (documented in the README).
-EXIT_FAILED = 1                # the run ended failed: diverged, or out of memory at micro-batch 1
+EXIT_FAILED = 1                # the run ended failed: diverged, out of memory at micro-batch 1, a rank lost
 EXIT_USAGE = 2                 # bad flags, data or checkpoint: nothing was written
 EXIT_TIME_BUDGET = 75          # EX_TEMPFAIL: stopped before --time-budget/--deadline; resume later
 EXIT_SIGNALS = {"SIGINT": 130, "SIGTERM": 143, "KeyboardInterrupt": 130}   # 128 + signal number

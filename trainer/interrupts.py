@@ -21,6 +21,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopRequests:
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.ignoring = False     # the process is ending on its own: further signals change nothing
 
     @property
     def requested(self) -> bool:
@@ -39,9 +40,17 @@ class StopRequests:
             yield self
         finally:
             for s, handler in previous.items():
-                signal.signal(s, handler)
+                signal.signal(s, signal.SIG_IGN if self.ignoring else handler)
+
+    def ignore_from_now(self) -> None:
+        """Ignore SIGINT and SIGTERM for the rest of the process (also after the block), which
+        is ending anyway: a data-parallel run whose rank died gets torchrun's SIGTERM while it
+        records the failure, and must still record it and say why."""
+        self.ignoring = True
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.ignoring:
+            return
         name = signal.Signals(signum).name
         if self.signal_name is not None:
             raise KeyboardInterrupt(f"second signal ({name}) while stopping")

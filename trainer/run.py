@@ -14,7 +14,8 @@ run as the loop's outcome says:
   RunResult with status ``interrupted`` (no exception: a study continues the trial later);
 - SIGINT/SIGTERM/KeyboardInterrupt: emergency checkpoint, ``finish("interrupted")``, then
   ``TrainingInterrupted`` with the exit code for the command line;
-- any other exception: the checkpoint in flight is completed, ``finish("failed")``, re-raised.
+- any other exception: the checkpoint in flight is completed, ``finish("failed")``, re-raised
+  (a lost rank of a data-parallel run, wherever it surfaced, as ``RankLost``).
 
 Control runs one way: run -> loop -> faults. The loop returns why it stopped (a Halt) or
 raises StopTraining; it never calls back into this module.
@@ -33,7 +34,7 @@ from trainer.clock import SimulatedTime, StopClock
 from trainer.config import TrainConfig
 from trainer.data import PreparedData, prepare_data
 from trainer.device import place
-from trainer.distributed import World, from_main, join, run_gpus
+from trainer.distributed import World, from_main, join, peer_failure, run_gpus
 from trainer.errors import EXIT_SIGNALS, StopTraining, TrainingInterrupted
 from trainer.export import export_hf
 from trainer.files import json_float
@@ -131,8 +132,14 @@ def _drive(t: Trainer, plan: ResumePlan, notes: list[str]) -> RunResult:
         status, reason = stop.status, stop.reason
         t.log(f"run stopped: {status} ({reason})")
     except BaseException as exc:
+        lost = peer_failure(exc, t.world)
+        if lost is not None:     # torchrun SIGTERMs the survivors: record the failure and say why first
+            t.stops.ignore_from_now()
         _complete_saves(t)
-        t.recorder.finish("failed", f"{type(exc).__name__}: {exc}")
+        failure = lost or exc
+        t.recorder.finish("failed", f"{type(failure).__name__}: {failure}")
+        if lost is not None and lost is not exc:
+            raise lost from exc
         raise
     if halt is not None and halt.cause == TIME:
         return _stop_for_time(t, plan)
