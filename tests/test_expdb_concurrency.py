@@ -135,9 +135,11 @@ _BLOCKER = textwrap.dedent("""
 
 class LockingRecorder:
     """Forwards to a DBRecorder; has another process lock the database for writes when the
-    trainer logs step ``lock_at`` and release it at step ``release_at``, and notes which
-    recorder calls the trainer made while the lock was held. Steps, not seconds, decide when:
-    the same steps fall inside the lock on any machine."""
+    trainer logs step ``lock_at`` and release it at the first step from ``release_at`` on
+    after a checkpoint was reported under the lock, and notes which recorder calls the trainer
+    made while the lock was held. Steps and calls, not seconds, decide when: a checkpoint is
+    written in the background and reported at the step after its write ends, which comes
+    sooner in steps on a slow machine than on a fast one."""
 
     def __init__(self, inner, blocker: subprocess.Popen, lock_at: int, release_at: int):
         self.inner, self.blocker, self.lock_at, self.release_at = inner, blocker, lock_at, release_at
@@ -145,6 +147,9 @@ class LockingRecorder:
         self.during_lock: list[tuple[str, int | None]] = []
         self.rows_at_lock = self.rows_at_release = None
         self.lock_seconds = 0.0
+
+    def _saw(self, call: str) -> bool:
+        return any(name == call for name, _ in self.during_lock)
 
     def _tell(self, command: str) -> int:
         self.blocker.stdin.write(command + "\n")
@@ -163,7 +168,7 @@ class LockingRecorder:
             if self.locked:
                 self.during_lock.append((name, step))
             result = method(*args, **kwargs)
-            if step == self.release_at:
+            if self.locked and step is not None and step >= self.release_at and self._saw("log_checkpoint"):
                 self.lock_seconds = time.monotonic() - self._locked_from
                 self.rows_at_release, self.locked = self._tell("release"), False
             return result
@@ -179,8 +184,9 @@ def test_training_goes_on_while_another_process_locks_the_database(tmp_path: Pat
     db = expdb.open(path)
     blocker = subprocess.Popen([sys.executable, "-c", _BLOCKER, str(path)], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)
-    # 30 steps an epoch, an evaluation every 20: the lock spans steps 10-45, so an evaluation,
-    # an epoch end and its checkpoint all happen while another process holds the database.
+    # 30 steps an epoch, an evaluation every 20: the lock spans steps 10 to 45 or later (until
+    # the epoch end's checkpoint is reported), so an evaluation, an epoch end and its checkpoint
+    # all happen while another process holds the database.
     recorder = LockingRecorder(db.recorder(), blocker, lock_at=10, release_at=45)
     try:
         result = train(tiny_cfg.replace(epochs=4), recorder, data=tiny_data, log=lambda *_: None)
