@@ -146,15 +146,20 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def launch_until_first_checkpoint(args: list[str], out: Path) -> subprocess.Popen:
+    """A 2-process run, returned once its step-10 checkpoint is complete (not after a sleep)."""
+    proc = launch(2, args)
+    while not (out / "checkpoints" / "step-0000010" / "manifest.json").exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.01)
+    return proc
+
+
 @pytest.mark.slow
 def test_sigkill_of_the_launcher_then_resume_auto_ends_as_an_uninterrupted_run(runs, corpus, tmp_path):
     out = tmp_path / "killed"
     args = flags(out, runs / "cache", corpus)
-    proc = launch(2, args)
-    first = out / "checkpoints" / "step-0000010"
-    while not (first / "manifest.json").exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        time.sleep(0.01)
+    proc = launch_until_first_checkpoint(args, out)
     ranks = _children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -179,11 +184,7 @@ def _rank_of(pid: int) -> int:
 def test_a_rank_that_dies_ends_the_run_with_its_checkpoint_and_resume_auto_continues(runs, corpus, tmp_path):
     out = tmp_path / "rank-died"
     args = flags(out, runs / "cache", corpus)
-    proc = launch(2, args)
-    first = out / "checkpoints" / "step-0000010"
-    while not (first / "manifest.json").exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        time.sleep(0.01)
+    proc = launch_until_first_checkpoint(args, out)
     rank1 = next(pid for pid in _children(proc.pid) if _rank_of(pid) == 1)
     os.kill(rank1, signal.SIGKILL)                     # rank 1 dies; rank 0 and the launcher live on
     log, _ = proc.communicate(timeout=300)
