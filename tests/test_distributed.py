@@ -36,8 +36,8 @@ def flags(out: Path, cache: Path, corpus: Path, **more) -> list[str]:
     return [x for k, v in settings.items() for x in (f"--{k}", str(v))]
 
 
-def launch(nproc: int, args: list[str], **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def launch(nproc: int, args: list[str], env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     if nproc == 1:
         cmd = [sys.executable, "-m", "trainer", *args]
     else:
@@ -46,8 +46,8 @@ def launch(nproc: int, args: list[str], **popen) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def run(nproc: int, args: list[str], expect: int = 0) -> str:
-    proc = launch(nproc, args)
+def run(nproc: int, args: list[str], expect: int = 0, env: dict[str, str] | None = None) -> str:
+    proc = launch(nproc, args, env)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == expect, out[-3000:]
     return out
@@ -132,6 +132,40 @@ def test_two_processes_train_as_one_with_the_same_effective_batch(runs):
     assert sorted(p.name for p in (runs / "two").iterdir()) == ["checkpoints", "final_model"]
     assert sorted(p.name for p in (runs / "two/checkpoints").glob("step-*")) == \
         [f"step-{s:07d}" for s in (10, 20, 30, 40)]
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_one_rank_halves_the_micro_batch_on_both(runs, corpus, tmp_path):
+    """Rank 1 alone fails in step 3's forward pass (from inside the model); both ranks redo the
+    step at 2 x 2 instead of 4 x 1, and the run goes on as the uninterrupted one."""
+    out = tmp_path / "oom"
+    log = run(2, flags(out, runs / "cache", corpus), env={"TRAINER_INJECT_OOM": "3@1"})
+    assert "out of memory in step 3: micro-batch 4 x 1 -> 2 x 2" in log, log[-3000:]
+    with sqlite3.connect(f"{out}.db") as c:
+        assert c.execute("SELECT status FROM runs").fetchall() == [("completed",)]
+        events = [json.loads(d) for (d,) in c.execute("SELECT detail FROM events WHERE kind = 'oom'")]
+    assert [(e["new_micro_batch"], e["new_grad_accum"]) for e in events] == [(2, 2)]    # recorded once
+    assert "another process ran out of memory in step 3" in events[0]["error"]           # rank 0's view
+    losses = step_losses(f"{out}.db")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert_close(losses, step_losses(f"{runs / 'two'}.db"), range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_the_last_backward_ends_the_run_naming_the_flags_that_continue_it(runs, corpus, tmp_path):
+    """Rank 1 alone fails in step 12's backward, when rank 0 is in its gradient all-reduce: no
+    redoing in place; the run ends, and the flags it names continue it like the uninterrupted run."""
+    out = tmp_path / "oom-backward"
+    args = flags(out, runs / "cache", corpus)
+    log = run(2, args, expect=1, env={"TRAINER_INJECT_OOM_BACKWARD": "12@1"})
+    fix = "--resume auto --micro-batch 2 --grad-accum 2"
+    assert f"rank 1 ran out of memory in the backward pass of step 12" in log and fix in log, log[-3000:]
+    assert not (out / "final_model").exists()
+    resumed = run(2, args + fix.split())
+    assert "resuming from" in resumed and "step-0000010" in resumed, resumed[-3000:]
+    losses = step_losses(f"{out}.db")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert_close(losses, step_losses(f"{runs / 'two'}.db"), range(1, STEPS + 1))
 
 
 def _children(pid: int) -> list[int]:

@@ -1,9 +1,12 @@
 """Memory faults and non-finite losses, recovered in place, on the CPU through fault injection."""
+import gc
 import math
 
 import pytest
+import torch
 
-from trainer_fixtures import run_with_faults
+from trainer.run import train
+from trainer_fixtures import ListRecorder, run_with_faults
 
 
 run = run_with_faults   # tests/trainer_fixtures.py
@@ -31,6 +34,31 @@ def test_injected_ooms_keep_the_effective_batch_and_every_sample(fault_cfg, tiny
     after = hit_db.steps(hit.run_id).set_index("step").loss.loc[7:]
     reference = small_db.steps(small.run_id).set_index("step").loss.loc[7:]
     assert after.to_numpy() == pytest.approx(reference.to_numpy(), rel=1e-4)
+
+
+class GraphsAliveAtRemedy(ListRecorder):
+    """At each ``oom`` event (recorded once the memory was freed, before the step is redone):
+    how many live tensors still carry an autograd graph, as a failed pass's activations do."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive = []
+
+    def log_event(self, kind, step, detail):
+        if kind == "oom":
+            self.alive.append(sum(issubclass(type(o), torch.Tensor) and o.grad_fn is not None for o in gc.get_objects()))
+        super().log_event(kind, step, detail)
+
+
+def test_the_failed_pass_holds_no_memory_when_the_step_is_redone(fault_cfg, tiny_data, monkeypatch):
+    # The injected error is raised inside the model, its earlier blocks' activations alive, as a
+    # real one is; a kept exception (its traceback) would keep them, and the redone step would
+    # run out of the memory they hold.
+    monkeypatch.setenv("TRAINER_INJECT_OOM", "2,5")
+    recorder = GraphsAliveAtRemedy()
+    result = train(fault_cfg.replace(max_steps=6), recorder, data=tiny_data)
+    assert result.status == "completed" and recorder.event_kinds() == ["oom", "oom"]
+    assert recorder.alive == [0, 0]
 
 
 def test_out_of_memory_at_micro_batch_one_ends_the_run_with_a_checkpoint(fault_cfg, tiny_data, tmp_path, monkeypatch):
@@ -95,3 +123,19 @@ def test_gradient_scaler_overflows_are_skipped_and_recorded(fault_cfg, tiny_data
     assert [(d["scale"], d["total"]) for d in skips.detail] == [(2.0 ** 15, 1), (2.0 ** 14, 2), (2.0 ** 13, 3)]
     assert not (events.kind == "nonfinite").any()    # the scaler's own skips are no divergence streak
     assert db.steps(result.run_id).loss.notna().all()
+
+
+@pytest.mark.parametrize("split, checkpointing_on, names", [
+    ((4, 2), False, "continue the run from its last checkpoint with --resume auto --micro-batch 2 --grad-accum 4"),
+    ((1, 8), False, "with --resume auto --gradient-checkpointing true"),
+    ((1, 8), True, "the model does not fit; use a smaller --block-size, --n-embd or --n-layer"),
+])
+def test_an_out_of_memory_past_the_all_reduce_names_what_continues_the_run(split, checkpointing_on, names):
+    from trainer.errors import RankLost
+    from trainer.faults import Split, oom_past_agreement
+
+    lost = oom_past_agreement(Split(*split), 12, 1, "CUDA out of memory. Tried to allocate 2 GiB\nmore", checkpointing_on)
+    assert isinstance(lost, RankLost)          # ends the run without entering another collective
+    assert str(lost).startswith("rank 1 ran out of memory in the backward pass of step 12 "
+                                "(CUDA out of memory. Tried to allocate 2 GiB), after the other ranks")
+    assert names in str(lost) and ("--resume" not in str(lost)) == checkpointing_on

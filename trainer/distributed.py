@@ -130,6 +130,20 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+class AgreedOutOfMemory(torch.cuda.OutOfMemoryError):
+    """Out of memory in a step that every rank knows of (``any_rank``): all of them redo it."""
+
+
+def forget_forward(ddp: torch.nn.Module) -> None:
+    """Every rank, after a step's last forward pass whose backward will not run (the step is
+    redone at a smaller micro-batch): DDP's reducer, prepared by that forward, would all-reduce
+    in the next backward, even a ``no_sync`` one, that the ranks whose forward failed do not.
+    ``_reset_state`` is DDP's own reset for a backward that did not happen; no public one exists."""
+    reducer = getattr(ddp, "reducer", None)
+    if reducer is not None:
+        reducer._reset_state()
+
+
 def share(sample_ids: np.ndarray, world: World) -> np.ndarray:
     """This rank's contiguous part of one optimizer step's sequences (every part the same size)."""
     n = len(sample_ids) // world.size

@@ -28,7 +28,7 @@ import torch
 from trainer.batches import PackedBlocks
 from trainer.checkpoints import CheckpointStore, load_checkpoint
 from trainer.device import Placement
-from trainer.errors import StopTraining
+from trainer.errors import RankLost, StopTraining
 from trainer.files import json_float
 from trainer.memory import free_memory, largest_micro_batch
 from trainer.model import next_token_loss
@@ -48,12 +48,14 @@ class OomRemedy(NamedTuple):
     gradient_checkpointing: bool     # activation checkpointing on for the retry (and after)
 
 
-def remedy_after_oom(split: Split, step: int, exc: BaseException, *, checkpointing: str, checkpointing_on: bool,
+def remedy_after_oom(split: Split, step: int, error: str, *, checkpointing: str, checkpointing_on: bool,
                      recorder: Recorder, log) -> OomRemedy:
     """The next rung of the memory ladder to redo ``step`` on; raises StopTraining (failed)
-    when none is left. ``checkpointing`` is --gradient-checkpointing (auto, true, false).
+    when none is left. ``checkpointing`` is --gradient-checkpointing (auto, true, false);
+    ``error`` the allocator's message.
 
-    The caller has dropped the failed step's half-accumulated gradients.
+    The caller has dropped the failed step's half-accumulated gradients, and the exception
+    (whose traceback holds the failed pass's activations), so that freeing memory frees them.
     """
     free_memory()
     if split.micro_batch > 1:
@@ -74,8 +76,24 @@ def remedy_after_oom(split: Split, step: int, exc: BaseException, *, checkpointi
     recorder.log_event(EVENT_OOM, step, {
         "remedy": remedy.kind, "old_micro_batch": split.micro_batch, "old_grad_accum": split.grad_accum,
         "new_micro_batch": remedy.split.micro_batch, "new_grad_accum": remedy.split.grad_accum,
-        "gradient_checkpointing": remedy.gradient_checkpointing, "error": str(exc)[:300]})
+        "gradient_checkpointing": remedy.gradient_checkpointing, "error": error[:300]})
     return remedy
+
+
+def oom_past_agreement(split: Split, step: int, rank: int, error: str, checkpointing_on: bool) -> RankLost:
+    """Out of memory in the last backward pass of a data-parallel step: the other ranks are in
+    its gradient all-reduce already, so the step cannot be redone by all of them in place. The
+    run ends as a lost rank (torchrun stops the others; no collective is entered again), naming
+    the flags that continue it with less memory, or that none are left."""
+    where = (f"rank {rank} ran out of memory in the backward pass of step {step} "
+             f"({(error.splitlines() or [''])[0][:200]}), after the other ranks began its gradient all-reduce")
+    if split.micro_batch == 1 and checkpointing_on:
+        return RankLost(f"{where}: at micro-batch 1 with gradient checkpointing the model does not fit; "
+                        "use a smaller --block-size, --n-embd or --n-layer")
+    fix = (f"--micro-batch {_halved(split).micro_batch} --grad-accum {_halved(split).grad_accum}"
+           if split.micro_batch > 1 else "--gradient-checkpointing true")
+    return RankLost(f"{where}, so it cannot be redone in place; continue the run from its last checkpoint "
+                    f"with --resume auto {fix}")
 
 
 def _halved(split: Split) -> Split:

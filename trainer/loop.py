@@ -27,11 +27,13 @@ from trainer.clock import StopClock
 from trainer.config import TrainConfig
 from trainer.data import PreparedData
 from trainer.device import Placement, memory_snapshot
-from trainer.distributed import (World, agree_stop, any_rank, copy_from_main, from_main, mean_over_ranks,
-                                 resumed_split, share, spread_from_main, step_seed, sum_over_ranks, wrap)
+from trainer.distributed import (AgreedOutOfMemory, World, agree_stop, any_rank, copy_from_main, forget_forward, from_main,
+                                 mean_over_ranks, resumed_split, share, spread_from_main, step_seed, sum_over_ranks,
+                                 wrap)
 from trainer.errors import DataError, StopTraining
 from trainer.early_stop import EarlyStop, decide
-from trainer.faults import count_nonfinite, is_nonfinite, pick_micro_batch, reload_before_streak, remedy_after_oom
+from trainer.faults import (count_nonfinite, is_nonfinite, oom_past_agreement, pick_micro_batch, reload_before_streak,
+                            remedy_after_oom)
 from trainer.interrupts import StopRequests
 from trainer.memory import (FaultInjector, clear_cache_if_due, enable_gradient_checkpointing,
                             gradient_checkpointing_on, is_out_of_memory, memory_report)
@@ -207,15 +209,21 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
                 if not is_out_of_memory(exc):
                     raise
-                self.optimizer.zero_grad(set_to_none=True)   # the failed step's half-accumulated gradients
-                remedy = remedy_after_oom(self.state.split, self.state.step + 1, exc,
-                                          checkpointing=self.cfg.gradient_checkpointing,
-                                          checkpointing_on=self.state.gradient_checkpointing,
-                                          recorder=self.recorder, log=self.log)
-                self.state.micro_batch, self.state.grad_accum = remedy.split
-                self.state.gradient_checkpointing = remedy.gradient_checkpointing
-                self._apply_gradient_checkpointing()
-                self.state.oom_recoveries += 1
+                if self.world.parallel and not isinstance(exc, AgreedOutOfMemory):
+                    raise oom_past_agreement(self.state.split, self.state.step + 1, self.world.rank, str(exc),
+                                             self.state.gradient_checkpointing)
+                error = str(exc)
+            # Out of the except clause: the traceback, and the failed pass's activations its frames
+            # hold, are gone before the memory is freed and the step redone.
+            self.optimizer.zero_grad(set_to_none=True)   # the failed step's half-accumulated gradients
+            remedy = remedy_after_oom(self.state.split, self.state.step + 1, error,
+                                      checkpointing=self.cfg.gradient_checkpointing,
+                                      checkpointing_on=self.state.gradient_checkpointing,
+                                      recorder=self.recorder, log=self.log)
+            self.state.micro_batch, self.state.grad_accum = remedy.split
+            self.state.gradient_checkpointing = remedy.gradient_checkpointing
+            self._apply_gradient_checkpointing()
+            self.state.oom_recoveries += 1
 
     def _apply_gradient_checkpointing(self) -> None:
         if self.state.gradient_checkpointing and not gradient_checkpointing_on(self.model):
@@ -252,33 +260,37 @@ class Trainer:
     def _accumulate(self, micro_batches: list[np.ndarray], step: int) -> torch.Tensor:
         """The step's loss, left on the device, with its gradients accumulated.
 
-        An out-of-memory error before the last micro-batch (whose backward synchronises the
-        gradients of several ranks) is raised on every rank once any rank has one, so all of
-        them redo the step with the same smaller micro-batch.
+        Out of memory in any forward pass, or in a backward pass before the last one (whose
+        all-reduce synchronises the gradients of several ranks), is raised on every rank once
+        any rank has one, so all of them redo the step with the same smaller micro-batch. Only
+        its message is kept: its traceback holds the failed pass's activations.
         """
         *first, last = micro_batches
-        step_loss, oom = torch.zeros((), device=self.device), None
+        step_loss, error = torch.zeros((), device=self.device), None
         try:
             for ids in first:
-                step_loss += self._micro_step(ids, len(micro_batches), step, sync=False)
-            self.faults.before_forward(step)  # injected OOM: earlier micro-batches' gradients exist
+                with contextlib.nullcontext() if not self.world.parallel else self._ddp.no_sync():
+                    loss = self._forward(ids, len(micro_batches), step)
+                    self.scaler.scale(loss).backward()     # DDP keeps these gradients local
+                step_loss += loss.detach()
+            with self.faults.oom_inside(self.model, step):   # TRAINER_INJECT_OOM (trainer.memory)
+                loss = self._forward(last, len(micro_batches), step)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is carried to the agreement
             if not is_out_of_memory(exc):
                 raise
-            oom = exc
-        if any_rank(oom is not None, self.world, self.device):
-            raise oom or torch.cuda.OutOfMemoryError(f"another process ran out of memory in step {step}")
-        return step_loss + self._micro_step(last, len(micro_batches), step, sync=True)
+            error = str(exc)
+        if any_rank(error is not None, self.world, self.device):
+            forget_forward(self._ddp)
+            raise AgreedOutOfMemory(error or f"another process ran out of memory in step {step}")
+        self.scaler.scale(loss).backward()     # DDP averages the gradients over the ranks here
+        return step_loss + loss.detach()
 
-    def _micro_step(self, ids: np.ndarray, n_micro: int, step: int, sync: bool) -> torch.Tensor:
+    def _forward(self, ids: np.ndarray, n_micro: int, step: int) -> torch.Tensor:
+        """One micro-batch's loss, divided by the micro-batches of the step: their gradients add
+        up to that of the whole step's mean loss."""
         batch = to_device(self.train_blocks.get(ids), self.device)        # (B, T+1)
-        # DDP averages the gradients in the last micro-batch's backward only.
-        with contextlib.nullcontext() if sync or not self.world.parallel else self._ddp.no_sync():
-            # Averaged over the micro-batches: the gradient is that of the whole step's mean loss.
-            loss = next_token_loss(self.train_model, batch, self.placement.autocast) / n_micro
-            loss = self.faults.corrupt_loss(step, loss)
-            self.scaler.scale(loss).backward()
-        return loss.detach()
+        loss = next_token_loss(self.train_model, batch, self.placement.autocast) / n_micro
+        return self.faults.corrupt_loss(step, loss)
 
     def _apply_update(self) -> None:
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None

@@ -5,15 +5,21 @@ Fault injection (documented in README, "Surviving memory faults"): environment v
 name the optimizer steps (1-based, comma-separated) at which to fail, once each:
 
     TRAINER_INJECT_OOM=3,7      the forward pass of the last micro-batch raises
-                                torch.cuda.OutOfMemoryError (the real type, on any device),
-                                after the earlier micro-batches have left their gradients
+                                torch.cuda.OutOfMemoryError (the real type, on any device)
+                                from inside the model, after its last block ran: the earlier
+                                micro-batches have left their gradients and this one's
+                                activations are alive, as a real allocator failure leaves them
+    TRAINER_INJECT_OOM=3@1      the same, on rank 1 of a torchrun run only
+    TRAINER_INJECT_OOM_BACKWARD=3@1   the same in that micro-batch's backward pass instead
     TRAINER_INJECT_NAN=5,6,7    the step's loss is made NaN before backward
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import psutil
 import torch
@@ -21,6 +27,7 @@ import torch
 from trainer.errors import ConfigError
 
 INJECT_OOM_ENV = "TRAINER_INJECT_OOM"
+INJECT_OOM_BACKWARD_ENV = "TRAINER_INJECT_OOM_BACKWARD"
 INJECT_NAN_ENV = "TRAINER_INJECT_NAN"
 MB = 1024 ** 2
 
@@ -46,17 +53,39 @@ class FaultInjector:
 
     oom_steps: set[int] = field(default_factory=set)
     nan_steps: set[int] = field(default_factory=set)
+    oom_backward_steps: set[int] = field(default_factory=set)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "FaultInjector":
         env = os.environ if environ is None else environ
-        return cls(_steps(env.get(INJECT_OOM_ENV, ""), INJECT_OOM_ENV),
-                   _steps(env.get(INJECT_NAN_ENV, ""), INJECT_NAN_ENV))
+        rank = int(env.get("RANK", "0"))             # set by torchrun
+        return cls(*(_steps(env.get(name, ""), name, rank)
+                     for name in (INJECT_OOM_ENV, INJECT_NAN_ENV, INJECT_OOM_BACKWARD_ENV)))
 
-    def before_forward(self, step: int) -> None:
-        if step in self.oom_steps:
-            self.oom_steps.discard(step)
-            raise torch.cuda.OutOfMemoryError(f"injected by {INJECT_OOM_ENV} at step {step}")
+    @contextlib.contextmanager
+    def oom_inside(self, model: torch.nn.Module, step: int) -> Iterator[None]:
+        """Around a forward pass of ``model`` (a GPT2LMHeadModel): at an injected step its last
+        block raises out of memory once it has run, or (backward) once its gradient is computed."""
+        forward, backward = step in self.oom_steps, step in self.oom_backward_steps
+        if not (forward or backward):
+            yield
+            return
+        self.oom_steps.discard(step)
+        self.oom_backward_steps.discard(step)
+
+        def fail(*_):
+            name = INJECT_OOM_ENV if forward else INJECT_OOM_BACKWARD_ENV
+            raise torch.cuda.OutOfMemoryError(f"injected by {name} at step {step}")
+
+        def fail_in_backward(_module, _inputs, output):
+            # A block returns its hidden states, or a tuple led by them (older transformers).
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden.register_hook(fail)
+        hook = model.transformer.h[-1].register_forward_hook(fail if forward else fail_in_backward)
+        try:
+            yield
+        finally:
+            hook.remove()
 
     def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         if step in self.nan_steps:
@@ -67,11 +96,16 @@ class FaultInjector:
         self.nan_steps.discard(step)
 
 
-def _steps(text: str, name: str) -> set[int]:
-    try:
-        return {int(s) for s in text.replace(" ", "").split(",") if s}
-    except ValueError:
-        raise ConfigError([f"{name}={text!r}: expected optimizer step numbers like 3,7"]) from None
+def _steps(text: str, name: str, rank: int) -> set[int]:
+    """Step numbers like "3,7"; "3@1" is step 3 on rank 1 only."""
+    steps = set()
+    for item in filter(None, text.replace(" ", "").split(",")):
+        step, at, on_rank = item.partition("@")
+        if not step.isdigit() or (at and not on_rank.isdigit()):
+            raise ConfigError([f"{name}={text!r}: expected optimizer step numbers like 3,7 (3@1: on rank 1 only)"])
+        if not at or int(on_rank) == rank:
+            steps.add(int(step))
+    return steps
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
