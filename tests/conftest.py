@@ -151,3 +151,4 @@ def pytest_collection_modifyitems(config, items):
 
 # --- trainer fixtures (tiny model, slice of the default corpus) ---------------------------
 from trainer_fixtures import data_cache, full_tiny_data, tiny_base_cfg, tiny_cfg, tiny_data  # noqa: E402,F401
+from simulated_gpu import simulated_gpu  # noqa: E402,F401  (a GPU's answers at torch's API, on the CPU)

@@ -122,7 +122,16 @@ def test_tf32_is_on_for_fp32_on_ampere_and_newer_only(tiny_cfg):
         assert fp32.tf32 == ((major, minor) >= (8, 0))                      # a T4 is 7.5: off
         assert ("TF32 matmuls" in fp32.description) == fp32.tf32
         assert (torch.backends.cuda.matmul.fp32_precision == "tf32") == fp32.tf32
-        half = place(tiny_cfg.replace(device="cuda", precision="bf16" if torch.cuda.is_bf16_supported() else "fp16"))
+        # native bf16 only: torch.cuda.is_bf16_supported() counts emulation and answers True on a T4
+        half = place(tiny_cfg.replace(device="cuda", precision="bf16" if (major, minor) >= (8, 0) else "fp16"))
         assert not half.tf32 and "TF32" not in half.description           # autocast already uses tensor cores
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def test_auto_precision_is_this_gpus_native_one(tiny_cfg):
+    from trainer.device import place
+
+    capability = torch.cuda.get_device_capability(0)
+    native = "bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "fp32"   # P100: fp32
+    assert place(tiny_cfg.replace(device="cuda", precision="auto")).precision == native

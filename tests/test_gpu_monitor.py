@@ -18,6 +18,7 @@ import torch
 
 import expdb
 from expdb.models import EpochMetric
+from simulated_gpu import simulated_uuid
 from trainer.distributed import World, run_gpus
 from trainer.gpu_monitor import (CPU_NOTE, EPOCH_COLUMNS, GpuMonitor, GpuSample, aggregate, gpu_epoch_metrics,
                                  start_gpu_monitor)
@@ -130,6 +131,34 @@ def test_the_monitor_samples_only_the_gpus_asked_for_under_cuda_visible_devices(
         == (40.0, 4096.0, 53.0, 100.003)
     assert (reading["gpu2_util"], reading["gpu2_mem_mb"], "gpu2_power_w" in reading) == (20.0, 2048.0, False)
     assert nvml.shutdowns == 1
+
+
+class NvmlByBus(FakeNvml):
+    """NVML numbering two GPUs by PCI bus, the reverse of CUDA's fastest-first order: NVML's GPU 0
+    is torch's cuda:1 (found by its UUID, which NVML writes "GPU-<uuid>")."""
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        by_uuid = {f"GPU-{simulated_uuid(1)}": 0, f"GPU-{simulated_uuid(0)}": 1}
+        if uuid not in by_uuid:
+            raise RuntimeError("NVMLError_NotFound")
+        return by_uuid[uuid]
+
+
+def test_the_monitor_finds_each_gpu_by_its_uuid_not_by_its_index(monkeypatch, simulated_gpu):
+    simulated_gpu("T4 x2")
+    monkeypatch.setitem(sys.modules, "pynvml", NvmlByBus())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monitor, note = start_gpu_monitor(interval_s=0.01, gpus=(0,))
+    reading = {}
+    try:
+        wait_for(lambda: reading.update(monitor.read()) or reading, "sample")
+    finally:
+        monitor.stop()
+    assert note is None and {k for k in reading if k.endswith("_util")} == {"gpu0_util"}
+    assert reading["gpu0_util"] == 20.0             # NVML's GPU 1, which is torch's cuda:0
 
 
 def test_no_gpu_to_sample_gives_no_monitor_only_a_note(monkeypatch):

@@ -1,14 +1,28 @@
 """Where the run executes and in which precision, and how much memory it uses.
 
-TF32: on Ampere and newer GPUs (compute capability 8.0+) an fp32 run lets matmuls and
-cuDNN convolutions use TensorFloat-32 (10-bit mantissa inputs, fp32 accumulation), several
-times faster on tensor cores and, for training, as accurate in practice. ``place`` decides
-it and names it in the device line; ``Placement.apply`` sets it. A T4 (7.5), a CPU, and a
-bf16/fp16 run (autocast already uses tensor cores) keep PyTorch's settings untouched.
+Every device decision is made here, from the GPU's compute capability and the kernels this torch
+build has (``Gpu``): the trainer (``place``), the notebook's environment line
+(``trainer.environment``) and the studies consult these functions and no rule of their own.
+
+- precision ``auto``: bf16 on Ampere and newer (8.0+, native bf16); fp16 with a gradient scaler on
+  7.x (a T4: fp16 tensor cores, no bf16); fp32 below 7.0 (a P100: no tensor cores, so fp16 gains
+  little). ``torch.cuda.is_bf16_supported()`` is not asked: by default it counts emulation and
+  answers True on a T4 and a P100.
+- refused before anything is written: ``--precision bf16`` below 8.0, ``--compile`` below 7.0
+  (Inductor's Triton kernels need 7.0), and a GPU this torch build has no kernels for (Kaggle's
+  CUDA 12.8 image with a P100: ``is_available()`` is True, the first operation fails).
+- TF32: on 8.0+ an fp32 run lets matmuls and cuDNN convolutions use TensorFloat-32 (10-bit
+  mantissa inputs, fp32 accumulation), several times faster on tensor cores and, for training, as
+  accurate in practice. ``place`` decides it and names it in the device line; ``Placement.apply``
+  sets it. A T4, a CPU, and a bf16/fp16 run (autocast already uses tensor cores) keep PyTorch's
+  settings untouched.
+- under torchrun each process selects its own GPU (cuda:LOCAL_RANK) before asking any GPU a
+  question, so no rank makes a CUDA context on cuda:0 or decides from another rank's GPU.
 """
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +30,7 @@ import psutil
 import torch
 
 from trainer.config import TrainConfig
+from trainer.distributed import World
 from trainer.errors import ConfigError
 
 
@@ -45,20 +60,121 @@ class Placement:
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
 
-def place(cfg: TrainConfig) -> Placement:
-    device = _resolve_device(cfg.device)
-    precision = _resolve_precision(cfg.precision, device)
-    tf32 = uses_tf32(device, precision)
-    if device.type == "cuda":
-        description = f"{device} ({torch.cuda.get_device_name(device)}{', TF32 matmuls' if tf32 else ''})"
-    else:
-        description = f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
-    return Placement(device, precision, description, tf32)
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU as torch reports it, with the kernels this torch build has: what every device
+    decision is made from."""
+    index: int
+    name: str
+    capability: tuple[int, int]
+    total_memory: int                     # bytes
+    arch_list: tuple[str, ...] = ()       # torch.cuda.get_arch_list(): sm_XY binaries, compute_XY PTX
+
+    @property
+    def memory_gb(self) -> float:
+        return self.total_memory / 1024 ** 3
+
+    @property
+    def sm(self) -> str:
+        return "sm_{}{}".format(*self.capability)
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.capability >= (8, 0)      # Ampere and newer; a T4 (7.5) and a P100 (6.0) emulate it
+
+    @property
+    def tensor_cores(self) -> bool:
+        return self.capability >= (7, 0)      # Volta and newer: fp16 matmuls on tensor cores
+
+    @property
+    def compiles(self) -> bool:
+        return self.capability >= (7, 0)      # Inductor writes Triton kernels; Triton needs 7.0+
+
+    @property
+    def has_kernels(self) -> bool:
+        return build_runs_on(self.arch_list, self.capability)
 
 
-def uses_tf32(device: torch.device, precision: str) -> bool:
+def read_gpu(index: int) -> Gpu:
+    """What torch reports about cuda:``index`` and this build's architectures."""
+    props = torch.cuda.get_device_properties(index)
+    return Gpu(index, props.name, (props.major, props.minor), props.total_memory, tuple(torch.cuda.get_arch_list()))
+
+
+def build_runs_on(arch_list: tuple[str, ...], capability: tuple[int, int]) -> bool:
+    """Whether a build compiled for ``arch_list`` runs on a GPU of ``capability``: an sm_XY binary
+    runs on X.Y and newer GPUs of the same major version (sm_86 on an L4's 8.9), compute_XY PTX on
+    any X.Y and newer (compiled on first use). A list with no such entry (a ROCm build) is not judged."""
+    parsed = [_ARCH.fullmatch(arch) for arch in arch_list]
+    built = [(m[1], (int(m[2]), int(m[3]))) for m in parsed if m]
+    if not built:
+        return True
+    return any(cc <= capability and (kind == "compute" or cc[0] == capability[0]) for kind, cc in built)
+
+
+_ARCH = re.compile(r"(sm|compute)_(\d+)(\d)[a-z]?")     # sm_86 -> 8.6, sm_100 -> 10.0, sm_90a -> 9.0
+
+
+def auto_precision(gpu: Gpu) -> str:
+    """What ``--precision auto`` runs on ``gpu``."""
+    if gpu.native_bf16:
+        return "bf16"
+    if gpu.tensor_cores:
+        return "fp16"      # with a gradient scaler: fp16's exponent range underflows small gradients
+    return "fp32"          # no tensor cores (a P100): fp16 saves memory but little time, and needs a scaler
+
+
+def gpu_refusals(cfg: TrainConfig, gpu: Gpu) -> list[str]:
+    """Each reason ``cfg`` cannot run on ``gpu``, naming the flag, the value and the fix."""
+    problems = []
+    if not gpu.has_kernels:
+        problems.append(f"--device {cfg.device!r}: {missing_kernels(gpu)}, or use --device cpu")
+    if cfg.precision == "bf16" and not gpu.native_bf16:
+        problems.append(
+            f"--precision 'bf16': the {gpu.name} (compute capability {gpu.capability[0]}.{gpu.capability[1]}) "
+            f"has no native bf16 (8.0+ has it); use --precision auto ({auto_precision(gpu)} here)")
+    if cfg.compile and not gpu.compiles:
+        problems.append(
+            f"--compile: the {gpu.name} (compute capability {gpu.capability[0]}.{gpu.capability[1]}) is too old "
+            f"for torch.compile's GPU kernels (Triton needs 7.0+); drop --compile")
+    return problems
+
+
+def missing_kernels(gpu: Gpu) -> str:
+    """Why this torch cannot run on ``gpu`` (which has no kernels for it), and the fix."""
+    return (f"this torch {torch.__version__} (CUDA {torch.version.cuda}) has no kernels for the {gpu.name} "
+            f"({gpu.sm}; it has {' '.join(gpu.arch_list)}): install a torch build that has {gpu.sm} (an older "
+            f"torch, or the cu126 or cu118 wheel from https://download.pytorch.org/whl/), use another GPU (a T4)")
+
+
+def uses_tf32(gpu: Gpu, precision: str) -> bool:
     """TF32 for an fp32 run on a GPU of compute capability 8.0 (Ampere) or newer."""
-    return device.type == "cuda" and precision == "fp32" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return precision == "fp32" and gpu.capability >= (8, 0)
+
+
+def attention_kernel(gpu: Gpu, precision: str) -> str:
+    """The kernel scaled_dot_product_attention is expected to pick: flash needs fp16/bf16 on 8.0+,
+    the memory-efficient one runs everywhere else (fp32 included); never the slow math one."""
+    if precision in ("fp16", "bf16") and gpu.capability >= (8, 0):
+        return "flash attention"
+    return "memory-efficient attention"
+
+
+def place(cfg: TrainConfig) -> Placement:
+    """The device, precision and TF32 of a run of ``cfg``; ConfigError if this GPU cannot run it."""
+    device = _resolve_device(cfg.device)
+    if device.type == "cpu":
+        precision = _cpu_precision(cfg.precision)
+        threads = torch.get_num_threads()
+        return Placement(device, precision, f"cpu ({torch.backends.cpu.get_cpu_capability()}, {threads} threads)")
+    gpu = read_gpu(device.index)
+    problems = gpu_refusals(cfg, gpu)
+    if problems:
+        raise ConfigError(problems)
+    precision = auto_precision(gpu) if cfg.precision == "auto" else cfg.precision
+    tf32 = uses_tf32(gpu, precision)
+    notes = ", ".join([gpu.name, *(["TF32 matmuls"] if tf32 else []), attention_kernel(gpu, precision)])
+    return Placement(device, precision, f"{device} ({notes})", tf32)
 
 
 def enable_tf32() -> None:
@@ -79,15 +195,25 @@ def _resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
-    # This thread's current GPU: cuda:0 unless a study's worker (--devices) or torchrun set another.
-    return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", _select_gpu())
 
 
-def _resolve_precision(name: str, device: torch.device) -> str:
-    if device.type == "cuda":
-        if name == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"  # a T4 has no bf16
-        return name
+def _select_gpu() -> int:
+    """This process's GPU. Under torchrun cuda:LOCAL_RANK, selected before any GPU is asked
+    anything: asking first would make a CUDA context on cuda:0 in every rank and decide from
+    rank 0's GPU. Otherwise the thread's current GPU: cuda:0 unless a study's worker (--devices)
+    selected another."""
+    world = World.from_env()
+    if not world.parallel:
+        return torch.cuda.current_device()
+    if world.local_rank >= torch.cuda.device_count():
+        raise ConfigError([f"torchrun: LOCAL_RANK {world.local_rank} but {torch.cuda.device_count()} GPU(s) "
+                           f"visible; start at most that many processes (--nproc-per-node) or use --device cpu"])
+    torch.cuda.set_device(world.local_rank)
+    return world.local_rank
+
+
+def _cpu_precision(name: str) -> str:
     if name == "fp16":
         raise ConfigError(["--precision 'fp16': fp16 autocast needs a CUDA GPU; use bf16 or fp32 on the CPU"])
     if name == "auto":

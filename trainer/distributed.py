@@ -68,22 +68,19 @@ class World:
 
 
 def join(placement):
-    """This process's World, the process group joined once, and the placement on its own GPU.
+    """This process's World, the process group joined once, and the placement named with its rank.
 
-    Returns (world, placement); one process: (World(), placement) unchanged.
+    ``placement`` comes from ``trainer.device.place``, which under torchrun already selected this
+    rank's GPU (cuda:LOCAL_RANK) before asking it anything. Returns (world, placement); one
+    process: (World(), placement) unchanged.
     """
     world = World.from_env()
     if not world.parallel:
         return world, placement
-    if placement.device.type == "cuda":
-        torch.cuda.set_device(world.local_rank)
-        placement = dataclasses.replace(
-            placement, device=torch.device("cuda", world.local_rank),
-            description=f"cuda:{world.local_rank} ({torch.cuda.get_device_name(world.local_rank)}), "
-                        f"rank {world.rank} of {world.size}")
-    else:
-        placement = dataclasses.replace(placement, description=f"{placement.description}, rank {world.rank} "
-                                                                 f"of {world.size}")
+    if placement.device.type == "cuda" and placement.device.index != world.local_rank:
+        raise RuntimeError(f"rank {world.rank} was placed on {placement.device}, not cuda:{world.local_rank}")
+    placement = dataclasses.replace(placement, description=f"{placement.description}, rank {world.rank} "
+                                                             f"of {world.size}")
     if not dist.is_initialized():
         _stop_with_launcher()
         dist.init_process_group("nccl" if placement.device.type == "cuda" else "gloo", timeout=TIMEOUT)

@@ -11,21 +11,13 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.device import Gpu
 
 KAGGLE_INPUT, KAGGLE_WORKING = Path("/kaggle/input"), Path("/kaggle/working")
 COLAB_DRIVE = Path("/content/drive/MyDrive")
-
-
-@dataclass(frozen=True)
-class Gpu:
-    index: int
-    name: str
-    memory_gb: float
-    capability: tuple[int, int]
-
-    @property
-    def bf16(self) -> bool:
-        return self.capability >= (8, 0)      # Ampere and newer; a T4 (7.5) and a P100 (6.0) have no bf16
 
 
 @dataclass(frozen=True)
@@ -37,18 +29,24 @@ class Environment:
 
     @property
     def precision(self) -> str:
-        """What --precision auto resolves to here (trainer.device decides it the same way)."""
+        """What --precision auto resolves to here: trainer.device's decision, as the trainer takes it."""
+        from trainer.device import auto_precision, cpu_has_native_bf16
         if not self.gpus:
-            from trainer.device import cpu_has_native_bf16
             return "bf16 (CPU autocast)" if cpu_has_native_bf16() else "fp32"
-        return "bf16" if self.gpus[0].bf16 else "fp16 with a gradient scaler"
+        precision = auto_precision(self.gpus[0])
+        return {"fp16": "fp16 with a gradient scaler",
+                "fp32": "fp32 (no tensor cores: fp16 would gain little)"}.get(precision, precision)
 
     def describe(self, working_dir: Path | None = None) -> str:
         where = {"kaggle": "Kaggle", "colab": "Colab", "local": "a local machine"}[self.platform]
         gpus = ", ".join(f"cuda:{g.index} {g.name} ({g.memory_gb:.1f} GB)" for g in self.gpus) or "no GPU (CPU only)"
         inputs = f"; inputs {self.input_dir}" if self.input_dir else ""
         return (f"running on {where}: working folder {working_dir or self.working_dir}{inputs}; {gpus}; "
-                f"precision: {self.precision}")
+                f"precision: {self.precision}{self._gpu_warnings()}")
+
+    def _gpu_warnings(self) -> str:
+        from trainer.device import missing_kernels
+        return "".join(f"; cuda:{g.index} cannot run: {missing_kernels(g)}" for g in self.gpus if not g.has_kernels)
 
 
 def platform() -> str:
@@ -72,13 +70,10 @@ def detect(drive_folder: str | None = None) -> Environment:
 def gpus() -> tuple[Gpu, ...]:
     import torch
 
+    from trainer.device import read_gpu
     if not torch.cuda.is_available():
         return ()
-    found = []
-    for i in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(i)
-        found.append(Gpu(i, props.name, props.total_memory / 1024 ** 3, (props.major, props.minor)))
-    return tuple(found)
+    return tuple(read_gpu(i) for i in range(torch.cuda.device_count()))
 
 
 def _importable(module: str) -> bool:

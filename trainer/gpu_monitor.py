@@ -118,7 +118,7 @@ def start_gpu_monitor(interval_s: float = 5.0, gpus: Sequence[int] | None = None
         pynvml.nvmlInit()
     except Exception as exc:            # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
         return None, f"GPU utilisation not sampled: NVML unavailable ({exc}); no NVIDIA GPU or driver here"
-    handles = [(k, h) for k, h in _visible_handles(pynvml) if gpus is None or k in gpus]
+    handles = _visible_handles(pynvml, gpus)
     if not handles:
         pynvml.nvmlShutdown()
         among = f" among cuda:{', cuda:'.join(map(str, gpus))}" if gpus else ""
@@ -127,9 +127,42 @@ def start_gpu_monitor(interval_s: float = 5.0, gpus: Sequence[int] | None = None
                       on_close=pynvml.nvmlShutdown), None
 
 
-def _visible_handles(pynvml: Any) -> list[tuple[int, Any]]:
-    """(torch's cuda index, NVML handle) of each visible GPU. NVML counts physical GPUs;
-    CUDA_VISIBLE_DEVICES (indices or UUIDs) picks torch's cuda:0, 1, ... in its order."""
+def _visible_handles(pynvml: Any, gpus: Sequence[int] | None) -> list[tuple[int, Any]]:
+    """(torch's cuda index, NVML handle) of each GPU asked for (None: every visible one), found
+    by the GPU's UUID: CUDA numbers GPUs fastest first and NVML by PCI bus, so cuda:0 need not be
+    NVML's GPU 0. By index only where torch gives no UUID; a UUID NVML does not know (a MIG
+    slice) is skipped."""
+    uuids = _cuda_uuids(gpus)
+    if not uuids:
+        return [(k, h) for k, h in _handles_by_index(pynvml) if gpus is None or k in gpus]
+    handles = []
+    for k, uuid in uuids.items():
+        try:
+            handles.append((k, pynvml.nvmlDeviceGetHandleByUUID(uuid)))
+        except Exception:               # noqa: BLE001 - NVMLError_NotFound
+            continue
+    return handles
+
+
+def _cuda_uuids(gpus: Sequence[int] | None) -> dict[int, str]:
+    """NVML's name of each GPU asked for ("GPU-" and the UUID torch gives without it), by torch's
+    cuda index; empty where torch sees no GPU or has no UUID to give (torch before 2.0)."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return {}
+        indices = range(torch.cuda.device_count()) if gpus is None else gpus
+        uuids = {k: str(torch.cuda.get_device_properties(k).uuid) for k in indices}
+    except (ImportError, AttributeError, RuntimeError, AssertionError):
+        return {}
+    if not all(uuids.values()):
+        return {}
+    return {k: uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}" for k, uuid in uuids.items()}
+
+
+def _handles_by_index(pynvml: Any) -> list[tuple[int, Any]]:
+    """(torch's cuda index, NVML handle) of each visible GPU, assuming both number the GPUs alike.
+    NVML counts physical GPUs; CUDA_VISIBLE_DEVICES (indices or UUIDs) picks torch's cuda:0, 1, ... in its order."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())]

@@ -86,9 +86,9 @@ def train(cfg: TrainConfig, recorder: Recorder | None = None, *, data: PreparedD
         cfg = cfg.replace(resume=str(resume))
     cfg.check()
     clock = StopClock.for_limits(cfg.time_budget, cfg.deadline, time_source)   # the budget counts from here
-    placement = place(cfg)
+    placement = place(cfg)               # torchrun: this rank's own GPU, selected before it is asked anything
     placement.apply()                    # process-wide backend settings (TF32 on Ampere+ in fp32)
-    world, placement = join(placement)   # torchrun: this process's rank, on its own GPU
+    world, placement = join(placement)   # torchrun: the process group, and the rank in the device line
     # Before the data: a bad --resume answers at once. Rank 0 decides; every rank resumes from it.
     plan = from_main(world, lambda: plan_resume(cfg))
     data = data or prepare_data(cfg, log=log)

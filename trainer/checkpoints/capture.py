@@ -67,9 +67,10 @@ def capture(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     groups = copy.deepcopy(optimizer.state_dict()["param_groups"]) if optimizer is not None else None
     if optimizer is not None:
         files.setdefault(OPTIMIZER_FILE, {})
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()    # the non_blocking copies above are complete
-    files[RNG_FILE] = _torch_rng_tensors()
+    device = model_device(model)
+    if device.type == "cuda":       # a CPU run never touches CUDA, even on a machine with GPUs
+        torch.cuda.synchronize(device)    # the non_blocking copies above are complete
+    files[RNG_FILE] = _torch_rng_tensors(device)
     meta = {
         KEY_FORMAT: FORMAT_VERSION, KEY_KIND: kind, KEY_STATE: state.to_json(), KEY_CONFIG: dict(config),
         KEY_OPTIMIZER_GROUPS: groups, KEY_SCALER: scaler.state_dict() if scaler.is_enabled() else None,
@@ -96,7 +97,7 @@ def restore(snapshot: Snapshot, *, model: torch.nn.Module, optimizer: torch.opti
             raise CheckpointError(f"{where}: the optimizer state does not fit this model ({exc})") from exc
     if meta.get(KEY_SCALER) and scaler.is_enabled():
         scaler.load_state_dict(meta[KEY_SCALER])
-    _restore_rng(snapshot.tensors[RNG_FILE], meta)
+    _restore_rng(snapshot.tensors[RNG_FILE], meta, model_device(model))
     return TrainState.from_json(meta[KEY_STATE])
 
 
@@ -157,12 +158,32 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str
 
 
 # -- random number generators -------------------------------------------------------------
-def _torch_rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"torch_cuda_{i}"] = s
+# The run's own GPU's generator only, whatever its index: a checkpoint from a 1-GPU Colab resumes
+# exactly on a 2-GPU Kaggle machine or on another index, and restoring never overwrites the
+# generator of another trial running on another GPU of the same process.
+RNG_CPU, RNG_CUDA = "torch_cpu", "torch_cuda"
+RNG_CUDA_PER_INDEX = "torch_cuda_"    # older checkpoints: every GPU's state, torch_cuda_<index>
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device the run trains on: where the model's weights are (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _torch_rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
+    out = {RNG_CPU: torch.get_rng_state()}
+    if device.type == "cuda":
+        out[RNG_CUDA] = torch.cuda.get_rng_state(device)
     return out
+
+
+def _saved_cuda_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """The GPU generator state to restore on ``device``: the saved one; from an older checkpoint,
+    that of the same index if it was saved, else the first."""
+    if RNG_CUDA in tensors:
+        return tensors[RNG_CUDA]
+    per_index = {k: tensors[k] for k in sorted(tensors) if k.startswith(RNG_CUDA_PER_INDEX)}
+    return per_index.get(f"{RNG_CUDA_PER_INDEX}{device.index}", next(iter(per_index.values()), None))
 
 
 def _python_rng_json() -> list[Any]:
@@ -175,11 +196,11 @@ def _numpy_rng_json() -> list[Any]:
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
 
 
-def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(tensors[RNG_CPU])
+    cuda = _saved_cuda_rng(tensors, device) if device.type == "cuda" else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
     version, internal, gauss = meta[KEY_PY_RNG]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = meta[KEY_NP_RNG]
