@@ -204,6 +204,8 @@ def _classify(detail: str, where: str, integrity: bool, operational: bool) -> Ex
     if operational and ("locked" in detail or "busy" in detail):
         return DatabaseLockedError(f"{where} stayed locked by another connection past the busy "
                                    f"timeout ({detail}); the rows are kept and retried")
+    if "disk is full" in detail or "No space left" in detail or "disk I/O error" in detail:
+        return StorageError(f"{where}: {_disk_problem(detail)} ({detail}); free space on its disk")
     if "readonly" in detail or "read-only" in detail:
         return ReadOnlyDatabaseError(f"{where} cannot be written ({detail}); copy it to a writable "
                                      "location, or open a writable path")
@@ -214,6 +216,10 @@ def _classify(detail: str, where: str, integrity: bool, operational: bool) -> Ex
         return NotADatabaseError(f"{where} is not an experiment database ({detail}); pass the "
                                  "path of an experiment database or a new path")
     return StorageError(f"{where}: database error ({detail})")
+
+
+def _disk_problem(detail: str) -> str:
+    return "a disk I/O error, as a full disk gives" if "I/O" in detail else "the disk is full"
 
 
 @contextmanager

@@ -10,7 +10,9 @@ lacks is created; one it has (same name and directions) receives the source's tr
 numbered after its own, as two sessions of one search. Each trial's ``run_id`` user
 attribute and each run's ``trial_number`` are rewritten to the new ids and numbers. A
 study of the same name but other directions cannot be merged: nothing is written and
-MergeError says so. Each source is merged in one transaction: all of it or nothing.
+MergeError says so. Each source is merged in one transaction: all of it or nothing, so a
+merge killed at any moment leaves the destination as it was before that source (a new
+destination may be left with its empty tables), and running it again completes it.
 
 Paths stored relative to the source's folder (checkpoints, run folders: expdb.paths) are
 stored again relative to the destination's, or absolute where they lie outside it, so
@@ -36,6 +38,7 @@ from expdb.models import SCHEMA_VERSION, Checkpoint, EpochMetric, EvalMetric, Ev
 from expdb.optuna_tables import OptunaTables, Study, Trial
 from expdb.rows import EVAL, STEP, RowSpec
 from expdb.values import to_json, utcnow
+from trainer.files import pause_point
 
 _RAW_TABLES = (RowSpec("step_metrics", STEP.columns), RowSpec("eval_metrics", EVAL.columns),
                RowSpec("step_rollups", tuple(c.name for c in StepRollup.__table__.c)))
@@ -126,6 +129,7 @@ def _merge_one(src: ExperimentDB, dst: ExperimentDB) -> MergeReport:
             plan = _Plan(s_runs, d_conn)
             for run in s_runs:
                 _copy_run(src, s_conn, d_conn, run, plan, (src.root, dst.root))
+                pause_point("merge.run_copied")     # kill tests: mid-transaction, nothing committed
             for name, study in s_studies.items():
                 _merge_study(s_optuna, d_optuna, study, d_studies.get(name), plan, report)
             plan.number_unlinked_runs(d_conn, d_optuna)

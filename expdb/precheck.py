@@ -21,12 +21,22 @@ from expdb.schema import read_version
 from expdb.views import VIEWS
 
 
-def check_database(url_or_path: str | os.PathLike, *, create: bool, write: bool) -> None:
+# Optuna's RDB storage (optuna/storages/_rdb/models.py): a study keeps its storage in the
+# experiment database's file by design, so these tables beside ours, or alone, are no stranger's.
+OPTUNA_TABLES = frozenset({
+    "studies", "study_directions", "study_user_attributes", "study_system_attributes", "trials",
+    "trial_params", "trial_values", "trial_intermediate_values", "trial_user_attributes",
+    "trial_system_attributes", "trial_heartbeats", "version_info", "alembic_version"})
+
+
+def check_database(url_or_path: str | os.PathLike, *, create: bool, write: bool, shared: bool = False) -> None:
     """Raise what opening ``url_or_path`` would raise; read only.
 
     ``create``: a SQLite path that does not exist yet is fine (it will be created), if its
     directory can be made. ``write``: the caller will record into it (a trainer, a study),
-    so a read-only file is refused too; readers accept one.
+    so a read-only file is refused too; readers accept one. A writer is also refused a
+    database that holds another program's tables and none of ours, unless ``shared`` (the
+    user's --db-shared) says to add ours beside them.
     """
     url = normalize_url(url_or_path)
     if make_url(url).get_backend_name() == "sqlite" and _is_new_path(url):
@@ -37,6 +47,8 @@ def check_database(url_or_path: str | os.PathLike, *, create: bool, write: bool)
     location = locate(url, create=False, readonly=True)   # a directory, or not a SQLite file: raises
     found, tables = _read_schema(location)
     _check_version(found, tables, location.where, create=create)
+    if write and not shared and found is None:
+        _refuse_strangers(tables, location.where)
     if write and location.sqlite and not _writable(Path(location.where)):
         raise ReadOnlyDatabaseError(f"{location.where} is not writable (a read-only file system, or no write "
                                     "permission); nothing was written. Pass a path in a writable directory")
@@ -133,6 +145,17 @@ def _check_version(found: int | None, tables: set[str], where: str, create: bool
         if not create:
             raise SchemaError(f"{where} holds no experiment database (no expdb tables); pass the database "
                               "that python -m trainer or python -m studies.search wrote")
+
+
+def _refuse_strangers(tables: set[str], where: str) -> None:
+    """A database of tables that are neither expdb's nor Optuna's (and no expdb schema yet):
+    another application's file, which recording into would change."""
+    strangers = sorted(tables - set(Base.metadata.tables) - set(VIEWS) - OPTUNA_TABLES)
+    if strangers:
+        shown = ", ".join(strangers[:5]) + (f" and {len(strangers) - 5} more" if len(strangers) > 5 else "")
+        raise SchemaError(f"{where} holds another program's tables ({shown}) and none of this project's; "
+                          "nothing was written. Pass a new file for the experiment database (e.g. --db "
+                          "experiments.db), or add --db-shared to keep this project's tables in that file too")
 
 
 def _writable(path: Path) -> bool:

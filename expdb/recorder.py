@@ -5,8 +5,9 @@ Every row goes through the buffered writer; the training thread never runs SQL a
 for it up to ``sync_timeout_s`` (0.25 s): they are rare and they are what a crashed
 run's history must not lose, but a database locked by another process must not hold
 up training, so after that moment the rows stay buffered and are written when the
-lock goes. A database problem never stops training; ``finish`` raises WriteError if
-rows are still unwritten at the end.
+lock goes (or the full disk has space again). A database problem never stops training;
+rows still unwritten when ``finish``'s retries run out are counted in ``unwritten_rows``
+and named in one error line with the fix.
 """
 from __future__ import annotations
 
@@ -53,15 +54,15 @@ class DBRecorder:
         self._finished = False
         self._best: float | None = None
         self.run_id: int | None = None
+        self.unwritten_rows = 0     # set by finish: rows the database never took (a full disk, a lock)
 
     # -- Recorder ------------------------------------------------------------------------
     def start_run(self, info: RunInfo) -> int:
         if self._writer is not None:
             raise RecorderStateError("start_run was already called on this recorder; "
                                      "get a new one from db.recorder() for another run")
-        if info.extra.get("run_id") is not None:
-            run_id = self._resume(info, int(info.extra["run_id"]), int(info.extra.get("resume_step", -1)))
-        else:
+        run_id = self._continued(info)
+        if run_id is None:
             run_id = self._insert(info)
         self.run_id = run_id
         self._writer = BufferedWriter(self._access.engine, run_id, self._access.where, **self._writer_options)
@@ -113,7 +114,7 @@ class DBRecorder:
         # Through the writer, so the last rows and the final status commit together.
         writer.set_run_fields(status=status, status_reason=reason, ended_at=utcnow())
         self._finished, self._steps = True, None
-        writer.close(self._finish_timeout_s)
+        self.unwritten_rows = writer.close(self._finish_timeout_s)
 
     @property
     def writer_cpu_s(self) -> float:
@@ -138,9 +139,29 @@ class DBRecorder:
                 f"study {study!r} trial {trial} already has run {existing}; resume it with "
                 f"RunInfo.extra['run_id']={existing} or use another trial number") from exc
 
-    def _resume(self, info: RunInfo, run_id: int, resume_step: int) -> int:
+    def _continued(self, info: RunInfo) -> int | None:
+        """The row a resume continues, once continued; None for a new run.
+
+        A checkpoint's run uid names its row in any database (a moved folder, a pack, a merged
+        file): found, that row goes on; not found, the run is new here and keeps the uid. Older
+        checkpoints name a run id alone, which only the database they were taken against knows.
+        """
+        uid, extra = info.extra.get("run_uid"), info.extra
+        if uid is not None:
+            if "resume_step" not in extra:
+                return None
+            with self._access.session() as session:
+                found = run_rows.find_run_by_uid(session, uid)
+            if found is None:
+                return None
+            return self._resume(info, found, int(extra["resume_step"]), by_uid=True)
+        if extra.get("run_id") is not None:
+            return self._resume(info, int(extra["run_id"]), int(extra.get("resume_step", -1)))
+        return None
+
+    def _resume(self, info: RunInfo, run_id: int, resume_step: int, by_uid: bool = False) -> int:
         with self._access.session() as session:
-            self._best, _ = run_rows.resume_run(session, run_id, info, resume_step, self._root)
+            self._best, _ = run_rows.resume_run(session, run_id, info, resume_step, self._root, by_uid=by_uid)
         return run_id
 
     def _started_writer(self) -> BufferedWriter:

@@ -32,11 +32,16 @@ def _described(info: RunInfo, root: Path | None) -> dict[str, Any]:
 def insert_run(session: Session, info: RunInfo, study_name: str | None,
                trial_number: int | None, root: Path | None = None) -> int:
     now = utcnow()
-    run = Run(uid=uuid.uuid4().hex, name=info.name, status="running", study_name=study_name, trial_number=trial_number,
+    # The trainer names the run (its checkpoints carry the uid, so any database finds the row again).
+    run = Run(uid=info.extra.get("run_uid") or uuid.uuid4().hex, name=info.name, status="running", study_name=study_name, trial_number=trial_number,
               started_at=now, updated_at=now, resume_count=0, **_described(info, root))
     session.add(run)
     session.flush()         # assigns run.id
     return run.id
+
+
+def find_run_by_uid(session: Session, uid: str) -> int | None:
+    return session.execute(select(Run.id).where(Run.uid == uid)).scalar()
 
 
 def find_trial_run(session: Session, study_name: str, trial_number: int) -> int | None:
@@ -45,14 +50,16 @@ def find_trial_run(session: Session, study_name: str, trial_number: int) -> int 
 
 
 def resume_run(session: Session, run_id: int, info: RunInfo, resume_step: int,
-               root: Path | None = None) -> tuple[float | None, int | None]:
+               root: Path | None = None, by_uid: bool = False) -> tuple[float | None, int | None]:
     """Continue ``run_id``: history after ``resume_step`` is deleted (the resumed run logs it
-    again), the best validation loss is recomputed from what is left. Returns that best."""
+    again), the best validation loss is recomputed from what is left. Returns that best.
+    ``by_uid``: the row was found by the uid the checkpoint carries, so a moved folder or a
+    renamed run is still this run."""
     run = session.get(Run, run_id)
     if run is None:
         raise UnknownRunError(run_id)
     described = _described(info, root)
-    if run.name != info.name and run.out_dir not in (info.config.get("out_dir"), described["out_dir"]):
+    if not by_uid and run.name != info.name and run.out_dir not in (info.config.get("out_dir"), described["out_dir"]):
         # Resuming would delete the later history of somebody else's run.
         raise RunMismatchError(run_id, (
             f"run {run_id} of this database is {run.name!r} (out_dir {run.out_dir}), not {info.name!r} "

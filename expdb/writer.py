@@ -7,7 +7,9 @@ once ``batch_rows`` are waiting, or when asked by ``flush``) in one transaction:
 DBAPI executemany of plain tuples per table, the step rollups, and the run's
 ``updated_at``. When the transaction fails (another process held the lock past the
 busy timeout, the server went away) the rows go back to the front of the buffer and
-are retried with a growing delay: nothing is dropped.
+are retried with a growing delay: nothing is dropped. A full disk is such a failure: the
+rows wait in memory until space is freed; if the run ends first, ``close`` retries for
+its timeout and then says in one line how many rows are unwritten and the fix.
 
 ``flush(timeout_s)`` asks the thread to write now and waits at most ``timeout_s`` for
 it: epoch ends and checkpoints wait a moment for a durable record, but never for a
@@ -99,19 +101,25 @@ class BufferedWriter:
         with self._done:
             return self._done.wait_for(lambda: self._written >= wanted, timeout=timeout_s)
 
-    def close(self, timeout_s: float) -> None:
-        """Write everything and stop the thread; WriteError if rows are left after ``timeout_s``."""
+    def close(self, timeout_s: float) -> int:
+        """Write everything and stop the thread, retrying for up to ``timeout_s``; return how
+        many rows are still unwritten then (0: all of them are in the database). Rows that
+        could not be written are never dropped in silence: one error line says how many and why."""
         atexit.unregister(self._close_at_exit)
         self._deadline = time.monotonic() + timeout_s
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout_s + 1.0)
-        left = self.pending + bool(self._run_fields)
+        left = self.pending + (1 if self._run_fields else 0)     # the run row's last fields count as one
         if left:
-            raise WriteError(f"{self.pending} rows of run {self.run_id} could not be written to "
-                             f"{self._where} within {timeout_s:.0f} s: {self.last_error}. The "
-                             "rows written before are kept; check that the database is writable "
-                             "and not locked by another process")
+            log.error("expdb: %d rows of run %d are not written after %g s of retries: %s. They are "
+                      "lost when this process exits (the rows written before are kept)",
+                      left, self.run_id, timeout_s, self.unwritten_reason())
+        return left
+
+    def unwritten_reason(self) -> str:
+        return str(self.last_error or "the database did not answer in time; check that it is writable "
+                   "and not locked by another process")
 
     # -- the daemon thread ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -138,10 +146,7 @@ class BufferedWriter:
         return not self.pending and not self._run_fields
 
     def _close_at_exit(self) -> None:
-        try:
-            self.close(timeout_s=10.0)
-        except ExpdbError as exc:
-            log.error("expdb: at exit: %s", exc)
+        self.close(timeout_s=10.0)
 
     # -- one transaction ------------------------------------------------------------------
     def _write_pending(self) -> bool:
@@ -191,5 +196,5 @@ class BufferedWriter:
             exc = WriteError(f"unexpected error while writing run {self.run_id}: {exc!r}")
         elif self.last_error is None:       # log once per failing streak, not on every retry
             hint = " (retrying cannot help)" if isinstance(exc, ConflictError) else ""
-            log.warning("expdb: %s; %d rows kept in memory%s", exc, self.pending, hint)
+            log.warning("expdb: %s; %d rows kept in memory and retried%s", exc, self.pending, hint)
         self.last_error = exc

@@ -12,10 +12,14 @@ outgrows it (30 trials x 5 checkpoints x 232 MB at kaggle-t4 = 35 GB). With a bu
   session pack, and stops with a message saying what to change otherwise.
 
 Only files under the study's own folder are removed: an input read in place is never touched.
+A folder is renamed aside before it is deleted, and the check before each trial first
+finishes any clean-up that a killed process left (``sweep``).
 """
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ import optuna
 from studies.context import StudyContext, TrialOutcome
 from studies.trial import RUN_ID_ATTR
 from trainer.config import TrainConfig
+from trainer.files import TMP_PREFIX, pause_point
 
 GB = 1e9
 MB = 1e6
@@ -32,6 +37,8 @@ EVENT_FILES_REMOVED = "study_files_removed"   # detail: {"paths", "bytes", "why"
 # Rotation at its peak: --keep-checkpoints newest, the best (never rotated), and one being written.
 ROTATION_EXTRA = 2
 PACK_COPIES = 2           # the pack is a folder and a .tar of it
+TRASH_PREFIX = f"{TMP_PREFIX}removing-"     # a folder renamed aside, being deleted
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,9 @@ class DiskBudget:
     keep_best: int = 3
 
     def refusal(self, ctx: StudyContext, number: int) -> str | None:
-        """Why trial ``number`` may not start (None: it may), measured now."""
+        """Why trial ``number`` may not start (None: it may), measured now (after finishing any
+        clean-up that a killed process left undone)."""
+        self.sweep(ctx)
         cfg = ctx.base.replace(**_params_of(ctx, number))
         need = trial_peak_bytes(cfg, ctx.data.vocab_size) + pack_bytes(ctx, cfg)
         used = study_bytes(ctx)
@@ -68,6 +77,22 @@ class DiskBudget:
         ctx.log(f"disk: removed {removed / MB:.1f} MB after trial {outcome.number}; the study's files take "
                 f"{study_bytes(ctx) / GB:.3f} GB of --max-disk-gb {self.max_bytes / GB:g}")
 
+    def sweep(self, ctx: StudyContext) -> None:
+        """Finish what a clean-up killed mid-way left: the files of finished trials that
+        ``after_trial`` would have removed, and folders it had begun to remove."""
+        run_ids = {ctx.trial_dir(t.number).name: t.user_attrs.get(RUN_ID_ATTR)
+                   for t in ctx.study.get_trials(deepcopy=False)}
+        removed = sum(remove_tree(ctx, run_ids.get(trash.parent.name), trash, "an earlier clean-up was interrupted")
+                      for trash in sorted(ctx.out_dir.glob(f"trial-*/{TRASH_PREFIX}*")) if _abandoned(trash))
+        for trial in ctx.study.get_trials(deepcopy=False, states=FINISHED):
+            if (ctx.trial_dir(trial.number) / "checkpoints").exists():
+                removed += remove_checkpoints(ctx, trial.number, trial.user_attrs.get(RUN_ID_ATTR))
+        for number, run_id in self._beyond_best(ctx):
+            removed += remove_tree(ctx, run_id, ctx.trial_dir(number) / "final_model",
+                                   f"not among the {self.keep_best} best trials")
+        if removed:
+            ctx.log(f"disk: removed {removed / MB:.1f} MB that an interrupted clean-up left")
+
     def _beyond_best(self, ctx: StudyContext) -> list[tuple[int, int | None]]:
         done = ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         ranked = sorted(done, key=lambda t: (t.value, t.number))
@@ -86,11 +111,22 @@ def remove_checkpoints(ctx: StudyContext, number: int, run_id: int | None) -> in
 
 
 def remove_tree(ctx: StudyContext, run_id: int | None, path: Path, why: str) -> int:
-    """Delete ``path`` if it is under the study's own folder; record it; return the bytes freed."""
+    """Delete ``path`` if it is under the study's own folder; record it; return the bytes freed.
+
+    It is first renamed aside (one atomic step: another worker's clean-up of the same folder
+    finds nothing), then deleted; a kill in between leaves only the renamed folder, which
+    the next ``sweep`` deletes."""
     if not path.exists() or not _inside(path, ctx.out_dir):
         return 0
-    size = tree_bytes(path)
-    shutil.rmtree(path)
+    trash = path if path.name.startswith(TRASH_PREFIX) else \
+        path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return 0            # another worker removed it first
+    size = tree_bytes(trash)
+    pause_point("disk.removing")
+    shutil.rmtree(trash, ignore_errors=True)
     if run_id is not None:
         ctx.db.add_event(run_id, EVENT_FILES_REMOVED, None, {"paths": [str(path)], "bytes": size, "why": why})
     return size
@@ -150,6 +186,23 @@ def _params_of(ctx: StudyContext, number: int) -> dict[str, Any]:
     if "micro_batch" in params and "grad_accum" not in params:
         params["grad_accum"] = max(1, ctx.base.effective_batch // params["micro_batch"])
     return params
+
+
+def _abandoned(trash: Path) -> bool:
+    """Is ``trash`` left by a process that is gone (not one deleting it right now)?"""
+    try:
+        pid, thread = (int(part) for part in trash.name.rsplit("-", 2)[1:])
+    except ValueError:
+        return True
+    if pid == os.getpid():      # a worker thread of this process that is deleting it now?
+        return thread not in {t.ident for t in threading.enumerate()}
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False        # alive, another user's
+    return False
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -14,6 +14,7 @@ import pandas as pd
 
 import expdb
 from studies.context import StudyContext, storage_url_for
+from expdb.engine import enable_wal
 from studies.disk import GB, DiskBudget
 from studies.lock import StudyLock
 from studies.sampling import make_sampler
@@ -66,6 +67,8 @@ def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | 
         if args.time_budget else None,
         stop_starting_at=(time_source or time.monotonic)() + args.timeout if args.timeout else None,
         time_source=time_source)
+    if ctx.disk is not None:      # what a clean-up killed after the last session's last trial left
+        ctx.disk.sweep(ctx)
     print(f"study {study_name!r}: {len(finished_trials(study))} of {args.trials} trials finished "
           f"(storage {storage_url}, {args.n_jobs} worker{'s' if args.n_jobs > 1 else ''})")
     try:
@@ -135,6 +138,8 @@ def _load_study(args: argparse.Namespace, study_name: str, storage_url: str, bas
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {"pool_pre_ping": True}
     storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs)
+    if storage_url.startswith("sqlite"):      # a --storage file of its own: readers must not block the study
+        enable_wal(storage.engine)
     per_epoch = steps_per_epoch(len(data.train), base)
     return optuna.create_study(study_name=study_name, storage=storage, direction="minimize",
                                sampler=make_sampler(args.sampler, args.seed, space),

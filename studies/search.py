@@ -26,6 +26,9 @@ def build_parser() -> Parser:
     p.add_argument("--study-name", default=None, metavar="S", help="Study name (default: the preset's name).")
     p.add_argument("--db", default="experiments.db", metavar="URL",
                    help="Experiment database: SQLite path or SQLAlchemy URL (default: experiments.db).")
+    p.add_argument("--db-shared", action="store_true",
+                   help="Record into --db even though it holds another program's tables and none of this "
+                        "project's or Optuna's (ours are added beside them); without it such a file is refused.")
     p.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage URL (default: the experiment database's file).")
     p.add_argument("--preset", default=None, metavar="NAME",
@@ -124,7 +127,8 @@ def refuse_before_writing(args: argparse.Namespace, base) -> None:
     from trainer.errors import ConfigError, TrainerError
 
     checks = environment_checks(base) + [
-        (f"--db {args.db!r}: ", lambda: expdb.check_database(args.db, create=True, write=True))]
+        (f"--db {args.db!r}: ", lambda: expdb.check_database(args.db, create=True, write=True,
+                                                             shared=getattr(args, "db_shared", False)))]
     if args.storage:
         checks.append((f"--storage {args.storage!r}: ", lambda: expdb.check_storage_file(args.storage)))
     problems = collect_problems(checks, errors=(TrainerError, expdb.ExpdbError)) + device_problems(args.devices)

@@ -6,6 +6,8 @@ A space file is YAML mapping each training setting to its distribution::
     n_layer:    {type: int, low: 1, high: 4}
     n_embd:     {type: categorical, choices: [96, 128, 160]}
     dropout:    {type: float, low: 0.0, high: 0.2, step: 0.05}
+    optimizer:  {type: categorical, choices: [adamw, muon]}
+    muon_lr:    {type: float, low: 5.0e-3, high: 5.0e-2, log: true}    # used by the muon trials only
 
 Every mistake in the file is reported at once, before any trial starts.
 """
@@ -154,7 +156,9 @@ def _range_problems(p: Param) -> list[str]:
     if p.type == "categorical":
         if not isinstance(p.choices, tuple) or not p.choices:
             return ["categorical needs a non-empty list under 'choices'"]
-        return []
+        allowed = TrainConfig.__dataclass_fields__[p.name].metadata.get("choices")     # e.g. optimizer's
+        unknown = [c for c in p.choices if allowed and c not in allowed]
+        return [f"choices {unknown} are not settings of {p.name}; use some of {', '.join(allowed)}"] if unknown else []
     numbers = (int, float)
     if not (isinstance(p.low, numbers) and isinstance(p.high, numbers)):
         return [f"needs numeric 'low' and 'high' (got {p.low!r}, {p.high!r})"]

@@ -4,8 +4,8 @@ Each case runs in a subprocess whose working folder holds a few traps (a text fi
 like a database, an empty data file, another program's SQLite file, a database of a newer
 expdb, ...). Every one must exit 2 with one line per problem naming the flag, print no
 traceback, and leave the folder exactly as it was: no token cache, no database, no lock
-file, no output folder. None of them prepares data or trains, so they run in parallel and
-fast.
+file, no output folder. None of them trains (the data-file cases read a few bytes of data and
+stop at its checks), so they run in parallel and fast.
 """
 from __future__ import annotations
 
@@ -50,6 +50,22 @@ TRAINER = [
     ("trainer --text-column=", "--text-column ''", {}),
     ("trainer", "TRAINER_INJECT_OOM='x'", {"TRAINER_INJECT_OOM": "x"}),
     ("trainer", "TRAINER_SIMULATED_STEP_S='fast'", {"TRAINER_SIMULATED_STEP_S": "fast"}),
+    # A limit that leaves no time: refused up front, not a run row stopped at step 0 (exit 75).
+    ("trainer --deadline 2020-01-01T00:00", "--deadline '2020-01-01T00:00': that time has passed", {}),
+    ("trainer --deadline 2020-01-01T00:00+00:00", "--deadline '2020-01-01T00:00+00:00'", {}),
+    ("trainer --config past.yaml", "--deadline '2020-01-01T00:00': that time has passed", {}),
+    ("trainer --time-budget 0s", "--time-budget '0s'", {}),
+    # Another program's database (tables, none of ours or Optuna's): refused unless --db-shared.
+    ("trainer --db app.db", "--db 'app.db': ", {}),
+    ("trainer --db app.db --db-shared", "TRAINER_INJECT_OOM='x'", {"TRAINER_INJECT_OOM": "x"}),
+    # Every data-file check before the first write to the cache (.cache/trainer/datasets included).
+    ("trainer --data-files binary.txt", "--data-files 'binary.txt': is not UTF-8 text", {}),
+    ("trainer --data-files broken.jsonl", "--data-files 'broken.jsonl': line 2 is not valid JSON", {}),
+    ("trainer --data-files nocolumn.jsonl", "--text-column 'text': --data-files 'nocolumn.jsonl'", {}),
+    ("trainer --data-files tiny.txt --subset 1 --val-fraction 0.2 --block-size 1024",
+     "--data-files 'tiny.txt': the training split has", {}),
+    ("trainer --data-files tiny.txt --subset 1 --val-fraction 0.2 --block-size 8 --micro-batch 1",
+     "--data-files 'tiny.txt': the validation split has 6 tokens", {}),
     *([("trainer --device cuda", "--device 'cuda'", {}),
        ("trainer --precision fp16", "--precision 'fp16'", {})] if NO_GPU else []),
 ]
@@ -73,6 +89,11 @@ STUDIES = [
     ("studies.search --space notes.txt", "--space 'notes.txt'", {}),
     ("studies.search --config empty.txt --space missing.yaml", "--space 'missing.yaml'", {}),
     ("studies.search", "TRAINER_SIMULATED_STEP_S='-1'", {"TRAINER_SIMULATED_STEP_S": "-1"}),
+    ("studies.search --config past.yaml", "--deadline '2020-01-01T00:00': that time has passed", {}),
+    ("studies.search --time-budget 0s", "--time-budget", {}),
+    ("studies.search --db app.db", "--db 'app.db': ", {}),
+    ("studies.search --db app.db --db-shared", "TRAINER_SIMULATED_STEP_S='-1'", {"TRAINER_SIMULATED_STEP_S": "-1"}),
+    ("studies.search --config broken.yaml", "--data-files 'broken.jsonl': line 2 is not valid JSON", {}),
     ("studies.report --study s --db notes.txt", "--db 'notes.txt': ", {}),
     ("studies.report --study s --db missing.db", "--db 'missing.db': ", {}),
     ("studies.report --study s --db other.db", "--db 'other.db': ", {}),
@@ -124,6 +145,7 @@ TOOLS = [
     ("trainer.lr_find --out notes.txt", "--out 'notes.txt'", {}),
     ("trainer.lr_find --out lrf --db notes.txt", "--db 'notes.txt': ", {}),
     ("trainer.lr_find --out lrf --early-stop-patience -1", "--early-stop-patience -1", {}),
+    ("trainer.lr_find --out lrf --deadline 2020-01-01T00:00", "--deadline '2020-01-01T00:00'", {}),
 ]
 CASES = TRAINER + STUDIES + EXPDB + DASHBOARDS + TOOLS
 
@@ -137,6 +159,16 @@ def make_traps(folder: Path) -> None:
     (folder / "a_dir.png").mkdir()
     with sqlite3.connect(folder / "other.db") as conn:          # another program's database
         conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
+    with sqlite3.connect(folder / "app.db") as conn:            # another program's, no table name like ours
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    (folder / "past.yaml").write_text('deadline: "2020-01-01T00:00"\n')
+    (folder / "binary.txt").write_bytes(bytes(range(256)) * 8)    # a binary file named .txt
+    (folder / "broken.jsonl").write_text('{"text": "fine"}\n{not json\n{"text": "fine too"}\n')
+    (folder / "nocolumn.jsonl").write_text("".join(f'{{"body": "document {i}"}}\n' for i in range(30)))
+    (folder / "broken.yaml").write_text("data_files: [broken.jsonl]\n")
+    # 20 paragraphs "a": exactly 2 tokens each (one byte, EOS) with any byte-level BPE; with
+    # --val-fraction 0.2 the hash puts paragraphs 1, 8 and 17 in validation: 6 tokens, 34 for training.
+    (folder / "tiny.txt").write_text("\n\n".join(["a"] * 20))
     with sqlite3.connect(folder / "newer.db") as conn:          # written by a newer expdb
         conn.execute("CREATE TABLE expdb_schema_version (id INTEGER PRIMARY KEY, version INTEGER, applied_at TEXT)")
         conn.execute("INSERT INTO expdb_schema_version (version, applied_at) VALUES (99, '2030-01-01')")
@@ -270,6 +302,38 @@ def test_every_command_line_is_walked():
     modules = {command.split()[0] for command, _, _ in CASES}
     assert modules == {"trainer", "studies.search", "studies.report", "expdb", "dashboards", "trainer.export",
                        "trainer.generate", "trainer.lr_find"}
+
+
+def test_db_shared_lets_another_programs_file_through_and_nothing_else(outcomes):
+    """With --db-shared the file of another program passes the database check (the case still
+    stops, on the other problem it was given, so nothing is written either way)."""
+    for command in ("trainer --db app.db --db-shared", "studies.search --db app.db --db-shared"):
+        case = next(i for i, c in enumerate(CASES) if c[0] == command)
+        result = outcomes[case][0]
+        assert result.returncode == 2 and "--db 'app.db'" not in result.stderr, result.stderr
+
+
+def test_which_databases_a_writer_takes(tmp_path):
+    """Refused: tables of another program and none of ours. Taken: a new path, an empty SQLite
+    file, an Optuna study's file (a study shares it with Optuna by design), expdb's own, and
+    another program's file when the user says --db-shared."""
+    import optuna
+
+    import expdb
+
+    with sqlite3.connect(tmp_path / "app.db") as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    sqlite3.connect(tmp_path / "empty.db").close()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s")
+    expdb.open(tmp_path / "ours.db").close()
+    with pytest.raises(expdb.ExpdbError, match=r"app\.db holds another program's tables \(customers\) .*--db-shared"):
+        expdb.check_database(tmp_path / "app.db", create=True, write=True)
+    for name in ("new.db", "empty.db", "optuna.db", "ours.db"):
+        expdb.check_database(tmp_path / name, create=True, write=True)
+    expdb.check_database(tmp_path / "app.db", create=True, write=True, shared=True)
+    expdb.check_database(tmp_path / "app.db", create=True, write=False)     # a reader or a merge: its own rules
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "empty.db", "optuna.db", "ours.db"]
 
 
 if __name__ == "__main__":     # the launcher of run_forked: jobs on stdin, exit codes on stdout

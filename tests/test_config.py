@@ -65,3 +65,23 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(110, cfg, 110) == pytest.approx(1e-4)
     linear = TrainConfig(lr=1e-3, warmup_steps=0, min_lr_ratio=0.0, schedule="linear")
     assert lr_at(50, linear, 100) == pytest.approx(5e-4)
+
+
+def test_a_deadline_already_past_is_refused_by_the_command_lines_not_by_the_config():
+    from datetime import datetime
+
+    from trainer.clock import StopClock, deadline_problem
+
+    now = datetime(2026, 6, 1, 12, 0)
+    assert deadline_problem("2026-06-01T11:59", now) == (
+        "--deadline '2026-06-01T11:59': that time has passed (it is now 2026-06-01T12:00 local time), so the run "
+        "could take no step; pass a later time, e.g. a clock time such as 21:30 (the next one) or "
+        "2026-06-02T12:00, or --time-budget 8h instead")
+    assert deadline_problem("2026-06-01T12:00", now) is not None          # now: no time at all
+    assert deadline_problem("2026-06-01T12:01", now) is None
+    assert deadline_problem("11:00", now) is None                         # a clock time: the next one, tomorrow
+    assert deadline_problem("", now) is None and deadline_problem("25:99", now) is None   # the config's to say
+    assert TrainConfig(deadline="2020-01-01T00:00").problems() == []      # a study's trial may meet one
+    # ...and such a run's clock needs no negative time (it said "need -4374376 s" once): it stops at once.
+    clock = StopClock(-4374376.0, clock=lambda: 0.0)
+    assert clock.needed(eval_next=False, checkpoint_bytes=0) == 0.0 and clock.should_stop(False, 0)

@@ -38,7 +38,9 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
 
 
 def config(tmp_path: Path, **kw) -> TrainConfig:
-    base = {"cache_dir": str(tmp_path / "cache"), "vocab_size": 300, "val_fraction": 0.2}
+    # Blocks small enough that the corpora here fill a training step and a validation block.
+    base = {"cache_dir": str(tmp_path / "cache"), "vocab_size": 300, "val_fraction": 0.2, "block_size": 16,
+            "micro_batch": 2}
     return TrainConfig(**{**base, **kw})
 
 
@@ -172,7 +174,7 @@ def test_missing_and_unsupported_files_are_named(tmp_path):
 
 def test_empty_corpus_and_empty_split_are_errors(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  ", "\n"])
-    with pytest.raises(DataError, match="--data-files .*empty.jsonl: holds no non-empty documents"):
+    with pytest.raises(DataError, match="--data-files .*empty.jsonl': holds no non-empty documents"):
         load_corpus(config(tmp_path, data_files=[str(empty)]))
     one = write_jsonl(tmp_path / "one.jsonl", ["a single document"])
     with pytest.raises(DataError, match="split is empty after splitting 1 documents.*--data-files"):
@@ -183,6 +185,40 @@ def test_missing_text_column_lists_the_columns(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", make_docs(5), column="content")
     with pytest.raises(DataError, match="--text-column 'text'.*content"):
         load_corpus(config(tmp_path, data_files=[str(path)]))
+
+
+def test_unreadable_files_are_named_with_the_fix_and_nothing_is_cached(tmp_path):
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": "fine too"}\n{not json\n', encoding="utf-8")
+    not_rows = tmp_path / "numbers.jsonl"
+    not_rows.write_text('{"text": "fine"}\n[1, 2]\n', encoding="utf-8")
+    cases = [([str(binary)], r"binary\.txt': is not UTF-8 text \(byte 0x80 at offset 128"),
+             ([str(write_jsonl(tmp_path / "ok.jsonl", make_docs(5))), str(broken)],
+              r"broken\.jsonl': line 3 is not valid JSON"),
+             ([str(not_rows)], r"numbers\.jsonl': line 2 is not a JSON object")]
+    for files, message in cases:
+        with pytest.raises(DataError, match="--data-files '.*" + message):
+            prepare_data(config(tmp_path, data_files=files), log=logs().append)
+    assert not (tmp_path / "cache").exists()          # not even the datasets library's arrow cache
+
+
+def test_a_corpus_too_small_for_a_step_or_a_validation_block_is_refused_before_any_write(tmp_path):
+    # 20 documents "a": exactly 2 tokens each (one byte, then EOS) whatever the BPE learns;
+    # --val-fraction 0.2 puts documents 1, 8 and 17 (by their hash) in validation.
+    path = write_jsonl(tmp_path / "a.jsonl", ["a"] * 20)
+    cfg = config(tmp_path, data_files=[str(path)], block_size=8, micro_batch=1)
+    with pytest.raises(DataError, match=r"a\.jsonl': the validation split has 6 tokens, fewer than one block "
+                                        r"of --block-size 8 needs \(9\).*--val-fraction"):
+        prepare_data(cfg, log=logs().append)
+    with pytest.raises(DataError, match=r"the training split has 34 tokens, 2 blocks of --block-size 16, fewer "
+                                        r"than one optimizer step needs \(3: --micro-batch 3 x --grad-accum 1\)"):
+        prepare_data(cfg.replace(block_size=16, micro_batch=3), log=logs().append)
+    assert not (tmp_path / "cache").exists()          # no tokenizer, no token stream, no datasets cache
+    data = prepare_data(cfg.replace(block_size=2), log=logs().append)     # 2 validation blocks: enough
+    assert (len(data.train), len(data.val)) == (34, 6)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tokenizers", "tokens"]
 
 
 @pytest.fixture

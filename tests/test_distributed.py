@@ -129,7 +129,7 @@ def test_two_processes_train_as_one_with_the_same_effective_batch(runs):
     with sqlite3.connect(f"{runs / 'two'}.db") as c:
         assert c.execute("SELECT status FROM runs").fetchall() == [("completed",)]     # one run row
     # one set of checkpoints, rank 0's, and nothing else in the run folder
-    assert sorted(p.name for p in (runs / "two").iterdir()) == ["checkpoints", "final_model"]
+    assert sorted(p.name for p in (runs / "two").iterdir()) == ["checkpoints", "final_model", "run.json"]
     assert sorted(p.name for p in (runs / "two/checkpoints").glob("step-*")) == \
         [f"step-{s:07d}" for s in (10, 20, 30, 40)]
 

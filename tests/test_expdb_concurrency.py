@@ -205,3 +205,26 @@ def test_training_goes_on_while_another_process_locks_the_database(tmp_path: Pat
         assert result.status == "completed" and len(db.steps(result.run_id)) == result.steps == 120
         assert len(db.epochs(result.run_id)) == 4 and db.run(result.run_id).status == "completed"
         assert maintenance.check(db).ok                # the trainer's own checkpoints, sha256 and all
+
+
+def test_a_reader_holding_a_read_transaction_never_blocks_the_writer(tmp_path: Path):
+    """WAL: a reader in the middle of a read (a dashboard's query, a notebook's pandas cell)
+    keeps its snapshot while the writer commits; in a rollback journal the writer would wait
+    for the reader's lock and, past the busy timeout, say "database is locked"."""
+    path = tmp_path / "experiments.db"
+    with expdb.open(path, busy_timeout_s=0.2) as db:
+        rec = db.recorder(flush_interval_s=0.02)
+        run_id = rec.start_run(make_info("read-while-writing"))
+        reader = sqlite3.connect(path, timeout=0, isolation_level=None)
+        assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        reader.execute("BEGIN")
+        before = reader.execute("SELECT count(*) FROM step_metrics").fetchone()[0]
+        for step in range(1000):
+            rec.log_step(step, {"loss": 1.0})
+        assert rec._writer.flush(30)        # written while the reader's transaction is open
+        assert reader.execute("SELECT count(*) FROM step_metrics").fetchone()[0] == before == 0
+        reader.execute("COMMIT")
+        assert reader.execute("SELECT count(*) FROM step_metrics").fetchone()[0] == 1000
+        reader.close()
+        rec.finish("completed")
+        assert rec.unwritten_rows == 0 and len(db.steps(run_id)) == 1000

@@ -139,3 +139,27 @@ def test_an_out_of_memory_past_the_all_reduce_names_what_continues_the_run(split
     assert str(lost).startswith("rank 1 ran out of memory in the backward pass of step 12 "
                                 "(CUDA out of memory. Tried to allocate 2 GiB), after the other ranks")
     assert names in str(lost) and ("--resume" not in str(lost)) == checkpointing_on
+
+
+@pytest.mark.parametrize("step", [1, 3])   # 1: while AdamW creates its state; 3: a later update
+def test_out_of_memory_after_the_scaler_unscaled_is_redone_at_half_the_micro_batch(step, fault_cfg, tiny_data,
+                                                                                    tmp_path, monkeypatch):
+    # fp16's bookkeeping on the CPU: a real, enabled GradScaler. The optimizer's step raises out of
+    # memory after unscale_ (TRAINER_INJECT_OOM_UPDATE); redone without forgetting that unscale_
+    # it raised "unscale_() has already been called", and at the first step AdamW met the state
+    # it had half made.
+    from trainer.device import Placement
+
+    monkeypatch.setattr(Placement, "grad_scaler", lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
+    plain, plain_db = run(fault_cfg, tiny_data, tmp_path, "plain", monkeypatch)
+    monkeypatch.setenv("TRAINER_INJECT_OOM_UPDATE", str(step))
+    hit, hit_db = run(fault_cfg, tiny_data, tmp_path, "update", monkeypatch)
+    assert hit.status == "completed" and hit.steps == plain.steps == 12, hit.reason
+    events = hit_db.events(hit.run_id)
+    ooms = events[events.kind == "oom"]
+    assert list(ooms.step) == [step] and "TRAINER_INJECT_OOM_UPDATE" in ooms.detail.iloc[0]["error"]
+    assert [(d["new_micro_batch"], d["new_grad_accum"]) for d in ooms.detail] == [(4, 4)]
+    assert not (events.kind == "scaler_skip").any()          # the scale was kept, not backed off
+    hit_loss = hit_db.steps(hit.run_id).set_index("step").loss
+    plain_loss = plain_db.steps(plain.run_id).set_index("step").loss
+    assert hit_loss.to_numpy() == pytest.approx(plain_loss.to_numpy(), rel=1e-4)

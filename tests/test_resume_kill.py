@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from trainer.checkpoints import MODEL_FILE, read_info, verify_checkpoint
 from trainer.clock import SIMULATED_STEP_ENV
 from trainer.errors import CheckpointError
+from trainer.checkpoints.format import OLD_PREFIX
 from trainer.files import TMP_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,3 +190,36 @@ def test_a_time_budget_exits_75_with_a_checkpoint(tmp_path, shared_cache, monkey
     text = log.read_text()
     assert "time budget: stopped at step" in text and "--resume auto" in text
     assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.slow
+def test_a_kill_during_checkpoint_rotation_is_tidied_by_the_next_start(tmp_path, shared_cache, uninterrupted,
+                                                                        monkeypatch):
+    """SIGKILL while rotation deletes an old checkpoint (renamed aside, not yet removed nor recorded
+    as deleted), placed by an injected pause; --resume auto tidies it and ends as the uninterrupted run."""
+    import expdb
+    from trainer.files import PAUSE_AT_ENV, PAUSE_DIR_ENV
+
+    monkeypatch.setenv(PAUSE_AT_ENV, "checkpoint-rotation")
+    monkeypatch.setenv(PAUSE_DIR_ENV, str(tmp_path))
+    args = ("--out", "run", "--db", "exp.db", "--keep-checkpoints", "2")
+    proc, log = start(tmp_path, "killed", shared_cache, *args)
+    marker = tmp_path / "checkpoint-rotation.paused"
+    assert wait_until(marker.exists, proc, timeout=600), log.read_text()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    root = tmp_path / "run" / "checkpoints"
+    assert [p for p in root.iterdir() if p.name.startswith(OLD_PREFIX)]   # the kill left one aside
+    monkeypatch.delenv(PAUSE_AT_ENV)
+    proc, log = start(tmp_path, "resumed", shared_cache, *args, "--resume", "auto")
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert not [p for p in root.iterdir() if p.name.startswith((OLD_PREFIX, TMP_PREFIX))]
+    with expdb.open(tmp_path / "exp.db") as db:
+        [run_id] = list(db.runs()["id"])
+        rows = db.checkpoints(int(run_id))
+    on_disk = {p.name for p in root.glob("step-*")}
+    live = {Path(p).name for p in rows[~rows.deleted].path}
+    assert live == on_disk                      # every row of a checkpoint that is gone says deleted
+    for name, t in final_weights(uninterrupted / "run").items():
+        assert torch.equal(final_weights(tmp_path / "run")[name], t), name
+    assert step_losses(tmp_path / "exp.db") == step_losses(uninterrupted / "exp.db")

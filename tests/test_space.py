@@ -97,3 +97,23 @@ def test_an_lr_finder_result_sets_the_lr_range_unless_the_space_sets_lr(tmp_path
     assert with_finder_lr(mine, "quick", str(tmp_path)) == mine          # --space keeps precedence
     with pytest.raises(ConfigError, match="--lr-from-finder .*no readable lr_find.json"):
         with_finder_lr(None, "quick", str(tmp_path / "missing"))
+
+
+def test_a_space_can_search_the_optimizer_and_muons_lr(tmp_path):
+    space = load_space(write(tmp_path, """
+optimizer: {type: categorical, choices: [adamw, muon]}
+muon_lr: {type: float, low: 5.0e-3, high: 5.0e-2, log: true}
+"""))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=4))
+    drawn = [suggest_config(study.ask(), space, TrainConfig()) for _ in range(12)]
+    assert {v["optimizer"] for v in drawn} == {"adamw", "muon"}
+    assert all(5e-3 <= v["muon_lr"] <= 5e-2 and TrainConfig(**v).problems() == [] for v in drawn)
+
+
+def test_a_categorical_choice_a_setting_does_not_have_is_reported(tmp_path):
+    path = write(tmp_path, "optimizer: {type: categorical, choices: [adamw, muom]}\n"
+                           "schedule: {type: categorical, choices: [cosine, linear]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_space(path)
+    assert err.value.problems == [(f"--space {str(path)!r}: parameter 'optimizer': choices ['muom'] are not "
+                                   "settings of optimizer; use some of adamw, muon")]

@@ -17,8 +17,13 @@ def test_a_run_learns_and_reports_everything(tiny_cfg, tiny_data):
     result = train(tiny_cfg, rec, data=tiny_data)
     assert result.status == "completed" and result.run_id == 7 and rec.finished == ("completed", None)
     assert [s for s, _ in rec.steps] == list(range(1, result.steps + 1))
-    first, last = rec.steps[0][1]["loss"], rec.steps[-1][1]["loss"]
-    assert last < first - 1.0, (first, last)
+    losses = [m["loss"] for _, m in rec.steps]
+    # A fresh model's logits are near 0: its first loss is about ln(vocab) on any machine. It then
+    # learns: the last five steps' mean is below the first five's by 0.5 nat, half the drop seen
+    # here (6.21 -> 5.10), far beyond what another CPU's rounding moves (a smooth descent, not a
+    # divergence). One step's loss against a threshold had 0.05 nat to spare: not a thing to test.
+    assert losses[0] == pytest.approx(math.log(tiny_data.vocab_size), abs=0.1), losses[0]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
     # evaluation every eval_every steps and at each epoch end, epoch rows with memory
     assert len(rec.epochs) == tiny_cfg.epochs
     assert rec.epochs[-1][1]["val_loss"] == pytest.approx(result.last_val_loss)

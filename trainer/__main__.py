@@ -20,6 +20,10 @@ def build_parser() -> Parser:
                         help="Directory for checkpoints and the final model (default: runs/run).")
     parser.add_argument("--db", default="experiments.db", metavar="URL",
                         help="Experiment database: a SQLite path or a SQLAlchemy URL (default: experiments.db).")
+    parser.add_argument("--db-shared", action="store_true",
+                        help="Record into --db even though it holds another program's tables and none of this "
+                             "project's (this project's tables are added beside them); without it such a file "
+                             "is refused.")
     parser.add_argument("--no-db", action="store_true", help="Record nothing in a database.")
     parser.add_argument("--continue-from", nargs="+", default=None, metavar="DIR",
                         help="An earlier session's session-pack/ or run folder, read in place: its database is "
@@ -83,7 +87,8 @@ def refuse_before_writing(cfg, args) -> None:
         checks += [("", lambda d=d: _raise_all(input_problems(Path(d), "--continue-from")))
                    for d in args.continue_from]
     if not args.no_db and _is_main_process():
-        checks.append((f"--db {args.db!r}: ", lambda: expdb.check_database(args.db, create=True, write=True)))
+        checks.append((f"--db {args.db!r}: ", lambda: expdb.check_database(args.db, create=True, write=True,
+                                                                           shared=args.db_shared)))
     if problems := collect_problems(checks, errors=(TrainerError, expdb.ExpdbError)):
         fail(PROG, ConfigError(problems))
     _warn_about_mirrors(cfg, args)
@@ -126,10 +131,12 @@ def _open_recorder(url: str, cfg):
 
 
 # -- for the trainer's other commands (python -m trainer.lr_find): this module opens the database
-def database_problems(url: str) -> list[str]:
-    """What is wrong with ``--db url`` for a command that records a run, one line each; [] if nothing."""
+def database_problems(url: str, shared: bool = False) -> list[str]:
+    """What is wrong with ``--db url`` for a command that records a run, one line each; [] if nothing.
+    ``shared``: its --db-shared (another program's tables in the file are then no problem)."""
     import expdb
-    return collect_problems([(f"--db {url!r}: ", lambda: expdb.check_database(url, create=True, write=True))],
+    return collect_problems([(f"--db {url!r}: ", lambda: expdb.check_database(url, create=True, write=True,
+                                                                              shared=shared))],
                             errors=(expdb.ExpdbError,))
 
 

@@ -97,12 +97,21 @@ def collect_problems(checks: Iterable[Check], errors: tuple[type[Exception], ...
 
 def environment_checks(cfg: TrainConfig) -> list[Check]:
     """What every run can check before its data is prepared, beyond its config: the
-    TRAINER_INJECT_* and TRAINER_SIMULATED_STEP_S settings, the device and the precision."""
+    TRAINER_INJECT_* and TRAINER_SIMULATED_STEP_S settings, the device and the precision, and
+    a --deadline already past (the config alone accepts one: a study's trials meet such a deadline)."""
     from trainer.clock import SimulatedTime
     from trainer.device import place
     from trainer.memory import FaultInjector
 
-    return [("", FaultInjector.from_env), ("", SimulatedTime.from_env), ("", lambda: place(cfg))]
+    return [("", FaultInjector.from_env), ("", SimulatedTime.from_env), ("", lambda: place(cfg)),
+            ("", lambda: _refuse_passed_deadline(cfg.deadline))]
+
+
+def _refuse_passed_deadline(deadline: str) -> None:
+    from trainer.clock import deadline_problem
+
+    if isinstance(deadline, str) and (problem := deadline_problem(deadline)):
+        raise ConfigError([problem])
 
 
 def fail(prog: str, error: Exception, code: int = 2) -> NoReturn:

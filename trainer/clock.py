@@ -62,9 +62,26 @@ def parse_deadline(text: str, now: datetime | None = None) -> datetime:
         raise ValueError(DEADLINE_EXAMPLE) from None
     if at.tzinfo is not None:
         at = at.astimezone().replace(tzinfo=None)   # compare in local time
-    # One already past is no error: the run stops before its first step, with status interrupted
-    # (a study's deadline can pass between two trials).
+    # One already past is no error here: a study's deadline can pass between two trials, whose run
+    # then stops before its first step, interrupted. The command lines refuse one the user passed
+    # (deadline_problem), before anything is written.
     return at
+
+
+def deadline_problem(deadline: str, now: datetime | None = None) -> str | None:
+    """Why the user's --deadline leaves no time at all (it has passed); None when it does not.
+    A malformed one is the config's problem, not this one. (--time-budget counts from the start
+    of training and parse_duration refuses 0 or less, so a budget cannot be spent before it.)"""
+    now = now or datetime.now()
+    try:
+        at = parse_deadline(deadline, now) if deadline else None
+    except ValueError:
+        return None
+    if at is None or at > now:
+        return None
+    return (f"--deadline {deadline!r}: that time has passed (it is now {now:%Y-%m-%dT%H:%M} local time), so "
+            "the run could take no step; pass a later time, e.g. a clock time such as 21:30 (the next one) or "
+            f"{now + timedelta(days=1):%Y-%m-%dT%H:%M}, or --time-budget 8h instead")
 
 
 class SimulatedTime:
@@ -139,7 +156,8 @@ class StopClock:
         self._clock = clock
         self._simulated = clock if isinstance(clock, SimulatedTime) else None
         self._end = None if limit_s is None else clock() + limit_s
-        self._margin = 0.0 if limit_s is None else min(MAX_MARGIN_S, 0.02 * limit_s)
+        # A limit already reached (a study's deadline passed between trials) has no margin, not a negative one.
+        self._margin = 0.0 if limit_s is None else min(MAX_MARGIN_S, 0.02 * max(limit_s, 0.0))
         self._steps: deque[float] = deque(maxlen=20)
         self.eval_s = 0.0
         self.write_s: float | None = None

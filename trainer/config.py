@@ -19,6 +19,7 @@ from trainer.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINTING = ("auto", "true", "false")   # --gradient-checkpointing
 DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -55,7 +56,8 @@ class TrainConfig:
     block_size: int = _f(128, "Context length in tokens (one training sequence).")
     dropout: float = _f(0.0, "Dropout on embeddings, attention and residuals.")
     # --- optimisation -----------------------------------------------------------------
-    lr: float = _f(1e-3, "Peak learning rate of AdamW.")
+    lr: float = _f(1e-3, "Peak learning rate of AdamW (with --optimizer muon, of the parameters "
+                     "AdamW trains; Muon's is --muon-lr).")
     min_lr_ratio: float = _f(0.1, "Final learning rate as a fraction of --lr.")
     warmup_steps: int = _f(50, "Optimizer steps of linear warmup.")
     schedule: str = _f("cosine", "Decay after warmup: cosine, linear or constant.", choices=SCHEDULES)
@@ -63,6 +65,13 @@ class TrainConfig:
     beta1: float = _f(0.9, "AdamW beta1.")
     beta2: float = _f(0.99, "AdamW beta2.")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
+    optimizer: str = _f("adamw", "adamw, or muon: Muon (Nesterov momentum orthogonalised by Newton-Schulz) for the "
+                        "blocks' 2-D weight matrices and AdamW (--lr, --weight-decay, --beta1/2) for the "
+                        "embeddings, the output layer, norms and biases, in one optimizer.", choices=OPTIMIZERS)
+    muon_lr: float = _f(0.02, "Peak learning rate of Muon's matrices with --optimizer muon (scaled by "
+                        "sqrt(max(1, out/in)) per matrix; warmup and decay follow --schedule as --lr does).")
+    muon_weight_decay: float = _f(0.0, "Muon's decoupled weight decay with --optimizer muon (lr x decay a step).")
+    muon_momentum: float = _f(0.95, "Muon's Nesterov momentum with --optimizer muon.")
     micro_batch: int = _f(16, "Sequences per forward/backward pass ('auto' on the command line: the "
                           "largest that fits the GPU, keeping micro-batch x grad-accum).")
     auto_micro_batch: bool = _f(False, "Find the largest micro-batch that fits the GPU with headroom at the "
@@ -147,6 +156,11 @@ class TrainConfig:
         need(_finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "use a value in [0, 1]")
         need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "use a value >= 0")
         need(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "use a value >= 0 (0 disables)")
+        need(_finite(self.muon_lr) and self.muon_lr > 0, "muon_lr", "use a positive learning rate such as 0.02")
+        need(_finite(self.muon_weight_decay) and self.muon_weight_decay >= 0, "muon_weight_decay",
+             "use a value >= 0 (0 is modded-nanogpt's)")
+        need(_finite(self.muon_momentum) and 0 <= self.muon_momentum < 1, "muon_momentum",
+             "use a value in [0, 1) such as 0.95")
         for name in ("save_on_eval", "save_optimizer_state", "progress", "auto_micro_batch", "compile"):
             need(isinstance(getattr(self, name), bool), name, "use true or false")
         need(_finite(self.max_checkpoint_gb) and self.max_checkpoint_gb >= 0, "max_checkpoint_gb",
@@ -161,7 +175,7 @@ class TrainConfig:
         need(_is_int(self.vocab_size) and 256 < self.vocab_size <= 65535, "vocab_size",
              "use 257..65535 (byte-level BPE needs the 256 bytes plus merges; tokens are stored as uint16)")
         for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("device", DEVICES),
-                              ("gradient_checkpointing", CHECKPOINTING)):
+                              ("gradient_checkpointing", CHECKPOINTING), ("optimizer", OPTIMIZERS)):
             need(getattr(self, name) in choices, name, f"choose one of {', '.join(choices)}")
         if _is_int(self.n_embd) and _is_int(self.n_head) and self.n_head > 0 and self.n_embd % self.n_head:
             p.append(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.cli import Parser, fail
+from trainer.files import as_os_error
 
 if TYPE_CHECKING:   # transformers is imported by the caller; --help stays fast
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -35,9 +36,16 @@ def export_hf(model: "GPT2LMHeadModel", tokenizer: "PreTrainedTokenizerFast", cf
     out = Path(out)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / TRAINING_CONFIG_FILE).write_text(json.dumps({"config": cfg.to_dict()}, indent=1, sort_keys=True))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAINING_CONFIG_FILE).write_text(json.dumps({"config": cfg.to_dict()}, indent=1, sort_keys=True))
+    except BaseException as exc:      # a full disk: nothing half-written is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        disk = as_os_error(exc)
+        if disk is not None and disk is not exc:
+            raise disk from exc
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

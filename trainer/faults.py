@@ -30,7 +30,7 @@ from trainer.checkpoints import CheckpointStore, load_checkpoint
 from trainer.device import Placement
 from trainer.errors import RankLost, StopTraining
 from trainer.files import json_float
-from trainer.memory import free_memory, largest_micro_batch
+from trainer.memory import free_memory, largest_micro_batch, optimizer_state_bytes
 from trainer.model import next_token_loss
 from trainer.recorder import EVENT_NONFINITE, EVENT_OOM, Recorder
 from trainer.state import Split, TrainState
@@ -54,10 +54,9 @@ def remedy_after_oom(split: Split, step: int, error: str, *, checkpointing: str,
     when none is left. ``checkpointing`` is --gradient-checkpointing (auto, true, false);
     ``error`` the allocator's message.
 
-    The caller has dropped the failed step's half-accumulated gradients, and the exception
-    (whose traceback holds the failed pass's activations), so that freeing memory frees them.
+    The caller has dropped the failed step's half-accumulated gradients and the exception
+    (whose traceback holds the failed pass's activations), and freed the memory they held.
     """
-    free_memory()
     if split.micro_batch > 1:
         remedy = OomRemedy(HALVE_MICRO_BATCH, _halved(split), checkpointing_on)
         log(f"out of memory in step {step}: micro-batch {split.micro_batch} x {split.grad_accum} -> "
@@ -161,8 +160,9 @@ def pick_micro_batch(model: torch.nn.Module, blocks: PackedBlocks, placement: Pl
         model.zero_grad(set_to_none=True)
 
     effective = split.micro_batch * split.grad_accum
-    micro = largest_micro_batch(try_batch, effective, placement.device, split.micro_batch)
-    free_memory()
+    micro = largest_micro_batch(try_batch, effective, placement.device, split.micro_batch,
+                                later_bytes=optimizer_state_bytes(model))
+    free_memory(placement.device)
     log(f"--micro-batch auto: {micro} x {effective // micro} accumulation steps"
         + ("" if placement.device.type == "cuda" else " (no GPU memory to probe: the configured micro-batch)"))
     return Split(micro, effective // micro)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,32 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, durable: bool = False, 
     return atomic_write_text(path, text, durable)
 
 
+def as_os_error(exc: BaseException) -> OSError | None:
+    """``exc`` as the operating system's error it reports, or None for any other error.
+
+    safetensors raises its own SafetensorError for a failed write ("I/O error: No space left
+    on device (os error 28)"), not an OSError, so a full disk would pass for a bug.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"os error (\d+)", str(exc))
+    if found is None:
+        return None
+    errno = int(found[1])
+    return OSError(errno, os.strerror(errno))
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free space on the filesystem holding ``path`` (its nearest existing parent), if it can be read."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
 def json_float(x: float) -> float | str:
     """A float for strict JSON: itself when finite, else "inf", "-inf" or "nan"."""
     return x if math.isfinite(x) else str(x)
@@ -85,3 +113,20 @@ def finite_or_none(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return x if math.isfinite(x) else None
+
+
+# -- kill tests: a named point where a test may SIGKILL the process -------------------------
+PAUSE_AT_ENV = "TRAINER_PAUSE_AT"       # the point's name, e.g. "merge.copied"
+PAUSE_DIR_ENV = "TRAINER_PAUSE_DIR"     # where ``<name>.paused`` appears (default: the working folder)
+
+
+def pause_point(name: str, seconds: float = 300.0) -> None:
+    """When ``TRAINER_PAUSE_AT`` names this point: write ``<name>.paused`` and sleep, so that a
+    test can kill the process exactly here (it waits for the file, never for a time). Only
+    at rare points (a merge, a pack, a clean-up), never in a training step."""
+    if os.environ.get(PAUSE_AT_ENV) != name:
+        return
+    import time
+
+    Path(os.environ.get(PAUSE_DIR_ENV, "."), f"{name}.paused").write_text(str(os.getpid()))
+    time.sleep(seconds)

@@ -26,7 +26,7 @@ from trainer.checkpoints import CheckpointStore, ResumePlan, load_checkpoint, re
 from trainer.clock import StopClock
 from trainer.config import TrainConfig
 from trainer.data import PreparedData
-from trainer.device import Placement, memory_snapshot
+from trainer.device import Placement
 from trainer.distributed import (AgreedOutOfMemory, World, agree_stop, any_rank, copy_from_main, forget_forward, from_main,
                                  mean_over_ranks, resumed_split, share, spread_from_main, step_seed, sum_over_ranks,
                                  wrap)
@@ -35,13 +35,15 @@ from trainer.early_stop import EarlyStop, decide
 from trainer.faults import (count_nonfinite, is_nonfinite, oom_past_agreement, pick_micro_batch, reload_before_streak,
                             remedy_after_oom)
 from trainer.interrupts import StopRequests
-from trainer.memory import (FaultInjector, clear_cache_if_due, enable_gradient_checkpointing,
-                            gradient_checkpointing_on, is_out_of_memory, memory_report)
+from trainer.memory import (FaultInjector, clear_cache_if_due, enable_gradient_checkpointing, epoch_memory,
+                            forget_failed_update, free_memory, gradient_checkpointing_on, is_out_of_memory, memory_report, reset_peak)
 from trainer.flops import utilisation
 from trainer.gpu_monitor import GpuMonitor, gpu_epoch_metrics
 from trainer.metrics import perplexity
-from trainer.model import build_model, build_optimizer, compiled, count_parameters, next_token_loss
+from trainer.model import (LanguageModelLoss, build_model, build_optimizer, compiled, count_parameters,
+                           next_token_loss)
 from trainer.recorder import EVENT_SCALER_SKIP, Recorder
+from trainer.rng import seed_device
 from trainer.schedule import lr_at, steps_per_epoch, total_steps
 from trainer.state import Split, TrainState
 
@@ -75,6 +77,7 @@ class Trainer:
         self.stops, self.clock = stops, clock
         self.gpu_monitor = gpu_monitor      # samples on its own thread; the epoch end only reads it
         self.device = placement.device
+        reset_peak(self.device)      # not an earlier run's peak on this GPU (a study's previous trial)
         # Only one process writes files and records when several train together (torchrun).
         self.world = world or World.from_env()
         self.is_main = self.world.is_main
@@ -82,10 +85,11 @@ class Trainer:
         self.val_blocks = PackedBlocks(data.val, cfg.block_size)
         self._check_data_fits()
         self.model = build_model(cfg, data.vocab_size, data.tokenizer.eos_token_id).to(self.device)
-        if self.world.parallel and cfg.dropout:      # each rank its own masks (trainer.distributed.step_seed)
-            torch.manual_seed(step_seed(cfg.seed, self.world, 0))
-        # What the steps run: DDP over the model with several ranks, compiled with --compile.
-        self._ddp = wrap(self.model, self.world, self.device)
+        # Dropout's stream: this device's generator alone (trainer.rng), each rank its own masks.
+        seed_device(self.device, step_seed(cfg.seed, self.world, 0))
+        # What the steps run: the model and its (chunked) loss as one module, DDP over it with several
+        # ranks, compiled with --compile. self.model stays the Hugging Face model that is saved.
+        self._ddp = wrap(LanguageModelLoss(self.model, placement.autocast), self.world, self.device)
         self.train_model = compiled(self._ddp, cfg.compile)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = placement.grad_scaler()
@@ -216,6 +220,7 @@ class Trainer:
             # Out of the except clause: the traceback, and the failed pass's activations its frames
             # hold, are gone before the memory is freed and the step redone.
             self.optimizer.zero_grad(set_to_none=True)   # the failed step's half-accumulated gradients
+            free_memory(self.device)
             remedy = remedy_after_oom(self.state.split, self.state.step + 1, error,
                                       checkpointing=self.cfg.gradient_checkpointing,
                                       checkpointing_on=self.state.gradient_checkpointing,
@@ -232,26 +237,33 @@ class Trainer:
     def _optimizer_step(self, sample_ids: np.ndarray) -> StepResult:
         cfg, model, step = self.cfg, self.model, self.state.step + 1
         lr = lr_at(self.state.step, cfg, self.total_steps) * self.state.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:    # each from its own peak: --lr, or --muon-lr for Muon's
+            group["lr"] = lr_at(self.state.step, cfg, self.total_steps, group["base_lr"]) * self.state.lr_scale
         if self.world.parallel and cfg.dropout:
-            torch.manual_seed(step_seed(cfg.seed, self.world, step))
+            seed_device(self.device, step_seed(cfg.seed, self.world, step))
         mine = share(sample_ids, self.world)           # this rank's part of the step's sequences
         step_loss = self._accumulate(np.array_split(mine, len(mine) // self.state.micro_batch), step)
-        # Unscale before clipping so the threshold applies to the true gradient.
-        self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        # Taken after DDP averaged the gradients: the same norm on every rank.
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        step_loss = mean_over_ranks(step_loss, self.world)
-        # The step's one host sync (not one per micro-batch): whether to skip the update needs both.
-        total_loss, grad_norm = torch.stack([step_loss, grad_norm.to(step_loss.dtype)]).tolist()
-        reload = False
-        if is_nonfinite(total_loss, grad_norm, self.scaler.is_enabled()):
-            self.scaler.update()   # no step: the update is skipped, the weights stay finite
-            reload = count_nonfinite(self.state, total_loss, grad_norm, cfg.max_nonfinite_steps, self.recorder)
-        else:
-            self._apply_update()
+        fresh = not self.optimizer.state        # AdamW creates its state at its first step
+        try:
+            # Unscale before clipping so the threshold applies to the true gradient.
+            self.scaler.unscale_(self.optimizer)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            # Taken after DDP averaged the gradients: the same norm on every rank.
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            step_loss = mean_over_ranks(step_loss, self.world)
+            # The step's one host sync (not one per micro-batch): whether to skip the update needs both.
+            total_loss, grad_norm = torch.stack([step_loss, grad_norm.to(step_loss.dtype)]).tolist()
+            reload = False
+            if is_nonfinite(total_loss, grad_norm, self.scaler.is_enabled()):
+                self.scaler.update()   # no step: the update is skipped, the weights stay finite
+                reload = count_nonfinite(self.state, total_loss, grad_norm, cfg.max_nonfinite_steps, self.recorder)
+            else:
+                with self.faults.oom_in_update(self.optimizer, step):   # TRAINER_INJECT_OOM_UPDATE
+                    self._apply_update()
+        except Exception as exc:  # noqa: BLE001 - re-raised; out of memory is redone by optimizer_step
+            if is_out_of_memory(exc):   # in clipping or in AdamW's first step: the redo unscales again
+                forget_failed_update(self.scaler, self.optimizer, fresh)
+            raise
         self.optimizer.zero_grad(set_to_none=True)
         self.faults.after_step(step)
         self.state.step += 1
@@ -289,7 +301,7 @@ class Trainer:
         """One micro-batch's loss, divided by the micro-batches of the step: their gradients add
         up to that of the whole step's mean loss."""
         batch = to_device(self.train_blocks.get(ids), self.device)        # (B, T+1)
-        loss = next_token_loss(self.train_model, batch, self.placement.autocast) / n_micro
+        loss = self.train_model(batch) / n_micro       # LanguageModelLoss: trainer.model.next_token_loss
         return self.faults.corrupt_loss(step, loss)
 
     def _apply_update(self) -> None:
@@ -363,7 +375,7 @@ class Trainer:
             "epoch_seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
             "mfu": utilisation(self._flops_per_token, tokens / seconds if seconds > 0 else math.nan,
                                self.device, self.world.size),
-            **memory_snapshot(self.device),
+            **epoch_memory(self.device),      # each epoch's own GPU peak
             # the samples since the last epoch end (None on the CPU, or when none fell in this epoch)
             **gpu_epoch_metrics(self.gpu_monitor.read() if self.gpu_monitor else {}),
         }

@@ -119,8 +119,8 @@ def _step(model, optimizer, scaler, blocks, ids: np.ndarray, cfg: TrainConfig, p
 
     from trainer.model import next_token_loss
 
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group in optimizer.param_groups:     # Muon's --muon-lr keeps its ratio to the swept --lr
+        group["lr"] = lr * (group["base_lr"] / cfg.lr)
     micro_batches = np.array_split(ids, len(ids) // cfg.micro_batch)
     total = torch.zeros((), device=placement.device)      # read once, after the step
     for mb in micro_batches:
@@ -289,8 +289,9 @@ def _run(cfg: TrainConfig, settings: FinderSettings, args) -> int:
     except TrainerError as exc:
         fail(PROG, exc)
     s = result.suggestion
+    muon = f" --muon-lr {s.lr * cfg.muon_lr / cfg.lr:.3g}" if cfg.optimizer == "muon" else ""   # the same ratio
     print(f"suggested learning rate: {s.lr:.3g} ({s.rule} of the smoothed loss; minimum at {s.minimum_lr:.3g}); "
-          f"the config's lr is {cfg.lr:g}\ntrain with: --lr {s.lr:.3g}\nplot: {result.plot_file}")
+          f"the config's lr is {cfg.lr:g}\ntrain with: --lr {s.lr:.3g}{muon}\nplot: {result.plot_file}")
     return 0
 
 

@@ -11,6 +11,9 @@ name the optimizer steps (1-based, comma-separated) at which to fail, once each:
                                 activations are alive, as a real allocator failure leaves them
     TRAINER_INJECT_OOM=3@1      the same, on rank 1 of a torchrun run only
     TRAINER_INJECT_OOM_BACKWARD=3@1   the same in that micro-batch's backward pass instead
+    TRAINER_INJECT_OOM_UPDATE=1 the optimizer's step raises it, after the gradient scaler
+                                unscaled the gradients, with the first parameter's state half
+                                made, as AdamW creating its state at its first step leaves it
     TRAINER_INJECT_NAN=5,6,7    the step's loss is made NaN before backward
 """
 from __future__ import annotations
@@ -18,17 +21,21 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import threading
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import psutil
 import torch
 
+from trainer.device import memory_snapshot
 from trainer.errors import ConfigError
 
 INJECT_OOM_ENV = "TRAINER_INJECT_OOM"
 INJECT_OOM_BACKWARD_ENV = "TRAINER_INJECT_OOM_BACKWARD"
 INJECT_NAN_ENV = "TRAINER_INJECT_NAN"
+INJECT_OOM_UPDATE_ENV = "TRAINER_INJECT_OOM_UPDATE"
 MB = 1024 ** 2
 
 
@@ -40,11 +47,34 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def free_memory() -> None:
-    """Drop unreachable tensors and return cached GPU blocks to the driver."""
+def free_memory(device: torch.device) -> None:
+    """Drop unreachable tensors; on a GPU, return its cached blocks to the driver when that
+    disturbs no other run of this process.
+
+    torch.cuda.empty_cache() empties the caches of every GPU this process uses (torch has no
+    call for one device), so with another GPU's memory held here (a study's second trial on
+    cuda:1) it is left alone: the caching allocator frees its own device's cached blocks and
+    retries before it raises out of memory, so a redone step gets them anyway.
+    """
     gc.collect()
-    if torch.cuda.is_available():
+    if device.type == "cuda" and not _other_gpus_hold_memory(device):
         torch.cuda.empty_cache()
+
+
+def _other_gpus_hold_memory(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return any(torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count()) if i != index)
+
+
+def forget_failed_update(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, fresh: bool) -> None:
+    """Undo what an update that raised (out of memory while clipping or stepping) left half
+    done, so that the step can be redone: the scaler's record of this step's unscale_ (the
+    scale and its growth count stay), and, at the optimizer's first step (``fresh``), the
+    state it was creating, which a parameter may hold only in part."""
+    if scaler.is_enabled():
+        scaler.update(scaler.get_scale())     # a given scale: no inf check, per-step records cleared
+    if fresh:
+        optimizer.state.clear()
 
 
 @dataclass
@@ -54,13 +84,14 @@ class FaultInjector:
     oom_steps: set[int] = field(default_factory=set)
     nan_steps: set[int] = field(default_factory=set)
     oom_backward_steps: set[int] = field(default_factory=set)
+    oom_update_steps: set[int] = field(default_factory=set)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "FaultInjector":
         env = os.environ if environ is None else environ
         rank = int(env.get("RANK", "0"))             # set by torchrun
         return cls(*(_steps(env.get(name, ""), name, rank)
-                     for name in (INJECT_OOM_ENV, INJECT_NAN_ENV, INJECT_OOM_BACKWARD_ENV)))
+                     for name in (INJECT_OOM_ENV, INJECT_NAN_ENV, INJECT_OOM_BACKWARD_ENV, INJECT_OOM_UPDATE_ENV)))
 
     @contextlib.contextmanager
     def oom_inside(self, model: torch.nn.Module, step: int) -> Iterator[None]:
@@ -82,6 +113,26 @@ class FaultInjector:
             hidden = output[0] if isinstance(output, tuple) else output
             hidden.register_hook(fail)
         hook = model.transformer.h[-1].register_forward_hook(fail if forward else fail_in_backward)
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    @contextlib.contextmanager
+    def oom_in_update(self, optimizer: torch.optim.Optimizer, step: int) -> Iterator[None]:
+        """Around an update: at an injected step the optimizer's step raises out of memory once,
+        leaving its first parameter's state half made (only its step count)."""
+        if step not in self.oom_update_steps:
+            yield
+            return
+        self.oom_update_steps.discard(step)
+
+        def fail(opt, *_):
+            first = opt.param_groups[0]["params"][0]
+            if not opt.state[first]:
+                opt.state[first]["step"] = torch.tensor(0.0)
+            raise torch.cuda.OutOfMemoryError(f"injected by {INJECT_OOM_UPDATE_ENV} at step {step}")
+        hook = optimizer.register_step_pre_hook(fail)
         try:
             yield
         finally:
@@ -130,8 +181,9 @@ def gradient_checkpointing_on(model: torch.nn.Module) -> bool:
 
 
 def clear_cache_if_due(step: int, every: int, device: torch.device) -> None:
-    """--clear-cache-every N: hand cached GPU memory back to the driver every N optimizer steps."""
-    if every and step % every == 0 and device.type == "cuda":
+    """--clear-cache-every N: hand cached GPU memory back to the driver every N optimizer steps
+    (not while another GPU of this process holds memory: see free_memory)."""
+    if every and step % every == 0 and device.type == "cuda" and not _other_gpus_hold_memory(device):
         torch.cuda.empty_cache()
 
 
@@ -149,26 +201,63 @@ def memory_report(device: torch.device) -> str:
 
 
 def largest_micro_batch(try_batch, effective_batch: int, device: torch.device, current: int,
-                        headroom: float = 0.9) -> int:
+                        later_bytes: int = 0, headroom: float = 0.9) -> int:
     """The largest micro-batch dividing ``effective_batch`` whose forward and backward fit in
-    ``headroom`` of the GPU's memory; ``try_batch(n)`` runs one pass of n sequences. Without
-    a GPU there is no memory limit to probe: ``current`` is kept."""
+    what this GPU has for this run; ``try_batch(n)`` runs one pass of n sequences. Without a
+    GPU there is no memory limit to probe: ``current`` is kept.
+
+    The budget is measured, not assumed from the card's total: the driver's free memory
+    (after the CUDA context, cuBLAS's workspace, DDP's buckets and other processes) plus what
+    this process's cache holds unused, less ``later_bytes`` that the run allocates after the
+    probe (AdamW's two moments, at its first step), times ``headroom``. A pass needs its peak
+    above what was allocated before it. Probes of one GPU take turns within the process.
+    """
     if device.type != "cuda":
         return current
     candidates = [n for n in range(effective_batch, 0, -1) if effective_batch % n == 0]
-    total = torch.cuda.get_device_properties(device).total_memory
-    for n in candidates:
-        free_memory()
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            try_batch(n)
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected here
-            if not is_out_of_memory(exc):
-                raise
-            continue
-        if torch.cuda.max_memory_allocated(device) <= headroom * total:
-            return n
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _PROBE_LOCKS[index]:
+        for n in candidates:
+            if _pass_fits(try_batch, n, device, later_bytes, headroom):
+                return n
     return 1
+
+
+_PROBE_LOCKS: dict[int, threading.Lock] = defaultdict(threading.Lock)   # per GPU index
+
+
+def _pass_fits(try_batch, n: int, device: torch.device, later_bytes: int, headroom: float) -> bool:
+    free_memory(device)
+    free, _total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    budget = headroom * (free + torch.cuda.memory_reserved(device) - allocated) - later_bytes
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        try_batch(n)
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected here
+        if not is_out_of_memory(exc):
+            raise
+        return False
+    return torch.cuda.max_memory_allocated(device) - allocated <= budget
+
+
+def optimizer_state_bytes(model: torch.nn.Module) -> int:
+    """What AdamW allocates at its first step: two moments the size of each parameter."""
+    return 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak of mem_gpu_peak_mb: at a run's start (not a study's previous trial's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def epoch_memory(device: torch.device) -> dict[str, float | None]:
+    """The epoch's memory figures (trainer.device.memory_snapshot), then a new peak, so that
+    mem_gpu_peak_mb is each epoch's own peak and does not grow across epochs."""
+    snapshot = memory_snapshot(device)
+    reset_peak(device)
+    return snapshot
 
 
 def training_memory_estimate(cfg, env=None, vocab_size: int | None = None) -> str:
@@ -176,17 +265,23 @@ def training_memory_estimate(cfg, env=None, vocab_size: int | None = None) -> st
 
     Weights, gradients and AdamW's two moments are 16 bytes a parameter in fp32. Activations
     per layer follow Korthikanti et al. (2022): 34 x tokens x width + 5 x heads x sequence^2 x
-    micro-batch bytes in 16-bit, twice that in fp32; the logits (tokens x vocabulary, fp32)
-    are counted four times (output, its fp32 copy, softmax, gradient). An estimate:
-    bench/peak_memory.py measures the kaggle-t4 preset at micro-batch 8 on the CPU at 7.05 GB
-    peak resident, about 6.5 GB above the process's own; this says 5.1 GB.
+    micro-batch bytes in 16-bit, twice that in fp32. The loss holds one chunk's logits at a time
+    (trainer.loss: chunk tokens x vocabulary, counted three times in fp32: the logits, their
+    log-probabilities turned gradient, a 16-bit copy under autocast) and the output weight's
+    gradient from the forward to the backward, never the whole micro-batch's logits (which were
+    counted four times: 3.3 GB at kaggle-t4's size). An estimate: bench/peak_memory.py measures the
+    kaggle-t4 preset at micro-batch 8 on the CPU at 3.81 GB peak resident, 3.29 GB above the process
+    with the model built (5.84 and 5.33 GB with the full loss); this says 2.7 GB.
     """
+    from trainer.loss import DEFAULT_CHUNK_TOKENS
+
     vocab = vocab_size or (50257 if cfg.tokenizer == "gpt2" else cfg.vocab_size)
     n_params = vocab * cfg.n_embd + cfg.block_size * cfg.n_embd + cfg.n_layer * 12 * cfg.n_embd ** 2
     tokens = cfg.micro_batch * cfg.block_size
     per_layer = tokens * cfg.n_embd * 34 + 5 * cfg.micro_batch * cfg.n_head * cfg.block_size ** 2
     bytes_each = 2 if cfg.precision in ("bf16", "fp16") else 4    # "auto" counted as fp32: the safe side
-    activations = cfg.n_layer * per_layer * bytes_each / 2 + 4 * tokens * vocab * 4
+    loss = 3 * min(tokens, DEFAULT_CHUNK_TOKENS) * vocab * 4 + vocab * cfg.n_embd * 4
+    activations = cfg.n_layer * per_layer * bytes_each / 2 + loss
     needed = (16 * n_params + activations) / 1024 ** 3
     have = _available_gb(env)
     verdict = ("fits" if needed < 0.9 * have else "does NOT fit: lower --micro-batch (raise --grad-accum), "

@@ -9,7 +9,8 @@ upload). Inside: ``experiments.db`` (a consistent snapshot, SQLite's backup API,
 paths rewritten to the pack's own), checkpoints, final models, dashboards, and
 ``pack.json``: every file with its size and sha256, what the pack holds, and the exact
 command for the next session. A pack is built in a temporary folder and swapped in
-whole, so a kill while packing leaves the previous pack.
+whole by two renames, so a kill while packing leaves the previous pack or the new one,
+complete, and the next pack finishes the swap (``recover_pack``).
 
 This module is the format (build, read, verify, find) and the single-run pack; it imports
 expdb only inside the functions that need the database, as the command line does.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.files import TMP_PREFIX, atomic_write_json, json_safe
+from trainer.files import TMP_PREFIX, atomic_write_json, json_safe, pause_point
 
 PACK_DIR = "session-pack"
 PACK_TAR = "session-pack.tar"
@@ -51,13 +52,33 @@ def pack_paths(workdir: Path) -> tuple[Path, Path]:
     return workdir / PACK_DIR, workdir / PACK_TAR
 
 
+def _staging_paths(workdir: Path) -> tuple[Path, Path]:
+    """The pack being built, and the previous pack while the new one is swapped in."""
+    return workdir / f"{TMP_PREFIX}{PACK_DIR}", workdir / f"{TMP_PREFIX}{PACK_DIR}.old"
+
+
 def start_pack(workdir: Path) -> Path:
     """An empty staging folder beside the pack; ``finish_pack`` swaps it in."""
-    staging = workdir / f"{TMP_PREFIX}{PACK_DIR}"
+    recover_pack(workdir)
+    staging, _ = _staging_paths(workdir)
     if staging.exists():
-        shutil.rmtree(staging)      # a pack interrupted earlier
+        shutil.rmtree(staging)      # a pack interrupted before it was complete
     staging.mkdir(parents=True)
     return staging
+
+
+def recover_pack(workdir: Path) -> None:
+    """Finish the swap of a pack whose process was killed mid-way: the new pack when it was
+    complete (its pack.json is written last), else the previous one, is put back in place."""
+    folder, _ = pack_paths(workdir)
+    staging, old = _staging_paths(workdir)
+    if not folder.exists():
+        if (staging / PACK_JSON).is_file():
+            os.replace(staging, folder)
+        elif old.is_dir():
+            os.replace(old, folder)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def copy_into(staging: Path, source: Path, relative: str) -> Path:
@@ -90,13 +111,21 @@ def finish_pack(staging: Path, workdir: Path, meta: dict[str, Any]) -> PackResul
     atomic_write_json(staging / PACK_JSON, json_safe({
         "format": PACK_FORMAT, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), **meta,
         "files": files}), indent=1)
+    pause_point("pack.staged")
     folder, tar = pack_paths(workdir)
+    _, old = _staging_paths(workdir)
+    # Two renames, never a folder half deleted: a kill between them leaves both packs whole,
+    # and the next pack (recover_pack) or reader (find_packs) takes the new one.
     if folder.exists():
-        shutil.rmtree(folder)
+        os.replace(folder, old)
+    pause_point("pack.swapping")
     os.replace(staging, folder)
+    if old.exists():
+        shutil.rmtree(old)
     partial = tar.with_name(f"{TMP_PREFIX}{tar.name}")
     with tarfile.open(partial, "w") as archive:     # uncompressed: checkpoints do not shrink
         archive.add(folder, arcname=PACK_DIR)
+    pause_point("pack.tar")
     os.replace(partial, tar)
     return PackResult(folder, tar, sum(f["bytes"] for f in files.values()), len(files))
 
@@ -131,7 +160,9 @@ def find_packs(top: Path) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(top):
         depth = len(Path(root).relative_to(top).parts)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and depth < SEARCH_DEPTH)
+        # A complete pack that a kill left in its staging folder (recover_pack) counts as the pack.
+        unswapped = f"{TMP_PREFIX}{PACK_DIR}" if PACK_DIR not in dirs else None
+        dirs[:] = sorted(d for d in dirs if (not d.startswith(".") or d == unswapped) and depth < SEARCH_DEPTH)
         if PACK_JSON in files:
             found.append(Path(root))
             dirs[:] = []
@@ -157,6 +188,10 @@ def input_problems(folder: Path, flag: str, study_name: str | None = None) -> li
 
     label = f"{flag} {str(folder)!r}"
     if not folder.is_dir():
+        staging = _staging_paths(folder.parent)[0]
+        if folder.name == PACK_DIR and (staging / PACK_JSON).is_file():
+            return [f"{label}: no such folder: its pack was being swapped in when the process was killed; "
+                    f"pass {staging} (the complete new pack), or write the pack again"]
         return [f"{label}: no such folder; pass the previous session's {PACK_DIR}/ (or the folder it ran in)"]
     meta = read_pack(folder)
     if meta is not None and (bad := pack_problems(folder, meta)):

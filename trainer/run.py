@@ -23,7 +23,10 @@ raises StopTraining; it never calls back into this module.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import socket
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,19 +38,21 @@ from trainer.config import TrainConfig
 from trainer.data import PreparedData, prepare_data
 from trainer.device import place
 from trainer.distributed import World, from_main, join, peer_failure, run_gpus
-from trainer.errors import EXIT_SIGNALS, StopTraining, TrainingInterrupted
+from trainer.errors import EXIT_SIGNALS, CheckpointError, StopTraining, TrainingInterrupted
 from trainer.export import export_hf
-from trainer.files import json_float
+from trainer.files import atomic_write_json, free_bytes, json_float
 from trainer.gpu_monitor import GpuMonitor, start_gpu_monitor
 from trainer.interrupts import StopRequests
 from trainer.early_stop import EarlyStop
 from trainer.loop import EARLY_STOP, TIME, Halt, Trainer
 from trainer.model import count_parameters
-from trainer.recorder import EVENT_EARLY_STOP, EVENT_SIGNAL, EVENT_TIME_BUDGET, NullRecorder, Recorder, RunInfo
+from trainer.recorder import (EVENT_CHECKPOINT_FAILED, EVENT_EARLY_STOP, EVENT_SIGNAL, EVENT_TIME_BUDGET, NullRecorder,
+                              Recorder, RunInfo)
 
 # NVML's utilisation is the busy fraction of its last 1/6 to 1 s: a sample every 2 s sees a
 # 10-second epoch five times, for four NVML calls per GPU on the monitor's own thread.
 GPU_SAMPLE_S = 2.0
+RUN_FILE = "run.json"      # in --out: the folder's run (uid, row id, status, process), for the next start
 StartGpuMonitor = Callable[[float, tuple[int, ...]], tuple[GpuMonitor | None, str | None]]
 
 
@@ -137,18 +142,29 @@ def _drive(t: Trainer, plan: ResumePlan, notes: list[str]) -> RunResult:
             t.stops.ignore_from_now()
         _complete_saves(t)
         failure = lost or exc
-        t.recorder.finish("failed", f"{type(failure).__name__}: {failure}")
+        _end_row(t, "failed", f"{type(failure).__name__}: {failure}")
         if lost is not None and lost is not exc:
             raise lost from exc
         raise
     if halt is not None and halt.cause == TIME:
         return _stop_for_time(t, plan)
     if halt is not None and halt.cause == EARLY_STOP:
-        return _stop_early(t, plan, halt.early_stop)
+        return _stop_on_full_disk(t, plan, lambda: _stop_early(t, plan, halt.early_stop))
     if halt is not None:
         _stop_for_signal(t, halt)
-    checkpoint, model_dir = _save_final(t, status)
-    t.recorder.finish(status, reason)
+    return _stop_on_full_disk(t, plan, lambda: _finish(t, plan, status, reason))
+
+
+def _finish(t: Trainer, plan: ResumePlan, status: str, reason: str | None) -> RunResult:
+    """The end of a run that ran its course (completed), or that a fault or pruner ended."""
+    try:
+        checkpoint, model_dir = _save_final(t, status)
+    except (CheckpointError, OSError) as exc:
+        if status == "completed":
+            raise          # to be continued once there is room: _stop_on_full_disk
+        t.log(f"warning: the final checkpoint could not be written ({exc}); the run ends {status} as it was")
+        checkpoint, model_dir = _complete_saves(t), None
+    _end_row(t, status, reason)
     if t.stops.requested:
         t.log(f"{t.stops.signal_name} arrived while the run was finishing; it is complete")
     return _result(t, plan, status, reason, checkpoint, model_dir)
@@ -157,9 +173,16 @@ def _drive(t: Trainer, plan: ResumePlan, notes: list[str]) -> RunResult:
 def _start(t: Trainer, plan: ResumePlan, notes: list[str]) -> None:
     """Create the recorder's run, or continue the checkpoint's run when resuming."""
     cfg, data, state = t.cfg, t.data, t.state
+    uid, taken_over = _run_identity(t, plan)
     extra = {"steps_per_epoch": t.steps_per_epoch, "total_steps": t.total_steps}
+    if uid is not None:
+        extra["run_uid"] = uid
     if plan.path is not None:
         extra.update(run_id=state.run_id, resume_step=state.step, resumed_from=str(plan.path))
+    elif taken_over:       # killed before its first checkpoint: its row is this run's, from step 0
+        extra.update(resume_step=0)
+        t.log(f"the run recorded in {t.out_dir / RUN_FILE} was left running by a process that is gone, before "
+              "its first checkpoint: continuing its row from step 0")
     info = RunInfo(
         name=cfg.run_name or Path(cfg.out_dir).name, config=cfg.to_dict(),
         dataset=data.dataset_identity, tokenizer=data.tokenizer_identity,
@@ -171,6 +194,8 @@ def _start(t: Trainer, plan: ResumePlan, notes: list[str]) -> None:
         t.log(f"run {state.run_id} is not in this database; recording the resumed run as a new run")
         extra = {k: v for k, v in extra.items() if k not in ("run_id", "resume_step")}
         state.run_id = t.recorder.start_run(dataclasses.replace(info, extra=extra))
+    state.run_uid = uid
+    _write_run_file(t, "running")
     if t.store:
         t.store.set_run_id(state.run_id)
         report_resume(plan, t.store, state.step, notes, t.log)
@@ -179,12 +204,84 @@ def _start(t: Trainer, plan: ResumePlan, notes: list[str]) -> None:
           f"{t.total_steps} optimizer steps of {t.step_batch} x {cfg.block_size} tokens")
 
 
+def _stop_on_full_disk(t: Trainer, plan: ResumePlan, end: Callable[[], RunResult]) -> RunResult:
+    """``end()``, unless the final checkpoint or final_model/ cannot be written (a full disk, or
+    any OS error of the output folder): then the run stops interrupted at its newest complete
+    checkpoint, to be continued with --resume auto once there is room. Nothing trained is lost
+    beyond the steps since that checkpoint."""
+    try:
+        return end()
+    except (CheckpointError, OSError) as exc:
+        error = exc
+    path = _complete_saves(t)
+    free = free_bytes(t.out_dir)
+    reason = (f"the final checkpoint or model could not be written ({error}"
+              + (f"; {free / 1e9:.2f} GB free" if free is not None else "") + "); free space, or need less "
+              "(--keep-checkpoints, --save-optimizer-state false), and continue with --resume auto")
+    _event(t, EVENT_CHECKPOINT_FAILED, {"error": str(error), "free_bytes": free, "checkpoint": path})
+    t.log(f"stopped at step {t.state.step}: {reason}")
+    _end_row(t, "interrupted", reason)
+    return _result(t, plan, "interrupted", reason, path, None)
+
+
+def _run_identity(t: Trainer, plan: ResumePlan) -> tuple[str | None, bool]:
+    """The uid naming this run's row in any database, and whether it takes over the row of a run
+    that a process which is gone left ``running`` here before its first checkpoint. A resume
+    keeps its checkpoint's uid (None from checkpoints older than uids: their row id names it)."""
+    if plan.path is not None:
+        return t.state.run_uid, False
+    left = _read_run_file(t.out_dir)
+    if left.get("status") == "running" and isinstance(left.get("uid"), str) and not _alive(left):
+        return left["uid"], True
+    return uuid.uuid4().hex, False
+
+
+def _read_run_file(out_dir: Path) -> dict:
+    try:
+        record = json.loads((out_dir / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _alive(record: dict) -> bool:
+    """Whether the process that wrote ``record`` still runs (on this machine; elsewhere it is gone)."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return record.get("host") == socket.gethostname() and pid == os.getpid()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_run_file(t: Trainer, status: str) -> None:
+    """This folder's run: its row (uid and id), its status and the process training it."""
+    if not t.is_main or t.state.run_uid is None:
+        return
+    try:
+        t.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(t.out_dir / RUN_FILE, {"uid": t.state.run_uid, "run_id": t.state.run_id, "status": status,
+                                                 "pid": os.getpid(), "host": socket.gethostname()})
+    except OSError as exc:      # a hint for the next start: a full disk must not stop the run
+        t.log(f"warning: {t.out_dir / RUN_FILE} not written ({exc})")
+
+
+def _end_row(t: Trainer, status: str, reason: str | None) -> None:
+    """End the run's row in the recorder, and in this folder's run file."""
+    t.recorder.finish(status, reason)
+    _write_run_file(t, status)
+
+
 def _stop_for_signal(t: Trainer, halt: Halt) -> NoReturn:
     """Emergency checkpoint (unless a step was cut in half), finish the run, raise."""
     path = _complete_saves(t, None if halt.mid_step else t.save("emergency"))
     _event(t, EVENT_SIGNAL, {"signal": halt.cause, "checkpoint": path})
     t.log(f"{halt.cause}: stopped at step {t.state.step}" + (f"; resume from {path}" if path else ""))
-    t.recorder.finish("interrupted", f"signal {halt.cause}")
+    _end_row(t, "interrupted", f"signal {halt.cause}")
     raise TrainingInterrupted(halt.cause, path, EXIT_SIGNALS.get(halt.cause, 130))
 
 
@@ -196,7 +293,7 @@ def _stop_for_time(t: Trainer, plan: ResumePlan) -> RunResult:
     _event(t, EVENT_TIME_BUDGET, {"limit_s": t.clock.limit_s, "remaining_s": remaining, "needed_s": needed,
                                   "checkpoint": path})
     t.log(f"{reason}; continue with --resume auto")
-    t.recorder.finish("interrupted", reason)
+    _end_row(t, "interrupted", reason)
     return _result(t, plan, "interrupted", reason, path, None)
 
 
@@ -216,7 +313,7 @@ def _stop_early(t: Trainer, plan: ResumePlan, stop: EarlyStop) -> RunResult:
                                  "best_checkpoint": best, "final_model": model_dir})
     t.log(f"{stop.reason}: {t.total_steps - stop.step} of {t.total_steps} steps saved; "
           f"final model (weights of step {stop.best_step}): {model_dir}")
-    t.recorder.finish("completed", stop.reason)
+    _end_row(t, "completed", stop.reason)
     return _result(t, plan, "completed", stop.reason, checkpoint, model_dir)
 
 

@@ -24,15 +24,33 @@ def total_steps(train_tokens: int, cfg: TrainConfig, step_batch: int | None = No
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup to cfg.lr, then cosine, linear or no decay to cfg.lr * cfg.min_lr_ratio."""
+def lr_at(step: int, cfg: TrainConfig, total_steps: int, peak: float | None = None) -> float:
+    """Linear warmup to ``peak``, then cosine, linear or no decay to peak * cfg.min_lr_ratio.
+
+    ``peak`` is cfg.lr unless given: each optimizer param group follows the schedule from its own
+    peak, its ``group["base_lr"]`` (--lr for AdamW's, --muon-lr for Muon's; keep_base_lrs).
+    """
+    peak = cfg.lr if peak is None else peak
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
+        return peak * (step + 1) / cfg.warmup_steps
+    floor = peak * cfg.min_lr_ratio
     decay_steps = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     if cfg.schedule == "constant":
-        return cfg.lr
+        return peak
     if cfg.schedule == "linear":
-        return floor + (cfg.lr - floor) * (1.0 - progress)
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (peak - floor) * (1.0 - progress)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def keep_base_lrs(optimizer):
+    """``optimizer`` with each group's ``base_lr`` (its peak, from this run's config) kept when a
+    checkpoint is loaded: the saved groups replace the groups, and a resumed run follows its own
+    --lr/--muon-lr, as it did before the peaks were stored (a checkpoint without them loads too)."""
+    peaks = [group["base_lr"] for group in optimizer.param_groups]
+
+    def restore(opt) -> None:
+        for group, peak in zip(opt.param_groups, peaks):
+            group["base_lr"] = peak
+    optimizer.register_load_state_dict_post_hook(restore)
+    return optimizer

@@ -4,17 +4,25 @@ a ``datasets`` name or local dataset directory, or local files.
 Every source ends as a :class:`Corpus` of training and validation documents in a fixed order.
 Documents are assigned to a split by a hash of a stable key (a file's relative path, a row's
 index), never by position or a random draw, so adding documents never moves the others.
+
+Reading writes nothing under --cache-dir: ``datasets`` converts local files into a scratch
+cache in the system's temporary folder, removed once the texts are in memory, so a file that
+cannot be read, decoded or split leaves no trace (the rule: nothing is written before every
+check has passed).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import sysconfig
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from trainer.errors import DataError
 
@@ -84,10 +92,10 @@ def load_corpus(cfg) -> Corpus:
     """The corpus that ``cfg`` names: --data-files, --dataset, or the standard library."""
     if cfg.data_files:
         more = " ..." if len(cfg.data_files) > 1 else ""
-        return _finish(*load_files(cfg), cfg, f"--data-files {cfg.data_files[0]}{more}",
+        return _finish(*load_files(cfg), cfg, f"--data-files {cfg.data_files[0]!r}{more}",
                        "pass more or larger files with --data-files")
     if cfg.dataset:
-        return _finish(*load_dataset_splits(cfg), cfg, f"--dataset {cfg.dataset}",
+        return _finish(*load_dataset_splits(cfg), cfg, f"--dataset {cfg.dataset!r}",
                        "pass a larger dataset, or local files with --data-files")
     return _finish(*load_stdlib(cfg), cfg, "the standard library's sources",
                    "use a Python installation that ships them, or pass --data-files")
@@ -160,25 +168,91 @@ def check_files(paths: list[str]) -> None:
         raise DataError("--data-files: " + "; ".join(problems))
 
 
+@contextlib.contextmanager
+def scratch_cache() -> Iterator[str]:
+    """A ``datasets`` cache that lives only while the texts are read (see the module's docstring)."""
+    with tempfile.TemporaryDirectory(prefix="smallgpt-datasets-") as folder:
+        yield folder
+
+
 def load_files(cfg) -> tuple[str, list[str], list[str]]:
     """Read --data-files through the packaged builders; documents keyed by their index."""
     check_files(cfg.data_files)
     datasets = _datasets()
     by_builder: dict[str, list[str]] = {}
+    given: dict[str, str] = {}   # resolved path -> the path as the user wrote it, for messages
     for path in cfg.data_files:
+        given[str(Path(path).resolve())] = path
         by_builder.setdefault(BUILDERS[Path(path).suffix.lower()], []).append(str(Path(path).resolve()))
     texts: list[str | None] = []
     for builder, paths in by_builder.items():
         # One .txt file is one document, which cannot be split; then paragraphs are the documents.
         kw = {"sample_by": "document" if len(paths) > 1 else "paragraph"} if builder == "text" else {}
-        try:
-            ds = datasets.load_dataset(builder, data_files=paths, split="train",
-                                       cache_dir=os.path.join(cfg.cache_dir, "datasets"), **kw)
-        except Exception as exc:   # a parse error names the file and the position
-            raise DataError(f"--data-files {' '.join(paths)}: cannot be read ({brief(exc)}); "
-                            "fix the file or leave it out") from exc
-        texts += column(ds, "text" if builder == "text" else cfg.text_column, f"--data-files {paths[0]}")
+        name = "text" if builder == "text" else cfg.text_column
+        with scratch_cache() as cache:
+            try:
+                ds = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache, **kw)
+            except Exception as exc:   # the library's message rarely says which file, or what is wrong
+                raise DataError(unreadable(paths, given, builder, exc)) from exc
+            texts += column(ds, name, f"--data-files {given[paths[0]]!r}")
     return ("files", *assign(_indexed(texts), cfg))
+
+
+def unreadable(paths: list[str], given: dict[str, str], builder: str, exc: BaseException) -> str:
+    """One line naming the file that cannot be read, what is wrong in it, and the fix."""
+    for path in paths:
+        if problem := file_problem(path, builder):
+            return f"--data-files {given[path]!r}: {problem}"
+    shown = " ".join(repr(given[p]) for p in paths)
+    return f"--data-files {shown}: cannot be read ({brief(_root_cause(exc))}); fix the file or leave it out"
+
+
+def file_problem(path: str, builder: str) -> str | None:
+    """What makes one data file unreadable, found by reading it ourselves; None if nothing is found."""
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+            pq.read_schema(path)
+            return None
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return f"cannot be read ({brief(exc)}); check the file's permissions, or leave it out"
+    except Exception as exc:    # pyarrow: not a Parquet file
+        return f"is not a readable Parquet file ({brief(exc)}); pass a .parquet file, or leave it out"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}: a binary file?); "
+                "pass a text file saved as UTF-8, or leave it out")
+    return _json_problem(text) if builder == "json" else None
+
+
+def _json_problem(text: str) -> str | None:
+    """A JSON file holds one document (a list of rows, or an object) or one object per line."""
+    try:
+        json.loads(text)
+        return None
+    except ValueError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            return f"line {number} is not valid JSON ({exc}); fix that line, or leave the file out"
+        if not isinstance(row, dict):
+            return f"line {number} is not a JSON object ({type(row).__name__}); write one object per line"
+    return None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain (datasets wraps a parse error in its own)."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        exc = inner
+        seen.add(id(exc))
+    return exc
 
 
 def column(ds, name: str, what: str) -> list[str | None]:
@@ -203,18 +277,19 @@ def load_dataset_splits(cfg) -> tuple[str, list[str], list[str]]:
         require_hub(label, "pass local files with --data-files PATH... (.txt, .jsonl, .parquet) or a "
                     "local dataset directory with --dataset DIR, run where the hub is reachable, or "
                     "set HF_DATASETS_OFFLINE=1 to use a copy already in the datasets cache")
-    # A local directory's arrow cache goes with ours; a hub dataset's stays in the shared
-    # datasets cache, where HF_DATASETS_OFFLINE=1 finds it.
-    cache = os.path.join(cfg.cache_dir, "datasets") if local else None
-    splits = _load_dataset_dict(name, cfg.dataset_config, label, cache)
-    if "train" not in splits:
-        raise DataError(f"{label}: has no 'train' split (its splits are {', '.join(splits)}): "
-                        "pick a dataset or configuration with a training split")
-    held_out = next((s for s in ("validation", "test") if s in splits), None)
-    train = column(splits["train"], cfg.text_column, label)
+    # A local directory's arrow cache is a scratch one, as for --data-files; a hub dataset's
+    # stays in the shared datasets cache, where HF_DATASETS_OFFLINE=1 finds it.
+    with scratch_cache() if local else contextlib.nullcontext() as cache:
+        splits = _load_dataset_dict(name, cfg.dataset_config, label, cache)
+        if "train" not in splits:
+            raise DataError(f"{label}: has no 'train' split (its splits are {', '.join(splits)}): "
+                            "pick a dataset or configuration with a training split")
+        held_out = next((s for s in ("validation", "test") if s in splits), None)
+        train = column(splits["train"], cfg.text_column, label)
+        held_out_texts = column(splits[held_out], cfg.text_column, label) if held_out else None
     train_texts, val_texts = assign(_indexed(train), cfg, has_val=held_out is not None)
     if held_out:
-        val_texts = [t for _, t in _indexed(column(splits[held_out], cfg.text_column, label))]
+        val_texts = [t for _, t in _indexed(held_out_texts)]
     source = f"hf:{Path(name).resolve() if local else name}"
     return (source + (f"/{cfg.dataset_config}" if cfg.dataset_config else ""), train_texts, val_texts)
 

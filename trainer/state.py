@@ -31,6 +31,7 @@ class TrainState:
     last_val_loss: float = math.nan
     last_eval_step: int = -1     # the step last_val_loss was measured at
     run_id: int | None = None
+    run_uid: str | None = None   # the run row's uid: it names the row in any database (ids are per file)
     epoch_seconds: float = 0.0   # time spent in the epoch in progress, summed over resumes
     epoch_losses: list[float] = field(default_factory=list)  # step losses of the epoch in progress
     lr_scale: float = 1.0        # halved once after a streak of non-finite steps

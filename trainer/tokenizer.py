@@ -2,6 +2,9 @@
 
 Either way the result is a ``transformers`` fast tokenizer with ``<|endoftext|>`` as its EOS, so
 the final model can be saved and reloaded with ``save_pretrained`` / ``AutoTokenizer``.
+
+A newly trained BPE is cached only when the caller says so (``load_tokenizer`` returns the
+write as a function): the data's checks, which need the tokenizer, come first.
 """
 from __future__ import annotations
 
@@ -30,16 +33,24 @@ BPE_SETTINGS = {"model": "bpe", "pre_tokenizer": "byte_level", "add_prefix_space
 Log = Callable[[str], None]
 
 
-def load_tokenizer(cfg, train: Split, log: Log = print) -> tuple[PreTrainedTokenizerFast, dict[str, Any]]:
-    """The tokenizer --tokenizer names, and its identity (kind, name, vocab_size, sha256)."""
+def load_tokenizer(cfg, train: Split, log: Log = print
+                   ) -> tuple[PreTrainedTokenizerFast, dict[str, Any], Callable[[], None]]:
+    """The tokenizer --tokenizer names, its identity (kind, name, vocab_size, sha256), and the
+    function that caches it (nothing to do for a cached or pretrained one); writes nothing."""
+    save: Callable[[], None] = _nothing
     if cfg.tokenizer == "bpe":
-        tok, kind = bpe_tokenizer(train, cfg.vocab_size, Path(cfg.cache_dir), log), "bpe"
+        (tok, save), kind = bpe_candidate(train, cfg.vocab_size, Path(cfg.cache_dir), log), "bpe"
     else:
         tok, kind = pretrained_tokenizer(cfg.tokenizer, log), "pretrained"
     if len(tok) > MAX_VOCAB:
         raise DataError(f"--tokenizer {cfg.tokenizer}: its {len(tok)} tokens do not fit the uint16 "
                         f"token cache (at most {MAX_VOCAB}): pass a smaller tokenizer or --tokenizer bpe")
-    return tok, {"kind": kind, "name": cfg.tokenizer, "vocab_size": len(tok), "sha256": tokenizer_sha256(tok)}
+    identity = {"kind": kind, "name": cfg.tokenizer, "vocab_size": len(tok), "sha256": tokenizer_sha256(tok)}
+    return tok, identity, save
+
+
+def _nothing() -> None:
+    """Nothing to cache."""
 
 
 def tokenizer_sha256(tok: PreTrainedTokenizerFast) -> str:
@@ -57,6 +68,15 @@ def bpe_cache_path(train: Split, vocab_size: int, cache_dir: Path) -> Path:
 def bpe_tokenizer(train: Split, vocab_size: int, cache_dir: Path,
                   log: Log = print) -> PreTrainedTokenizerFast:
     """Load the BPE trained on exactly this split, or train it and cache it."""
+    tok, save = bpe_candidate(train, vocab_size, cache_dir, log)
+    save()
+    return tok
+
+
+def bpe_candidate(train: Split, vocab_size: int, cache_dir: Path,
+                  log: Log = print) -> tuple[PreTrainedTokenizerFast, Callable[[], None]]:
+    """The BPE trained on exactly this split, from the cache or trained now, and the function
+    that caches a new one (nothing is written until it is called)."""
     path = bpe_cache_path(train, vocab_size, cache_dir)
     start = time.perf_counter()
     if path.is_dir():
@@ -64,15 +84,24 @@ def bpe_tokenizer(train: Split, vocab_size: int, cache_dir: Path,
             tok = PreTrainedTokenizerFast.from_pretrained(path)
             log(f"tokenizer: loaded byte-level BPE (vocab {len(tok)}) from {path} "
                 f"in {time.perf_counter() - start:.2f}s")
-            return tok
+            return tok, _nothing
         except (OSError, ValueError) as exc:   # damaged by hand: a cache can always be rebuilt
             log(f"tokenizer: cached {path} is unreadable ({brief(exc)}); training again")
+    damaged = path.is_dir()
+    trained = train_bpe(train.texts, vocab_size)
+    # Reload what is saved, so a first run and a cached run hand out the very same tokenizer.
+    with tempfile.TemporaryDirectory(prefix="smallgpt-bpe-") as scratch:
+        trained.save_pretrained(scratch)
+        tok = PreTrainedTokenizerFast.from_pretrained(scratch)
+    seconds = time.perf_counter() - start
+
+    def save() -> None:
+        if damaged:
             shutil.rmtree(path, ignore_errors=True)
-    publish_dir(path, train_bpe(train.texts, vocab_size).save_pretrained)
-    log(f"tokenizer: trained byte-level BPE (vocab {vocab_size}) on {train.documents} training "
-        f"documents ({train.bytes / 1e6:.1f} MB) in {time.perf_counter() - start:.1f}s -> {path}")
-    # Reload what was saved, so a first run and a cached run hand out the very same tokenizer.
-    return PreTrainedTokenizerFast.from_pretrained(path)
+        publish_dir(path, trained.save_pretrained)
+        log(f"tokenizer: trained byte-level BPE (vocab {vocab_size}) on {train.documents} training "
+            f"documents ({train.bytes / 1e6:.1f} MB) in {seconds:.1f}s -> {path}")
+    return tok, save
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

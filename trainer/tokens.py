@@ -4,6 +4,9 @@ memory-mapped read-only from then on (no tokenizing, no copy into memory).
 The stream is every document's tokens followed by EOS, in the split's order. The file is keyed
 by the split (its texts and document boundaries) and the tokenizer (the sha256 of its
 tokenizer.json), so a change to either makes a new file rather than reusing a stale one.
+
+``find_stream`` writes nothing: a stream not cached yet is tokenized in memory, so that its
+length can be checked (enough for a training step, a validation block) before it is saved.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,24 +33,58 @@ Log = Callable[[str], None]
 def token_stream(split: Split, tokenizer, tokenizer_sha: str, cache_dir: str | Path,
                  name: str, log: Log = print) -> np.memmap:
     """The split's token stream, from the cache or tokenized now and cached."""
+    return find_stream(split, tokenizer, tokenizer_sha, cache_dir, name).save(log)
+
+
+@dataclass
+class FoundStream:
+    """A split's tokens: the cached stream (a read-only memmap), or tokenized in memory and not
+    written yet. ``save`` writes the latter to the cache (the former needs nothing) and logs."""
+
+    name: str
+    split: Split
+    bin_path: Path
+    tokens: np.ndarray
+    cached: bool
+    tokenizer_sha: str
+    eos_id: int
+    seconds: float
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def save(self, log: Log = print) -> np.memmap:
+        bin_path, meta_path = self.bin_path, self.bin_path.with_suffix(".json")
+        if self.cached:
+            log(f"tokens: loaded {self.name} stream, {len(self):,} tokens ({bin_path.stat().st_size / 1e6:.1f} "
+                f"MB), from {bin_path} in {self.seconds:.2f}s")
+            return self.tokens
+        start = time.perf_counter()
+        bin_path.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_file(bin_path) as f:
+            f.write(self.tokens.tobytes())
+        # The JSON is written last: its presence, with a matching file size, marks a complete stream.
+        split = self.split
+        write_json(meta_path, {"format": FORMAT_VERSION, "tokens": len(self), "dtype": np.dtype(DTYPE).name,
+                               "documents": split.documents, "bytes": split.bytes, "split_sha256": split.sha256,
+                               "tokenizer_sha256": self.tokenizer_sha, "eos_id": self.eos_id})
+        log(f"tokens: built {self.name} stream, {len(self):,} tokens from {split.documents} documents "
+            f"({split.bytes / 1e6:.1f} MB of text) in {self.seconds + time.perf_counter() - start:.1f}s "
+            f"-> {bin_path}")
+        return open_stream(bin_path, meta_path)
+
+
+def find_stream(split: Split, tokenizer, tokenizer_sha: str, cache_dir: str | Path, name: str) -> FoundStream:
+    """The split's tokens from the cache, or tokenized now in memory; writes nothing."""
     key = sha256_hex(str(FORMAT_VERSION), split.key, tokenizer_sha)[:20]
     bin_path = Path(cache_dir) / "tokens" / f"{name}-{key}.bin"
-    meta_path = bin_path.with_suffix(".json")
     start = time.perf_counter()
-    tokens = open_stream(bin_path, meta_path)
-    if tokens is not None:
-        log(f"tokens: loaded {name} stream, {len(tokens):,} tokens ({bin_path.stat().st_size / 1e6:.1f} MB), "
-            f"from {bin_path} in {time.perf_counter() - start:.2f}s")
-        return tokens
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
-    count = write_stream(split.texts, tokenizer, bin_path)
-    # The JSON is written last: its presence, with a matching file size, marks a complete stream.
-    write_json(meta_path, {"format": FORMAT_VERSION, "tokens": count, "dtype": np.dtype(DTYPE).name,
-                           "documents": split.documents, "bytes": split.bytes, "split_sha256": split.sha256,
-                           "tokenizer_sha256": tokenizer_sha, "eos_id": tokenizer.eos_token_id})
-    log(f"tokens: built {name} stream, {count:,} tokens from {split.documents} documents "
-        f"({split.bytes / 1e6:.1f} MB of text) in {time.perf_counter() - start:.1f}s -> {bin_path}")
-    return open_stream(bin_path, meta_path)
+    tokens = open_stream(bin_path, bin_path.with_suffix(".json"))
+    cached = tokens is not None
+    if not cached:
+        tokens = tokenize(split.texts, tokenizer)
+    return FoundStream(name, split, bin_path, tokens, cached, tokenizer_sha, tokenizer.eos_token_id,
+                       time.perf_counter() - start)
 
 
 def open_stream(bin_path: Path, meta_path: Path) -> np.memmap | None:
@@ -61,20 +99,18 @@ def open_stream(bin_path: Path, meta_path: Path) -> np.memmap | None:
     return np.memmap(bin_path, dtype=DTYPE, mode="r")
 
 
-def write_stream(texts: list[str], tokenizer, path: Path) -> int:
-    """Tokenize ``texts`` (EOS after each) into ``path`` atomically; return the token count."""
+def tokenize(texts: list[str], tokenizer) -> np.ndarray:
+    """``texts`` as one uint16 token stream in memory, EOS after each document."""
     backend = tokenizer.backend_tokenizer
     eos = np.asarray([tokenizer.eos_token_id], dtype=DTYPE)
-    count = 0
-    with _atomic_file(path) as f, _specials_as_text(backend):
+    chunks = [np.zeros(0, dtype=DTYPE)]
+    with _specials_as_text(backend):
         for chunk in _chunks(texts, CHUNK_CHARS):
             parts = []
             for enc in backend.encode_batch_fast(chunk, add_special_tokens=False):   # parallel, in Rust
                 parts += [np.asarray(enc.ids, dtype=DTYPE), eos]   # numpy refuses ids that do not fit
-            arr = np.concatenate(parts)
-            f.write(arr.tobytes())
-            count += arr.size
-    return count
+            chunks.append(np.concatenate(parts))
+    return np.concatenate(chunks)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

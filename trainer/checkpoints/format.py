@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trainer.errors import CheckpointError
-from trainer.files import TMP_PREFIX, atomic_write_json, fsync_dir
+from trainer.files import TMP_PREFIX, as_os_error, atomic_write_json, fsync_dir
 
 FORMAT_VERSION = 1
 
@@ -151,8 +151,11 @@ def prepare_checkpoint(path: Path, snapshot: Snapshot) -> SaveResult:
         info = snapshot.info if snapshot.info.written_at else replace(snapshot.info, written_at=time.time())
         atomic_write_json(tmp / MANIFEST_FILE, {KEY_FORMAT: FORMAT_VERSION, KEY_CHECKPOINT: info.manifest_fields(),
                                                 KEY_FILES: files}, durable=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        disk = as_os_error(exc)
+        if disk is not None and disk is not exc:    # safetensors' own error for a full disk
+            raise disk from exc
         raise
     size = sum(f[KEY_BYTES] for f in files.values()) + (tmp / MANIFEST_FILE).stat().st_size
     info = replace(info, path=path, size_bytes=size, sha256=sha256_file(tmp / MANIFEST_FILE))

@@ -9,6 +9,12 @@ Rotation keeps the N newest, plus the best by validation loss, which is never de
 ``--max-checkpoint-gb`` then deletes the oldest of the rest until the folder fits. It runs
 only after a checkpoint of this run is complete, so the one a run resumed from is never
 deleted before a newer one exists. Every write and deletion goes to the recorder.
+
+A write that fails (a full disk, any OS error of the folder) is a fault the run survives: its
+temporary directory is removed, a ``checkpoint_failed`` event records the reason and the free
+space, one warning names the fixes, every checkpoint but the newest complete and the best is
+deleted to make room, and training goes on; the next interval tries again. The history and
+``latest`` are hints: a full disk leaves them stale, not the run stopped.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from trainer.checkpoints.format import (OLD_PREFIX, STEP_PREFIX, CheckpointInfo,
 from trainer.checkpoints.writer import BackgroundWriter
 from trainer.config import TrainConfig
 from trainer.errors import CheckpointError
-from trainer.files import TMP_PREFIX, atomic_write_json, atomic_write_text
+from trainer.files import TMP_PREFIX, atomic_write_json, atomic_write_text, free_bytes, pause_point
 from trainer.recorder import EVENT_CHECKPOINT_DELETED, EVENT_CHECKPOINT_FAILED, Recorder
 
 LATEST_FILE = "latest"
@@ -95,6 +101,7 @@ class CheckpointStore:
         self._latest_complete: Path | None = None
         self._history: dict[str, Any] = {H_CHECKPOINTS: [], H_EVENTS: []}
         self._budget_warned = False
+        self._hint_warned = False
         self._prepared = False
         self._done: list[SaveResult] = []            # recorded, not yet handed to poll's caller
         self._unrecorded: list[CheckpointInfo] = []  # published by a run killed before recording them
@@ -200,11 +207,26 @@ class CheckpointStore:
                     raise outcome.error
                 self._done.append(self._publish(outcome))
             except (OSError, CheckpointError) as exc:
-                self.log(f"warning: checkpoint {outcome.path} could not be written: {exc!r}")
-                self.event(EVENT_CHECKPOINT_FAILED, outcome.info.step, {"path": str(outcome.path), "error": repr(exc)})
+                self._failed(outcome, exc)
                 if final:
                     raise CheckpointError(f"checkpoint {outcome.path} could not be written ({exc}); the last "
                                           f"complete one is named in {self.root / LATEST_FILE}") from exc
+
+    def _failed(self, outcome: SaveResult, exc: BaseException) -> None:
+        """Record a write that failed, say what to do, and free what rotation may for the next."""
+        free = free_bytes(self.root)
+        where = f"{free / GB:.2f} GB free in {self.root}" if free is not None else f"free space in {self.root} unknown"
+        self.log(f"warning: checkpoint of step {outcome.info.step} not written ({exc}; {where}); training goes "
+                 f"on and the next checkpoint is tried at the next interval. To need less disk: --keep-checkpoints "
+                 f"{max(1, self.cfg.keep_checkpoints - 1)}, --max-checkpoint-gb, --save-optimizer-state false, "
+                 "or free space")
+        self.event(EVENT_CHECKPOINT_FAILED, outcome.info.step, {"path": str(outcome.path), "error": str(exc),
+                                                                "free_bytes": free})
+        stored = scan(self.root)
+        protected = {self.writer.in_flight} if self.writer.in_flight else set()
+        for doomed in plan_rotation(stored, 1, 0, protected):     # all but the newest and the best
+            self._delete(doomed)
+        self._write_history()
 
     def _publish(self, prepared: SaveResult) -> SaveResult:
         """Record a written checkpoint, then rename it into place, then rotate.
@@ -220,7 +242,7 @@ class CheckpointStore:
             self._forget(prepared.path, prepared.info.step)
             raise
         # Hints, so not fsynced (a resume checks manifests, and records what history missed).
-        atomic_write_text(self.root / LATEST_FILE, saved.path.name + "\n")
+        self._write_hint(lambda: atomic_write_text(self.root / LATEST_FILE, saved.path.name + "\n"))
         self._latest_complete = saved.path
         self._rotate(saved)
         self._write_history()
@@ -257,6 +279,7 @@ class CheckpointStore:
         # Renamed first: a half-deleted directory must never look like a checkpoint.
         aside = doomed.path.with_name(f"{OLD_PREFIX}{doomed.path.name}-{os.getpid()}")
         os.replace(doomed.path, aside)
+        pause_point("checkpoint-rotation")     # tests kill here (TRAINER_PAUSE_AT): the next start tidies it
         shutil.rmtree(aside, ignore_errors=True)
         self._forget(doomed.path, doomed.step)
 
@@ -276,7 +299,18 @@ class CheckpointStore:
         self.recorder.log_event(EVENT_CHECKPOINT_DELETED, step, {"path": entry[H_PATH]})
 
     def _write_history(self) -> None:
-        atomic_write_json(self.root / HISTORY_FILE, self._history)
+        self._write_hint(lambda: atomic_write_json(self.root / HISTORY_FILE, self._history))
+
+    def _write_hint(self, write) -> None:
+        """training_history.json and latest, which a resume does not need (it reads manifests and
+        records what the history missed): a full disk leaves them stale until the next write."""
+        try:
+            write()
+        except OSError as exc:
+            if not self._hint_warned:
+                self._hint_warned = True
+                self.log(f"warning: {self.root / HISTORY_FILE} not updated ({exc}); kept in memory, written "
+                         "again at the next checkpoint")
 
 
 def _read_history(*candidates: Path) -> dict[str, Any]:
