@@ -64,6 +64,7 @@ def log_steps(rec, steps: range) -> None:
 
 
 def test_rows_written_on_a_full_disk_arrive_once_space_is_freed(small_fs, caplog):
+    caplog.set_level(logging.WARNING, logger="expdb")    # whatever level an earlier test left the root at
     db = expdb.open(small_fs / "experiments.db")
     rec = db.recorder(flush_interval_s=0.05, finish_timeout_s=60)
     run_id = rec.start_run(make_info("full-disk"))
@@ -90,6 +91,7 @@ def test_rows_written_on_a_full_disk_arrive_once_space_is_freed(small_fs, caplog
 
 
 def test_a_run_that_ends_on_a_full_disk_says_how_many_rows_are_unwritten(small_fs, caplog):
+    caplog.set_level(logging.WARNING, logger="expdb")
     db = expdb.open(small_fs / "experiments.db")
     rec = db.recorder(flush_interval_s=0.05, finish_timeout_s=0.5)
     run_id = rec.start_run(make_info("full-at-the-end"))
@@ -167,6 +169,7 @@ class FillingRecorder:
 def test_a_training_run_whose_database_disk_fills_up_loses_no_row(small_fs, tiny_cfg, tiny_data, caplog):
     from trainer.run import train
 
+    caplog.set_level(logging.WARNING, logger="expdb")
     db = expdb.open(small_fs / "experiments.db")
     recorder = FillingRecorder(db.recorder(), small_fs, full_at=10, free_at=45)
     result = train(tiny_cfg.replace(epochs=4), recorder, data=tiny_data, log=lambda *_: None)
