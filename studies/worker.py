@@ -18,6 +18,7 @@ from studies.context import StudyContext, TrialOutcome
 from studies.sampling import ask_new_trial
 from studies.trial import RUN_ID_ATTR, run_trial
 from trainer.clock import SimulatedTime, wall_clock
+from trainer.files import pid_alive
 
 WORKER_ATTR = "worker"
 RELEASED = "released"   # WORKER_ATTR key of a trial that no process holds: continued from an input
@@ -90,18 +91,8 @@ def _is_stale(ctx: StudyContext, frozen: optuna.trial.FrozenTrial) -> bool:
     if worker.get(RELEASED):
         return True
     if worker.get("host") == socket.gethostname() and worker.get("pid"):
-        return not _pid_alive(int(worker["pid"]))
+        return not pid_alive(int(worker["pid"]))
     return _heartbeat_age(ctx, frozen) > ctx.stale_after_s
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _heartbeat_age(ctx: StudyContext, frozen: optuna.trial.FrozenTrial) -> float:

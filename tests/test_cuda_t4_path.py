@@ -9,7 +9,6 @@ gives the memory a sequence takes, and the micro-batch asked for is the smallest
 whose estimate is twice the cap (so the halving must happen, and ends below the cap).
 """
 import os
-import signal
 from pathlib import Path
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS (before its first use)
@@ -23,7 +22,7 @@ from trainer.checkpoints import MODEL_FILE
 from trainer.errors import TrainingInterrupted
 from trainer.gpu_monitor import start_gpu_monitor
 from trainer.run import train
-from trainer_fixtures import ListRecorder
+from trainer_fixtures import ListRecorder, SignalAt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (none visible): .ci/gpu-check runs these on one")
@@ -141,19 +140,6 @@ def test_bf16_on_a_gpu_that_has_it(tiny_cfg, tiny_data, tmp_path):
     loss = db.steps(result.run_id).loss
     assert loss.notna().all() and loss.iloc[-5:].mean() < loss.iloc[:5].mean()
     assert not (db.events(result.run_id).kind == "scaler_skip").any()    # bf16 needs no scaler
-
-
-class SignalAt(ListRecorder):
-    """SIGTERM to this very process when step ``at`` is reported: a Kaggle session ending."""
-
-    def __init__(self, at):
-        super().__init__()
-        self.at = at
-
-    def log_step(self, step, metrics):
-        super().log_step(step, metrics)
-        if step == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def final_weights(out_dir) -> dict[str, torch.Tensor]:

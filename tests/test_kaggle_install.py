@@ -189,17 +189,22 @@ def read_only(top: Path) -> None:
         path.chmod(0o555 if path.is_dir() else 0o444)
 
 
-@pytest.fixture(scope="module")
-def kaggle_dataset_dir(tmp_path_factory) -> Path:
-    """The folder ``python -m studies.kaggle_dataset OUT_DIR`` makes (it downloads from PyPI)."""
-    out = tmp_path_factory.mktemp("dataset") / "smallgpt-lab"
+def made_or_skipped(target, folder: Path, what: str) -> Path:
+    """``kaggle_dataset.make(target, folder)``; skipped where PyPI does not answer, except on CI."""
     try:
-        kaggle_dataset.make(kaggle_dataset.KAGGLE, out)
+        kaggle_dataset.make(target, folder)
     except subprocess.CalledProcessError as e:
         if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
             raise
-        pytest.skip(f"making the Kaggle dataset needs PyPI, which did not answer: {e}")
-    return out
+        pytest.skip(f"making {what} needs PyPI, which did not answer: {e}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def kaggle_dataset_dir(tmp_path_factory) -> Path:
+    """The folder ``python -m studies.kaggle_dataset OUT_DIR`` makes (it downloads from PyPI)."""
+    return made_or_skipped(kaggle_dataset.KAGGLE, tmp_path_factory.mktemp("dataset") / "smallgpt-lab",
+                           "the Kaggle dataset")
 
 
 @pytest.mark.slow
@@ -279,13 +284,7 @@ def test_the_kaggle_dataset_resolves_for_python_312_as_well(kaggle_dataset_dir):
 def test_the_gpu_check_wheels_resolve_on_its_machine_without_torch_in_the_folder(tmp_path):
     """``python -m studies.kaggle_dataset --gpu-check`` into a temporary folder, then pip's --dry-run
     for Python 3.12 with --no-index: torch 2.11 and transformers 5.17 stand for the machine's own."""
-    folder = tmp_path / "wheels-py312"
-    try:
-        kaggle_dataset.make(kaggle_dataset.GPU_CHECK, folder)
-    except subprocess.CalledProcessError as e:
-        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-            raise
-        pytest.skip(f"making the GPU check's wheels needs PyPI, which did not answer: {e}")
+    folder = made_or_skipped(kaggle_dataset.GPU_CHECK, tmp_path / "wheels-py312", "the GPU check's wheels")
     wheels = {kaggle_dataset.canonical(w.name.split("-")[0]) for w in folder.glob("*.whl")}
     assert not {w for w in wheels if w in ("torch", "triton", "transformers") or
                 (w.startswith("nvidia-") and w != "nvidia-ml-py")}

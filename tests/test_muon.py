@@ -2,8 +2,6 @@
 real runs (training, exact resume, accumulation, the gradient scaler, checkpoints, the LR finder)."""
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from trainer.muon import ADAMW, MUON, NS_COEFFICIENTS, NS_EPS, NS_STEPS, MuonWit
 from trainer.run import train
 from trainer.schedule import lr_at
 from trainer.state import TrainState
-from trainer_fixtures import ListRecorder
+from trainer_fixtures import ListRecorder, SignalAt
 
 QUIET = {"log": lambda *_: None}
 SMALL = TrainConfig(n_layer=2, n_embd=32, n_head=2, block_size=16, optimizer="muon")
@@ -178,8 +176,8 @@ def muon_cfg(tiny_cfg):
     return tiny_cfg.replace(optimizer="muon", muon_lr=0.02)
 
 
-def test_a_muon_run_trains_and_each_group_follows_the_schedule_from_its_own_peak(muon_cfg, tiny_data,
-                                                                                  monkeypatch):
+def group_lrs_at_each_step(monkeypatch) -> list[dict[str, float]]:
+    """Every step of MuonWithAdamW from now on appends {algorithm: lr} of its groups to the list."""
     seen = []
     real_step = MuonWithAdamW.step
 
@@ -187,6 +185,12 @@ def test_a_muon_run_trains_and_each_group_follows_the_schedule_from_its_own_peak
         seen.append({g["algorithm"]: g["lr"] for g in self.param_groups})
         return real_step(self, closure)
     monkeypatch.setattr(MuonWithAdamW, "step", step)
+    return seen
+
+
+def test_a_muon_run_trains_and_each_group_follows_the_schedule_from_its_own_peak(muon_cfg, tiny_data,
+                                                                                  monkeypatch):
+    seen = group_lrs_at_each_step(monkeypatch)
     rec = ListRecorder()
     result = train(muon_cfg.replace(epochs=1), rec, data=tiny_data, **QUIET)
     assert result.status == "completed" and len(seen) == 30
@@ -195,19 +199,6 @@ def test_a_muon_run_trains_and_each_group_follows_the_schedule_from_its_own_peak
     losses = [m["loss"] for _, m in rec.steps]
     # From ln(512) = 6.2 at the start; 30 steps took 0.9 nats off here: a wide margin below that.
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.4, losses
-
-
-class SignalAt(ListRecorder):
-    """Sends SIGTERM to this process when step ``at`` is reported (as tests/test_resume.py)."""
-
-    def __init__(self, at):
-        super().__init__()
-        self.at = at
-
-    def log_step(self, step, metrics):
-        super().log_step(step, metrics)
-        if step == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.slow
@@ -400,13 +391,7 @@ def test_the_lr_finder_sweeps_muon_at_its_ratio_to_lr(tiny_base_cfg, tiny_data, 
     from trainer.lr_find import FinderSettings, range_test
 
     cfg = tiny_base_cfg.replace(optimizer="muon", lr=1e-3, muon_lr=0.02)
-    seen = []
-    real_step = MuonWithAdamW.step
-
-    def step(self, closure=None):
-        seen.append({g["algorithm"]: g["lr"] for g in self.param_groups})
-        return real_step(self, closure)
-    monkeypatch.setattr(MuonWithAdamW, "step", step)
+    seen = group_lrs_at_each_step(monkeypatch)
     settings = FinderSettings(1e-5, 1e-2, 12)
     model = build_model(cfg, tiny_data.vocab_size, tiny_data.tokenizer.eos_token_id)
     curve = range_test(model, cfg, tiny_data, place(cfg), settings)

@@ -15,24 +15,9 @@ from trainer.errors import CheckpointError, ConfigError, TrainingInterrupted
 from trainer.recorder import (EVENT_CHECKPOINT_DELETED, EVENT_CORRUPT_CHECKPOINT, EVENT_RESUME_CHECKPOINT,
                               EVENT_SIGNAL, EVENT_TIME_BUDGET)
 from trainer.run import train
-from trainer_fixtures import ListRecorder
+from trainer_fixtures import ListRecorder, SignalAt
 
 QUIET = dict(log=lambda *_: None)
-
-
-class SignalAt(ListRecorder):
-    """Sends ``sig`` to this very process when step ``at`` is reported (or raises KeyboardInterrupt)."""
-
-    def __init__(self, at, sig=signal.SIGTERM):
-        super().__init__()
-        self.at, self.sig = at, sig
-
-    def log_step(self, step, metrics):
-        super().log_step(step, metrics)
-        if step == self.at:
-            if self.sig == "KeyboardInterrupt":
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), self.sig)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """Fixtures shared by the trainer, study and end-to-end tests (loaded from conftest.py)."""
 import dataclasses
+import os
+import signal
 
 import pytest
 
@@ -93,3 +95,18 @@ def run_with_faults(cfg, data, tmp_path, name, monkeypatch, oom="", nan=""):
     db = expdb.open(tmp_path / f"{name}.db")
     result = train(cfg.replace(out_dir=str(tmp_path / name)), db.recorder(), data=data, log=lambda *_: None)
     return result, db
+
+
+class SignalAt(ListRecorder):
+    """Sends ``sig`` to this very process when step ``at`` is reported (or raises KeyboardInterrupt)."""
+
+    def __init__(self, at, sig=signal.SIGTERM):
+        super().__init__()
+        self.at, self.sig = at, sig
+
+    def log_step(self, step, metrics):
+        super().log_step(step, metrics)
+        if step == self.at:
+            if self.sig == "KeyboardInterrupt":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), self.sig)

@@ -120,6 +120,17 @@ PAUSE_AT_ENV = "TRAINER_PAUSE_AT"       # the point's name, e.g. "merge.copied"
 PAUSE_DIR_ENV = "TRAINER_PAUSE_DIR"     # where ``<name>.paused`` appears (default: the working folder)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with ``pid`` still runs (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def pause_point(name: str, seconds: float = 300.0) -> None:
     """When ``TRAINER_PAUSE_AT`` names this point: write ``<name>.paused`` and sleep, so that a
     test can kill the process exactly here (it waits for the file, never for a time). Only

@@ -40,7 +40,7 @@ from trainer.device import place
 from trainer.distributed import World, from_main, join, peer_failure, run_gpus
 from trainer.errors import EXIT_SIGNALS, CheckpointError, StopTraining, TrainingInterrupted
 from trainer.export import export_hf
-from trainer.files import atomic_write_json, free_bytes, json_float
+from trainer.files import atomic_write_json, free_bytes, json_float, pid_alive
 from trainer.gpu_monitor import GpuMonitor, start_gpu_monitor
 from trainer.interrupts import StopRequests
 from trainer.early_stop import EarlyStop
@@ -247,15 +247,9 @@ def _read_run_file(out_dir: Path) -> dict:
 def _alive(record: dict) -> bool:
     """Whether the process that wrote ``record`` still runs (on this machine; elsewhere it is gone)."""
     pid = record.get("pid")
-    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
-        return record.get("host") == socket.gethostname() and pid == os.getpid()
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int):
         return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or pid_alive(pid)
 
 
 def _write_run_file(t: Trainer, status: str) -> None:
