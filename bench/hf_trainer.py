@@ -3,11 +3,13 @@
 Left at its defaults where a user would leave them (its optimizer is ``adamw_torch_fused``),
 with reporting to outside services off and ``dataloader_num_workers=0``. It evaluates every
 ``eval_every`` steps and saves model and optimizer every ``save_every`` steps, as the others do.
+``run_hf_defaults`` is bench.quality's contender: there the training recipe too is the Trainer's own.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -63,4 +65,29 @@ def run_hf(cfg: TrainConfig, data: PreparedData, precision: str, out_dir: Path, 
                       eval_dataset=Blocks(data.val, cfg.block_size, cfg.eval_batches * cfg.micro_batch),
                       callbacks=[Stamp()])
     trainer.remove_callback(PrinterCallback)      # logs stay in trainer.state.log_history
+    trainer.train()
+
+
+def run_hf_defaults(cfg: TrainConfig, data: PreparedData, out_dir: Path, clock: StepClock,
+                    on_model: Callable[[torch.nn.Module], None]) -> None:
+    """transformers.Trainer as a user who sets only what must be set leaves it (bench.quality):
+    its own learning rate (5e-5), linear decay to 0 over ``cfg.max_steps`` without warmup, no
+    weight decay, betas (0.9, 0.999), its default optimizer. Set: the steps, the batch (the same
+    tokens per step as the other contenders), the seed, the CPU; checkpoints and reporting off,
+    as for every contender of the comparison. ``on_model`` is shown the model before training."""
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.stamp(state.global_step)
+
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.micro_batch,
+        gradient_accumulation_steps=cfg.grad_accum, seed=cfg.seed, use_cpu=cfg.device != "cuda",
+        save_strategy="no", report_to=[], disable_tqdm=True)
+    model = build_model(cfg, data.vocab_size, data.tokenizer.eos_token_id)
+    on_model(model)
+    trainer = Trainer(model=model, args=args, train_dataset=Blocks(data.train, cfg.block_size), callbacks=[Stamp()])
+    trainer.remove_callback(PrinterCallback)
     trainer.train()

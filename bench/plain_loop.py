@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,9 +24,9 @@ from trainer.model import build_model
 LOG_INTERVAL = 10
 
 
-def get_batch(tokens: np.ndarray, block_size: int, batch_size: int, device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    ix = torch.randint(len(tokens) - block_size - 1, (batch_size,))
+def get_batch(tokens: np.ndarray, block_size: int, batch_size: int, device: torch.device,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator)
     x = torch.stack([torch.from_numpy(tokens[i:i + block_size].astype(np.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
     if device.type == "cuda":
@@ -42,12 +43,18 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 
 def run_plain(cfg: TrainConfig, data: PreparedData, precision: str, out_dir: Path,
-              clock: StepClock) -> None:
-    """Train ``cfg.max_steps`` optimizer steps; stamp ``clock`` at the end of each one."""
+              clock: StepClock, on_model: Callable[[torch.nn.Module], None] | None = None) -> None:
+    """Train ``cfg.max_steps`` optimizer steps; stamp ``clock`` at the end of each one.
+    ``on_model`` is shown the model once it is built (bench.quality evaluates it between steps)."""
     device = torch.device("cuda" if cfg.device == "cuda" else "cpu")
     torch.manual_seed(cfg.seed)
+    # The batches' own generator: the other contenders, in other threads of the same process,
+    # draw from torch's global one, and this loop's data order must depend on cfg.seed alone.
+    batches = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size, data.tokenizer.eos_token_id).to(device)
     model.train()
+    if on_model:
+        on_model(model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -58,7 +65,7 @@ def run_plain(cfg: TrainConfig, data: PreparedData, precision: str, out_dir: Pat
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     val_x, val_y = _val_batches(data.val, cfg, device)
     losses = []
-    x, y = get_batch(data.train, cfg.block_size, cfg.micro_batch, device)
+    x, y = get_batch(data.train, cfg.block_size, cfg.micro_batch, device, batches)
     for step in range(1, cfg.max_steps + 1):
         lr = lr_at(step - 1, cfg, cfg.max_steps)
         for group in optimizer.param_groups:
@@ -68,7 +75,7 @@ def run_plain(cfg: TrainConfig, data: PreparedData, precision: str, out_dir: Pat
                 logits = model(input_ids=x).logits              # (B, T, vocab)
                 loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)) / cfg.grad_accum
             # Fetch the next batch while the GPU works on this one (nanoGPT does the same).
-            x, y = get_batch(data.train, cfg.block_size, cfg.micro_batch, device)
+            x, y = get_batch(data.train, cfg.block_size, cfg.micro_batch, device, batches)
             scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

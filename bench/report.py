@@ -4,7 +4,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-ORDER = ("throughput", "logging", "checkpoints", "studies", "dashboards", "gpu", "mirrors", "exports", "ddp")
+ORDER = ("throughput", "logging", "checkpoints", "studies", "dashboards", "gpu", "mirrors", "exports", "ddp",
+         "quality")
 
 
 def fmt(x: float | None, integer: bool = False) -> str:
@@ -37,7 +38,8 @@ def markdown(results: dict[str, Any]) -> str:
              "Every figure is measured side by side in one run, on this shared and noisy machine, "
              "so read the **ratios**: absolute numbers move with the machine's load. "
              "Tables give the median and, after it, the minimum – maximum over the repeats.", "",
-             "Run everything with `python -m bench` (about ten minutes on 2 cores), one part with "
+             "Run everything with `python -m bench` (about ten minutes on 2 cores; all but `quality`, "
+             "about 50 minutes, which runs only when named), one part with "
              f"`python -m bench {'|'.join(ORDER)}` (the other parts keep their last figures), "
              "`--repeats N` for more rounds; `python -m bench --smoke` checks in seconds that every "
              "part still runs (its figures mean nothing and go to bench/results/smoke.*).", "",
@@ -45,7 +47,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += machine_lines(meta["machine"], meta["versions"])
     lines += targets_section(parts)
     for number, key in enumerate([k for k in ORDER if k in parts], start=1):
-        lines += part_section(number, parts[key])
+        lines += (quality_section if key == "quality" else part_section)(number, parts[key])
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -91,9 +93,25 @@ def part_section(number: int, p: dict[str, Any]) -> list[str]:
             name = r["name"] + (f" ({r['note']})" if r.get("note") else "")
             lines.append(f"| {name} | {fmt(r['median'])} | {spread(r)} |")
         lines.append("")
-    notes = p.get("notes", []) + load_notes(p)
+    notes = p.get("notes", []) + peak_notes(p) + load_notes(p)
     lines += [f"- {note}" for note in notes]
     return lines + ([""] if notes else [])
+
+
+def peak_notes(p: dict[str, Any]) -> list[str]:
+    """The peaks the MFU rows divide by: measured (trainer.flops), how, and the vendor's where known."""
+    notes = []
+    for peak in p.get("peaks") or []:
+        vendor = peak.get("vendor_flops")
+        cross_check = (f"; the vendor's datasheet peak is {flops_text(vendor)} (measured / datasheet "
+                       f"{peak['flops'] / vendor:.2f})" if vendor else "")
+        notes.append(f"MFU against the measured {peak['dtype']} peak, {flops_text(peak['flops'])}: {peak['how']}, "
+                     f"measured {peak['measured_at']} and cached per machine (trainer.flops){cross_check}")
+    return notes
+
+
+def flops_text(x: float) -> str:
+    return f"{x / 1e12:.1f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.1f} GFLOP/s"
 
 
 def load_notes(p: dict[str, Any]) -> list[str]:
@@ -109,3 +127,41 @@ def load_notes(p: dict[str, Any]) -> list[str]:
 def settings_line(p: dict[str, Any]) -> str:
     items = ", ".join(f"{k} {v}" for k, v in p["settings"].items())
     return f"Settings: {items}; {p['repeats']} repeats; measured {p['date']}."
+
+
+# -- the quality part (bench.quality) ---------------------------------------------------------
+def quality_section(number: int, p: dict[str, Any]) -> list[str]:
+    """The part's section, its summary table first: per contender, bpb at each budget, time to (a)'s
+    final bpb, tokens/s and MFU."""
+    lines = part_section(number, p)
+    top = 4 if p.get("smoke") else 2        # the title, and a smoke run's warning
+    return lines[:top] + quality_table(p) + lines[top:]
+
+
+def quality_table(p: dict[str, Any]) -> list[str]:
+    grid, headline = p.get("grid"), p.get("headline")
+    if not grid:
+        return []
+    head = ["contender", "parameters", *(f"bpb at {b:g} min" for b in grid["budgets_min"]),
+            "time to (a)'s final bpb (s)", "tokens/s", "MFU (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name, c in grid["contenders"].items():
+        cells = [name, fmt(c["n_params"], integer=True), *(cell(s) for s in c["bpb"]), time_cell(c),
+                 cell(c["tokens_per_s"], integer=True), cell(c["mfu_percent"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    ratio = headline and headline["ratio"]
+    said = (f"**{fmt(ratio['median'])}** ({spread(ratio)}), reached in {headline['reached_in']} of "
+            f"{headline['seeds']} seeds" if ratio else "**not reached** in any seed")
+    return lines + ["", f"Headline, {headline['name']}: {said}. (a)'s final bpb, the bar: "
+                        f"{cell(grid['target_bpb'])}. Medians over seeds, min – max in brackets.", ""]
+
+
+def cell(s: dict[str, Any], integer: bool = False) -> str:
+    return fmt(s["median"], integer) + ("" if s["n"] == 1 else f" ({spread(s, integer)})")
+
+
+def time_cell(c: dict[str, Any]) -> str:
+    if not c["time_to_target"]:
+        return "not reached"
+    missed = f", reached in {c['reached']} of {c['seeds']} seeds" if c["reached"] < c["seeds"] else ""
+    return cell(c["time_to_target"]) + missed

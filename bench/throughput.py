@@ -6,6 +6,10 @@ checkpoint cadence. Each contender runs ``warmup + steps`` optimizer steps in a 
 directory; throughput is taken between the timestamp at the end of step ``warmup`` and at
 the end of the last step, so set-up, the first steps and the final save are left out while
 everything the loop does per step (logging, evaluation, checkpoints) is counted.
+
+MFU of each contender: its tokens/s x FLOPs per token (``trainer.flops.flops_per_token``: 6 N +
+12 L H T) over this machine's measured matmul peak in the dtype the contender computes in
+(``trainer.flops.measured_peak``: probed once per machine and cached), on the CPU as on a GPU.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -27,6 +31,7 @@ from bench.plain_loop import run_plain
 from trainer.config import TrainConfig
 from trainer.data import PreparedData, prepare_data
 from trainer.device import place
+from trainer.flops import Peak, flops_per_token, measured_peak
 from trainer.recorder import NullRecorder
 
 TARGET_VS_PLAIN = 0.99
@@ -147,6 +152,39 @@ def contenders(cfg: TrainConfig) -> dict[str, Contender]:
     }
 
 
+class MfuFigures(NamedTuple):
+    """MFU rows of the contenders and the peaks they were measured against (one per dtype)."""
+    rows: list[dict[str, Any]]
+    peaks: list[dict[str, Any]]
+
+
+def compute_dtype(cfg: TrainConfig, precision: str) -> torch.dtype:
+    """The dtype a contender's matmuls run in: its autocast dtype, else fp32 (``place`` resolves "auto")."""
+    return place(cfg.replace(precision=precision)).autocast_dtype or torch.float32
+
+
+def peak_record(peak: Peak, dtype: torch.dtype, vendor_flops: float | None = None) -> dict[str, Any]:
+    """A peak as the results JSON keeps it (rendered by bench.report.peak_notes)."""
+    return {"dtype": str(dtype).removeprefix("torch."), **peak._asdict(), "vendor_flops": vendor_flops}
+
+
+def mfu_figures(specs: dict[str, Contender], cfg: TrainConfig, data: PreparedData,
+                tokens_per_s: dict[str, list[float]], vendor: Callable[[torch.dtype], float | None] = lambda _: None
+                ) -> MfuFigures:
+    """Each contender's MFU (%) per round against the measured peak of its dtype; ``vendor`` gives
+    the datasheet peak of a dtype, reported beside the measured one as a cross-check."""
+    from trainer.model import build_model
+
+    per_token = flops_per_token(build_model(cfg, data.vocab_size, data.tokenizer.eos_token_id), cfg.block_size)
+    dtypes = {name: compute_dtype(cfg, spec.precision) for name, spec in specs.items()}
+    device = place(cfg).device
+    peaks = {dtype: measured_peak(device, dtype) for dtype in dict.fromkeys(dtypes.values())}
+    rows = [row(f"MFU {name}", [100 * v * per_token / peaks[dtypes[name]].flops for v in values], "%")
+            for name, values in tokens_per_s.items() if peaks[dtypes[name]]]
+    records = [peak_record(peak, dtype, vendor(dtype)) for dtype, peak in peaks.items() if peak]
+    return MfuFigures(rows, records)
+
+
 def one_round(specs: dict[str, Contender], cfg: TrainConfig, data: PreparedData, sizes: Sizes,
               rotate: int, main: str = OURS) -> dict[str, StepClock]:
     """All contenders interleaved step by step, each in a fresh directory; the clock of each."""
@@ -243,7 +281,8 @@ def run(repeats: int, smoke: bool, cache_dir: str, log: Callable[[str], None] = 
         f"interleaved step by step, {sizes.warmup}+{sizes.steps} steps each, {repeats} rounds ({load_text()})")
     rounds = Rounds.measure(specs, cfg, data, sizes, repeats, log)
     pieces = breakdown.measure(cfg, data.vocab_size, BREAKDOWN_ITERATIONS if not smoke else 2)
-    result = report(rounds, pieces, data, repeats, smoke)
+    mfu = mfu_figures(specs, cfg, data, rounds.tokens_per_s)
+    result = report(rounds, pieces, data, repeats, smoke, mfu)
     for r in result["ratios"][:8]:
         log(f"  {r['name']}: {r['median']:.3f} ({r['min']:.3f} - {r['max']:.3f})")
     for t in result["targets"]:
@@ -253,7 +292,7 @@ def run(repeats: int, smoke: bool, cache_dir: str, log: Callable[[str], None] = 
 
 
 def report(rounds: Rounds, pieces: dict[str, list[float]], data: PreparedData, repeats: int,
-           smoke: bool) -> dict[str, Any]:
+           smoke: bool, mfu: MfuFigures) -> dict[str, Any]:
     r, sizes = rounds.tokens_per_s, rounds.sizes
     auto = next(n for n in r if n.startswith("trainer auto"))
     ratios = [
@@ -283,6 +322,9 @@ def report(rounds: Rounds, pieces: dict[str, list[float]], data: PreparedData, r
              "the fixed CPU cost of a transaction lands on every step; a run on its own commits at most "
              "every 0.5 s, so the writer's share of a core is bounded by that cost per 0.5 s whatever the "
              "step rate"]
+    if any("(emulated)" in peak["how"] for peak in mfu.peaks):
+        notes.append("MFU in an emulated 16-bit dtype (no AVX512-BF16 or AMX on this CPU): the probe's square "
+                     "products are no ceiling for the model's matmuls of other shapes, so it can pass 100%")
     return part(
         "Training throughput",
         settings={**asdict(sizes), "vocab": data.vocab_size, "train_tokens": len(data.train),
@@ -294,7 +336,7 @@ def report(rounds: Rounds, pieces: dict[str, list[float]], data: PreparedData, r
                 "of step `warmup + steps`, evaluations and checkpoints included, set-up and the final "
                 "save excluded. Ratios: median over rounds of the per-round ratio"),
         rows=[row(name, values, "tokens/s") for name, values in r.items()] + rounds.step_rows()
-        + recording
+        + recording + mfu.rows
         + [row(f"step piece: {name}", values, "ms", higher_is_better=False) for name, values in pieces.items()],
         ratios=ratios, targets=targets, notes=notes, repeats=repeats, smoke=smoke,
-        extra={"load_average": {"per_round": rounds.loads}})
+        extra={"load_average": {"per_round": rounds.loads}, "peaks": mfu.peaks})

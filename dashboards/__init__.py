@@ -73,11 +73,13 @@ def write_run_dashboard(db: Any, run_id: int, out_path: str | os.PathLike,
 
 
 def write_comparison(db: Any, out_path: str | os.PathLike, run_ids: Sequence[int] | None = None,
-                     study: str | None = None, top: int = 10, plotlyjs: str = "directory") -> Path:
-    """Compare ``run_ids`` or the runs of ``study`` in a PNG or HTML file (by suffix)."""
+                     study: str | None = None, top: int = 10, plotlyjs: str = "directory",
+                     metric: str | None = None) -> Path:
+    """Compare ``run_ids`` or the runs of ``study`` in a PNG or HTML file (by suffix), by
+    ``metric`` (val_loss or val_bpb; None: val_bpb where the runs' tokenizers differ)."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    render_comparison(fetch_comparison(db, run_ids, study, top), out, plotlyjs=plotlyjs)
+    render_comparison(fetch_comparison(db, run_ids, study, top, metric=metric), out, plotlyjs=plotlyjs)
     return out
 
 

@@ -7,6 +7,7 @@
     python -m dashboards --study S --report report.html       Optuna's plots + the trials table
     python -m dashboards --study S --table trials.json        one row per trial
     python -m dashboards --runs 3 7 9 --out compare.png       any runs, across studies
+    python -m dashboards --runs 3 7 --metric val_bpb          compared in bits per byte
 
 HTML pages load plotly.js from plotly.min.js, written once beside them (offline, shared by
 every page in the folder); --plotlyjs inline makes one self-contained file instead.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dashboards.errors import ReportError, UsageError
+from dashboards.compare_data import METRICS
 from dashboards.output import PLOTLYJS_MODES
 
 KINDS = {"out": ((".png", ".html"), "--out"), "report": ((".html",), "--report"),
@@ -42,6 +44,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--table", metavar="FILE", help="Metrics as .csv or .json.")
     p.add_argument("--top", type=int, default=10, metavar="K",
                    help="Comparisons: how many best runs get a coloured curve (default: 10).")
+    p.add_argument("--metric", choices=METRICS, default=None,
+                   help="Comparisons: rank and draw validation loss or bits per byte (default: val_bpb when "
+                        "the runs' tokenizers or vocabulary sizes differ, where losses per token do not "
+                        "compare; else val_loss).")
     p.add_argument("--storage", metavar="URL",
                    help="With --report: the Optuna storage (default: the --db database).")
     p.add_argument("--watch", type=float, metavar="SECONDS",
@@ -84,6 +90,9 @@ def check_args(args: argparse.Namespace) -> dict[str, Path]:
         problems.append(f"--storage {args.storage}: not a URL; use e.g. sqlite:///experiments.db")
     if args.top < 1:
         problems.append(f"--top {args.top}: use a positive number of runs, e.g. --top 10")
+    if args.metric is not None and (mode == "--run" or "out" not in given):
+        problems.append(f"--metric {args.metric}: picks what a comparison draws; use it with --runs or --study "
+                        "and --out FILE")
     problems += _check_watch(args, mode, given)
     paths = [Path(v).resolve() for v in given.values()]
     if len(set(paths)) < len(paths):
@@ -160,7 +169,7 @@ def prepare(db: Any, args: argparse.Namespace, outputs: dict[str, Path]
             data = fetch_run_data(db, args.run)
             writers.append((out, lambda: render_run(data, out, args.plotlyjs)))
         else:
-            cmp = fetch_comparison(db, ids, args.study, args.top)
+            cmp = fetch_comparison(db, ids, args.study, args.top, metric=args.metric)
             writers.append((out, lambda: render_comparison(cmp, out, plotlyjs=args.plotlyjs)))
     if "table" in outputs:
         table, path = fetch_table(db, args.run, args.study, args.runs), outputs["table"]

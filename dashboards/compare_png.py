@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
-from dashboards.compare_data import OBJECTIVE, ComparisonData, Curve, ParamPoints, shown_notes
+from dashboards.compare_data import ComparisonData, Curve, ParamPoints, shown_notes
 from dashboards.output import emit
 from dashboards.style import DPI, FIGURE_WIDTH_IN, NOTE_COLOR, OTHER_STATE, PARAM_COLS, STATES, state_style
 
@@ -38,7 +38,8 @@ def comparison_figure(data: ComparisonData) -> Figure:
     draw_curves(fig.add_subplot(grid[0, :3]), data)
     draw_bests(fig.add_subplot(grid[0, 3]), data)
     for i, p in enumerate(data.params):
-        draw_param(fig.add_subplot(grid[1 + i // PARAM_COLS, i % PARAM_COLS]), p, legend=i == 0)
+        draw_param(fig.add_subplot(grid[1 + i // PARAM_COLS, i % PARAM_COLS]), p, legend=i == 0,
+                   objective=data.info.objective)
     notes = shown_notes(data)
     fig.suptitle(data.title, fontsize=14)
     if notes:
@@ -56,8 +57,8 @@ def draw_curves(ax: Axes, data: ComparisonData) -> None:
                         label=f"{c.label}  best {c.best:.4g}" if c.best is not None else c.label)
         _end_mark(ax, c, color=line.get_color(), size=9)
     more = f", {len(data.background)} more in grey" if data.background else ""
-    ax.set_title(f"Validation loss of the best {len(data.curves)} runs{more}", fontweight="bold")
-    ax.set(xlabel="step", ylabel="validation loss (nats)")
+    ax.set_title(f"{data.info.name} of the best {len(data.curves)} runs{more}", fontweight="bold")
+    ax.set(xlabel="step", ylabel=data.info.curve_label)
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.grid(True, alpha=0.3)
     if data.curves:
@@ -73,11 +74,10 @@ def _end_mark(ax: Axes, c: Curve, color: str, size: float) -> None:
 
 
 def draw_bests(ax: Axes, data: ComparisonData) -> None:
-    ax.set_title("Best perplexity per run", fontweight="bold")
+    ax.set_title(data.info.bests_title, fontweight="bold")
     ax.set(xlabel="trial" if data.trials and data.trials[0].label.startswith("t") else "run",
-           ylabel="best validation perplexity")
-    have = {t.run_id: t.best_ppl for t in data.trials
-            if t.best_ppl is not None and math.isfinite(t.best_ppl)}
+           ylabel=data.info.bests_label)
+    have = {t.run_id: t.best for t in data.trials if t.best is not None and math.isfinite(t.best)}
     if not have:
         _centred(ax, "no run has validation results yet")
         return
@@ -99,7 +99,8 @@ def draw_bests(ax: Axes, data: ComparisonData) -> None:
     ax.grid(True, axis="y", alpha=0.3)
 
 
-def draw_param(ax: Axes, p: ParamPoints, legend: bool = True) -> None:
+def draw_param(ax: Axes, p: ParamPoints, legend: bool = True, objective: str = "best validation loss (nats)"
+               ) -> None:
     positions, ticks = _x_positions(p)
     for state in dict.fromkeys(p.states):
         idx = [i for i, s in enumerate(p.states) if s == state]
@@ -116,7 +117,7 @@ def draw_param(ax: Axes, p: ParamPoints, legend: bool = True) -> None:
     else:
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 5), useMathText=True)
     ax.set_title(p.name, fontweight="bold")
-    ax.set(xlabel=f"{p.name}{' (log scale)' if p.log_x else ''}", ylabel=OBJECTIVE)
+    ax.set(xlabel=f"{p.name}{' (log scale)' if p.log_x else ''}", ylabel=objective)
     ax.grid(True, alpha=0.3)
     if legend and len(set(p.states)) > 1:             # the same states in every panel: once
         ax.legend(fontsize=7, loc="best")

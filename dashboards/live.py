@@ -47,8 +47,9 @@ def watch(db: Any, run_id: int, out: str | os.PathLike, every: float,
 
 
 def progress(data: RunDashboardData) -> str:
-    """'step 1,200, val loss 3.21' from the records (the last step drawn, the last validation)."""
+    """'step 1,200, val loss 3.21, 1.43 bits per byte' from the records (the last step drawn, the
+    last validation; bits per byte where the run measured them)."""
     steps = next((s for s in data.loss.series if s.role == "train_step"), None)
     text = f"step {int(steps.x[-1]):,}" if steps and steps.x else "no step yet"
-    val = data.validation
-    return text + (f", val loss {val.y[-1]:.4g}" if val else "")
+    val, bpb = data.validation, data.validation_bpb
+    return text + (f", val loss {val.y[-1]:.4g}" if val else "") + (f", {bpb.y[-1]:.4g} bits per byte" if bpb else "")

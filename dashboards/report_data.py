@@ -20,6 +20,8 @@ from trainer.files import finite_or_none
 from trainer.metrics import perplexity
 
 RUN_ID_ATTR = "run_id"          # the user attribute by which studies link a trial to its run
+OBJECTIVE_ATTR = "objective"    # the study's user attribute naming what it minimises (studies.objective)
+OBJECTIVES = {"val_loss": "best validation loss", "val_bpb": "validation bits per byte at the best loss"}
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
 PLOT_TITLES = {"optimization_history": "Optimization history",
                "param_importances": "Parameter importances",
@@ -33,11 +35,13 @@ class TrialRow(NamedTuple):
     run_id: int | None
     state: str                       # Optuna's: complete, pruned, fail, running, waiting
     run_status: str | None           # expdb's status of the run, when there is one
-    value: float | None              # the objective: best validation loss
-    best_ppl: float | None
+    value: float | None              # the objective: best validation loss, or bits per byte
+    best_ppl: float | None           # exp(best validation loss)
     duration_s: float | None
     params: tuple[tuple[str, Any], ...]
     note: str                        # why it ended: the run's status reason or fail reason
+    best_val_loss: float | None = None
+    best_val_bpb: float | None = None    # None for a run recorded before bits per byte were measured
 
 
 class Plot(NamedTuple):
@@ -53,6 +57,7 @@ class ReportData(NamedTuple):
     param_names: tuple[str, ...]
     plots: tuple[Plot, ...]
     best: int | None                 # the best trial's number
+    objective: str = "val_loss"      # what the study minimises: val_loss or val_bpb
 
     @property
     def counts(self) -> dict[str, int]:
@@ -63,30 +68,37 @@ class ReportData(NamedTuple):
 
 
 def build_report(study_name: str, direction: str, trials: Sequence[Any],
-                 runs: pd.DataFrame | None = None) -> ReportData:
-    """``trials``: Optuna FrozenTrials; ``runs``: expdb's ``db.study(study_name)`` frame."""
+                 runs: pd.DataFrame | None = None, objective: str = "val_loss") -> ReportData:
+    """``trials``: Optuna FrozenTrials; ``runs``: expdb's ``db.study(study_name)`` frame;
+    ``objective``: what the trials' values are (val_loss or val_bpb)."""
     by_trial = {} if runs is None or not len(runs) else {
         int(r["trial_number"]): r for _, r in runs.iterrows() if not pd.isna(r["trial_number"])}
-    rows = tuple(trial_row(t, by_trial.get(t.number)) for t in sorted(trials, key=lambda t: t.number))
+    rows = tuple(trial_row(t, by_trial.get(t.number), objective) for t in sorted(trials, key=lambda t: t.number))
     names = tuple(sorted({k for t in trials for k in t.params}))
     done = [t for t in trials if _state(t) == "complete" and t.value is not None]
     best = min(done, key=lambda t: t.value if direction == "minimize" else -t.value) if done else None
-    return ReportData(study_name, direction, rows, names, plot_notes(trials), best and best.number)
+    return ReportData(study_name, direction, rows, names, plot_notes(trials), best and best.number, objective)
 
 
-def trial_row(trial: Any, run: pd.Series | None) -> TrialRow:
+def trial_row(trial: Any, run: pd.Series | None, objective: str = "val_loss") -> TrialRow:
+    """The trial's value is its objective; the other measure, and a pruned trial's value (it has
+    none in Optuna), come from its run's best."""
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id is None and run is not None:
         run_id = run["run_id"]
+    measures = {m: None if run is None else finite_or_none(run.get(f"best_{m}")) for m in ("val_loss", "val_bpb")}
     value = finite_or_none(trial.value)
-    if value is None and run is not None:        # a pruned trial has no value; its run a best loss
-        value = finite_or_none(run.get("best_val_loss"))
+    if value is None:                            # a pruned trial has no value; its run a best
+        value = measures[objective]
+    measures[objective] = value
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     note = trial.user_attrs.get("fail_reason") or (run.get("status_reason") if run is not None else None)
+    loss = measures["val_loss"]
     return TrialRow(int(trial.number), None if run_id is None else int(run_id), _state(trial),
                     None if run is None else str(run["status"]), value,
-                    None if value is None else perplexity(value), duration,
-                    tuple(sorted(trial.params.items())), "" if _missing(note) else str(note))
+                    None if loss is None else perplexity(loss), duration,
+                    tuple(sorted(trial.params.items())), "" if _missing(note) else str(note),
+                    loss, measures["val_bpb"])
 
 
 def plot_notes(trials: Sequence[Any]) -> tuple[Plot, ...]:
@@ -150,8 +162,9 @@ def fetch_report(db: Any, study_name: str, storage: str) -> tuple[ReportData, An
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = load_study(study_name, storage)
     direction = study.direction.name.lower()
+    objective = study.user_attrs.get(OBJECTIVE_ATTR) or "val_loss"     # a study from before the choice
     return build_report(study_name, direction, study.get_trials(deepcopy=False),
-                        db.study(study_name)), study
+                        db.study(study_name), objective), study
 
 
 def _root_cause(e: BaseException) -> str:

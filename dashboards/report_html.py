@@ -11,7 +11,7 @@ import os
 from typing import IO, Any, Callable
 
 from dashboards.output import html_page, write_html
-from dashboards.report_data import Plot, ReportData, TrialRow
+from dashboards.report_data import OBJECTIVES, Plot, ReportData, TrialRow
 
 CSS = """<style>
 body { font-family: system-ui, sans-serif; margin: 16px 24px; color: #222; }
@@ -46,12 +46,15 @@ def render_report(data: ReportData, study: Any, out: str | os.PathLike | IO[byte
 
 def summary(data: ReportData) -> str:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(data.counts.items()))
-    text = f"{len(data.trials)} trials ({counts or 'none'}); objective: best validation loss, {data.direction}d"
+    objective = OBJECTIVES.get(data.objective, data.objective)
+    text = (f"{len(data.trials)} trials ({counts or 'none'}); objective: {data.objective} ({objective}), "
+            f"{data.direction}d")
     best = next((t for t in data.trials if t.number == data.best), None)
     if best is not None:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params)
         text += (f". Best: trial {best.number} (run {best.run_id}), value {_fmt(best.value)}, "
-                 f"perplexity {_fmt(best.best_ppl)}; {params}")
+                 f"val loss {_fmt(best.best_val_loss)}, perplexity {_fmt(best.best_ppl)}, "
+                 f"bits per byte {_fmt(best.best_val_bpb)}; {params}")
     return f'<div class="summary">{html.escape(text)}</div>'
 
 
@@ -83,8 +86,9 @@ def optuna_figure(name: str) -> Callable[[Any], Any]:
 
 
 def trials_table(data: ReportData) -> str:
-    head = ["trial", "run", "state", "run status", "best val loss", "best perplexity",
-            "duration (s)", *data.param_names, "note"]
+    ranked = {"val_loss": "best val loss", "val_bpb": "bits per byte"}.get(data.objective)
+    measures = [f"{m} (objective)" if m == ranked else m for m in ("best val loss", "best perplexity", "bits per byte")]
+    head = ["trial", "run", "state", "run status", *measures, "duration (s)", *data.param_names, "note"]
     rows = "\n".join(trial_tr(t, data) for t in data.trials)
     header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     return (f'<div class="table" id="trials"><h2>Trials (run = expdb run id; '
@@ -95,7 +99,8 @@ def trials_table(data: ReportData) -> str:
 def trial_tr(t: TrialRow, data: ReportData) -> str:
     params = dict(t.params)
     cells = [str(t.number), "" if t.run_id is None else str(t.run_id)]
-    cells += [t.state, t.run_status or "", _fmt(t.value), _fmt(t.best_ppl), _fmt(t.duration_s, 1)]
+    cells += [t.state, t.run_status or "", _fmt(t.best_val_loss), _fmt(t.best_ppl), _fmt(t.best_val_bpb),
+              _fmt(t.duration_s, 1)]
     cells += [_fmt(params.get(name)) for name in data.param_names]
     tds = "".join(f'<td{_cls(i)}>{html.escape(c)}</td>' for i, c in enumerate(cells))
     tds += f'<td class="text">{html.escape(t.note)}</td>'

@@ -68,9 +68,9 @@ def build_run_data(run: Any, steps: pd.DataFrame | None = None, evals: pd.DataFr
     exact = not steps_reduced
     config = run_config(run)
     val = validation_points(evals, epochs)
-    title = build_title(run, config)
-    panels = (loss_panel(steps, epochs, val, max_points, exact),
-              perplexity_panel(steps, val, max_points, exact),
+    title = build_title(run, config, evals if evals is not None and len(evals) else epochs)
+    panels = (loss_panel(steps, epochs, val, max_points, exact, bpb_axis(evals, epochs)),
+              perplexity_panel(steps, val, max_points, exact, word_perplexity_axis(evals, epochs)),
               lr_panel(steps, max_points, exact),
               grad_norm_panel(steps, float(config.get("grad_clip") or 0), max_points, exact),
               epoch_time_panel(epochs), memory_panel(epochs))
@@ -86,20 +86,50 @@ def _ended(panel: Panel, status: str) -> Panel:
 
 
 # -- step panels -----------------------------------------------------------------------------
-def validation_points(evals: pd.DataFrame | None, epochs: pd.DataFrame | None
+def validation_points(evals: pd.DataFrame | None, epochs: pd.DataFrame | None, metric: str = "val_loss"
                       ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(step, val_loss, dropped) from the evaluations, or from the epoch rows when there are none.
+    """(step, ``metric``, dropped) from the evaluations, or from the epoch rows when there are none.
 
     An eval row exists only because an evaluation ran, so its nan is a non-finite loss (dropped);
     an epoch row's nan may just mean "not evaluated", so the fallback counts nothing as dropped.
+    The bits per byte and word perplexity (``val_bpb``, ``val_word_ppl``) of runs recorded before
+    they were measured are NULL: no points, nothing counted as dropped by the callers.
     """
     if evals is not None and len(evals):
-        return finite_xy(column(evals, "step"), column(evals, "val_loss"))
-    x, y, _ = finite_xy(column(epochs, "step"), column(epochs, "val_loss"))
+        return finite_xy(column(evals, "step"), column(evals, metric))
+    x, y, _ = finite_xy(column(epochs, "step"), column(epochs, metric))
     return x, y, 0
 
 
-def loss_panel(steps, epochs, val, max_points: int, exact: bool = True) -> Panel:
+def bpb_axis(evals: pd.DataFrame | None, epochs: pd.DataFrame | None) -> SecondAxis | None:
+    """Validation bits per byte against the loss panel's right axis: the measure that compares
+    runs whose tokenizers differ. None for a run without it (recorded before it was measured)."""
+    x, y, _ = validation_points(evals, epochs, "val_bpb")
+    series = _series("val_bpb", "validation bits per byte", x, y, MAX_POINTS)
+    return SecondAxis("bits per byte", (series,), padded_range(y)) if series else None
+
+
+def word_perplexity_axis(evals: pd.DataFrame | None, epochs: pd.DataFrame | None) -> SecondAxis | None:
+    """Validation perplexity per word (WikiText papers' measure) on a log axis of its own beside
+    the perplexity per token: where words are few per token (code) it is orders of magnitude above,
+    and on one axis it would flatten the token curves. None where the run did not measure it."""
+    x, y, _ = validation_points(evals, epochs, "val_word_ppl")
+    series = _series("val_word_ppl", "validation, per word", x, y, MAX_POINTS)
+    if series is None:
+        return None
+    lo, hi = float(y.min()), float(y.max())
+    return SecondAxis("perplexity per word", (series,), (lo / 1.3, hi * 1.3), log=True)
+
+
+def padded_range(y: np.ndarray, headroom: float = 0.12) -> tuple[float, float]:
+    """Fixed limits around ``y`` with ``headroom`` of the range (of the value, when flat) each side."""
+    lo, hi = float(y.min()), float(y.max())
+    pad = (hi - lo) * headroom or abs(hi) * headroom or 1.0
+    return lo - pad, hi + pad
+
+
+def loss_panel(steps, epochs, val, max_points: int, exact: bool = True,
+               bpb: SecondAxis | None = None) -> Panel:
     sx, sy, s_drop = finite_xy(column(steps, "step"), column(steps, "loss"))
     ex, ey, e_drop = finite_xy(mid_epoch_steps(epochs), column(epochs, "train_loss"))
     vx, vy, v_drop = val
@@ -110,7 +140,7 @@ def loss_panel(steps, epochs, val, max_points: int, exact: bool = True) -> Panel
              _validation_note(vx, v_drop),
              _dropped_note(s_drop, "training loss", exact), _dropped_note(e_drop, "epoch mean loss"),
              _dropped_note(v_drop, "validation loss"))
-    return Panel("Loss", "step", "loss (nats)", _present(series), _present(notes))
+    return Panel("Loss", "step", "loss (nats)", _present(series), _present(notes), second_axis=bpb)
 
 
 def mid_epoch_steps(epochs: pd.DataFrame | None) -> np.ndarray:
@@ -128,7 +158,10 @@ def mid_epoch_steps(epochs: pd.DataFrame | None) -> np.ndarray:
     return (first + last) / 2
 
 
-def perplexity_panel(steps, val, max_points: int, exact: bool = True) -> Panel:
+def perplexity_panel(steps, val, max_points: int, exact: bool = True, words: SecondAxis | None = None
+                     ) -> Panel:
+    """Per token (training, smoothed, and validation) and, where the run measured it (text with
+    words, such as WikiText), validation perplexity per word on the right (``words``)."""
     sx, sy, _ = finite_xy(column(steps, "step"), column(steps, "loss"))
     window = smoothing_window(sy.size)
     # np.exp on whole series is trainer.metrics.perplexity's rule (inf past float64's range),
@@ -144,7 +177,7 @@ def perplexity_panel(steps, val, max_points: int, exact: bool = True) -> Panel:
              _dropped_note(t_drop, "training perplexity", exact),
              _dropped_note(v_drop, "validation perplexity"))
     return Panel("Perplexity", "step", "perplexity (exp of loss)", _present(series),
-                 _present(notes), log_y=True)
+                 _present(notes), log_y=True, second_axis=words)
 
 
 def lr_panel(steps, max_points: int, exact: bool = True) -> Panel:

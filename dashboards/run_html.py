@@ -34,6 +34,9 @@ STYLES: dict[str, dict[str, Any]] = {
     "mem_peak": dict(mode="lines+markers", marker=dict(symbol="triangle-up")),
     "mem_process": dict(mode="lines+markers"),
     "gpu_util": dict(mode="lines+markers", line=dict(dash="dash"), marker=dict(symbol="diamond")),
+    "val_bpb": dict(mode="lines+markers", line=dict(width=2, dash="dash"), marker=dict(size=5, symbol="square")),
+    "val_word_ppl": dict(mode="lines+markers", line=dict(width=2, dash="dot"),
+                         marker=dict(size=6, symbol="triangle-up")),
 }
 
 
@@ -77,8 +80,9 @@ def add_second_axis(fig: go.Figure, axis: SecondAxis, row: int, col: int, shown:
     """``axis``'s series on the panel's secondary y axis (the right), with its label and limits."""
     for s in axis.series:
         add_series(fig, s, row, col, shown, secondary_y=True)
-    fig.update_yaxes(title_text=axis.label, range=list(axis.limits), showgrid=False, row=row, col=col,
-                     secondary_y=True)
+    limits = [math.log10(v) for v in axis.limits] if axis.log else list(axis.limits)   # plotly: log10 units
+    fig.update_yaxes(title_text=axis.label, range=limits, type="log" if axis.log else None, showgrid=False,
+                     row=row, col=col, secondary_y=True)
 
 
 def add_series(fig: go.Figure, s: Series, row: int, col: int, shown: set[str],

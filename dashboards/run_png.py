@@ -24,6 +24,7 @@ from dashboards.style import DPI, FIGURE_WIDTH_IN, NOTE_COLOR, ROLE_COLORS, even
 FIGSIZE = (FIGURE_WIDTH_IN, 10)    # inches: 2700 x 1500 pixels at 150 dpi
 GRID = dict(left=0.045, right=0.99, bottom=0.055, top=0.885, wspace=0.2, hspace=0.3)
 SECOND_AXIS_RIGHT = 0.965   # GRID's right edge when a last-column panel's right axis needs its labels
+SECOND_AXIS_WSPACE = 0.3    # GRID's gap when another panel's right axis labels sit between two panels
 PNG_OPTIONS = dict(format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
 MAX_LINE_MARKERS = 150
 HEADROOM = 0.12       # fraction of the data range left free above and below the data
@@ -43,6 +44,8 @@ STYLES: dict[str, dict[str, Any]] = {
     "mem_peak": dict(kind="plot", marker="^", ms=4),
     "mem_process": dict(kind="plot", marker="o", ms=4),
     "gpu_util": dict(kind="plot", marker="D", ms=4, ls="--", lw=1.4),
+    "val_bpb": dict(kind="plot", marker="s", ms=4, ls="--", lw=1.6, zorder=4),
+    "val_word_ppl": dict(kind="plot", marker="^", ms=4, ls=":", lw=1.6, zorder=4),
 }
 MARKER_WIDTHS = {"resume": 1.4, "oom": 1.2, "gradient_checkpointing": 1.2, "nonfinite": 1.0, "best": 1.8,
                  "early_stop": 2.0}   # event -> line width
@@ -59,7 +62,9 @@ def build_figure(data: RunDashboardData) -> Figure:
     """The dashboard as a Figure (2 rows x 3 panels) for saving or inspection in tests."""
     fig = Figure(figsize=FIGSIZE)
     right = SECOND_AXIS_RIGHT if any(p.second_axis for p in data.panels[2::3]) else GRID["right"]
-    axes = fig.add_gridspec(2, 3, **{**GRID, "right": right}).subplots()
+    inner = [p for i, p in enumerate(data.panels) if i % 3 != 2]
+    wspace = SECOND_AXIS_WSPACE if any(p.second_axis for p in inner) else GRID["wspace"]
+    axes = fig.add_gridspec(2, 3, **{**GRID, "right": right, "wspace": wspace}).subplots()
     # the markers' legend goes on the first step panel with data (the loss, unless it has none)
     keyed = next((p for p in data.panels if p.by_step and p.has_data), None)
     for ax, panel in zip(axes.flat, data.panels):
@@ -87,6 +92,8 @@ def draw_second_axis(ax: Axes, axis: SecondAxis | None) -> Axes | None:
     twin = ax.twinx()
     for series in axis.series:
         draw_series(twin, series)
+    if axis.log:
+        set_log_y(twin)
     twin.set_ylim(*axis.limits)
     twin.set_ylabel(axis.label)
     return twin

@@ -17,10 +17,12 @@ class Series(NamedTuple):
 
 
 class SecondAxis(NamedTuple):
-    """Series read against a y axis of their own on the panel's right (utilisation beside memory)."""
+    """Series read against a y axis of their own on the panel's right (utilisation beside memory,
+    bits per byte beside the loss, perplexity per word beside perplexity per token)."""
     label: str                   # that axis's label
     series: tuple[Series, ...]
     limits: tuple[float, float]  # fixed: a percentage reads against 0-100 whatever the data
+    log: bool = False            # a log scale (limits in data units all the same)
 
 
 class Panel(NamedTuple):
@@ -51,14 +53,17 @@ class Title(NamedTuple):
     study: str | None
     trial: int | None
     hparams: tuple[tuple[str, str], ...]
+    results: tuple[tuple[str, str], ...] = ()   # the best validation: loss, bits per byte, word perplexity
 
     @property
     def text(self) -> str:
-        """Two lines: who the run is, then its key hyperparameters."""
+        """Two lines: who the run is and how well it did, then its key hyperparameters."""
         line = f"{self.name}  \u00b7  run {self.run_id}  \u00b7  {self.status}"
         if self.study:
             line += f"  \u00b7  study {self.study}"
             line += f", trial {self.trial}" if self.trial is not None else ""
+        if self.results:
+            line += "  \u00b7  " + ", ".join(f"{k} {v}" for k, v in self.results)
         params = "   ".join(f"{k} {v}" for k, v in self.hparams)
         return f"{line}\n{params}" if params else line
 
@@ -80,3 +85,9 @@ class RunDashboardData(NamedTuple):
     @property
     def validation(self) -> Series | None:
         return next((s for s in self.loss.series if s.role == "val"), None)
+
+    @property
+    def validation_bpb(self) -> Series | None:
+        """Bits per byte, on the loss panel's second axis (None for a run without them)."""
+        axis = self.loss.second_axis
+        return next((s for s in axis.series if s.role == "val_bpb"), None) if axis else None

@@ -21,7 +21,7 @@ ROLE_COLORS = {
     "train_step": BLUE, "train_smooth": BLUE, "train_epoch": "navy", "val": ORANGE,
     "lr": GREEN, "grad": PURPLE, "clip": RED, "epoch_seconds": CYAN,
     "mem_allocated": BLUE, "mem_reserved": ORANGE, "mem_peak": RED, "mem_process": BROWN,
-    "gpu_util": GREEN,
+    "gpu_util": GREEN, "val_bpb": PURPLE, "val_word_ppl": BROWN,
 }
 
 

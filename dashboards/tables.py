@@ -2,7 +2,8 @@
 
 ``run_table`` puts a run's epoch rows and evaluation rows into one long table (column
 ``kind`` = ``epoch`` or ``eval``), ordered by step; ``summary_table`` has one row per run of a
-study (or any runs): status, best validation loss and perplexity, sizes, durations and the
+study (or any runs): status, best validation loss, perplexity and bits per byte (blank for a
+run recorded before bits per byte were measured), sizes, durations and the
 hyperparameters that differ between the runs (``param_<name>``). Both are plain records
 (``Table``); ``to_csv`` and ``to_json`` render them. JSON holds the same rows as objects,
 with null for a missing or NaN value, under a header describing the run or study.
@@ -23,12 +24,12 @@ from dashboards.compare_data import differing, flat_configs
 from trainer.files import atomic_write_bytes
 from trainer.metrics import perplexity
 
-RUN_COLUMNS = ("kind", "epoch", "step", "train_loss", "val_loss", "val_ppl", "lr", "grad_norm",
-               "epoch_seconds", "tokens_per_s", "mem_process_mb", "mem_gpu_allocated_mb",
+RUN_COLUMNS = ("kind", "epoch", "step", "train_loss", "val_loss", "val_ppl", "val_bpb", "val_word_ppl", "lr",
+               "grad_norm", "epoch_seconds", "tokens_per_s", "mfu", "mem_process_mb", "mem_gpu_allocated_mb",
                "mem_gpu_reserved_mb", "mem_gpu_peak_mb", "gpu_util_pct", "gpu_util_max_pct",
                "gpu_mem_used_mb", "gpu_temp_c", "gpu_power_w")
 SUMMARY_COLUMNS = ("run_id", "study_name", "trial_number", "name", "status", "status_reason",
-                   "best_val_loss", "best_ppl", "best_step", "n_steps", "n_epochs", "resume_count",
+                   "best_val_loss", "best_ppl", "best_val_bpb", "best_step", "n_steps", "n_epochs", "resume_count",
                    "duration_s", "started_at", "ended_at")
 INT_COLUMNS = ("epoch", "step", "run_id", "trial_number", "best_step", "n_steps", "n_epochs",
                "resume_count")
@@ -49,7 +50,8 @@ def run_table(run: Any, evals: pd.DataFrame, epochs: pd.DataFrame) -> Table:
     both = both.assign(_o=order).sort_values(["step", "_o"], kind="stable", na_position="last")
     header = (("run_id", int(run.id)), ("name", run.name), ("status", run.status),
               ("study_name", run.study_name), ("trial_number", run.trial_number),
-              ("best_val_loss", run.best_val_loss), ("best_step", run.best_step))
+              ("best_val_loss", run.best_val_loss), ("best_val_bpb", getattr(run, "best_val_bpb", None)),
+              ("best_step", run.best_step))
     return Table(tuple((k, _plain(v)) for k, v in header), "metrics", RUN_COLUMNS,
                  _rows(both, RUN_COLUMNS))
 

@@ -28,9 +28,9 @@ from expdb.values import jsonable
 
 TABLES = ("steps", "evals", "epochs", "checkpoints", "events")
 _RUN_COLUMNS = ["id", "name", "status", "study_name", "trial_number", "n_params", "best_val_loss",
-                "best_step", "n_steps", "n_epochs", "duration_s", "started_at"]
-_EPOCH_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_ppl", "lr", "epoch_seconds",
-                  "tokens_per_s"]
+                "best_val_bpb", "best_step", "n_steps", "n_epochs", "duration_s", "started_at"]
+_EPOCH_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_ppl", "val_bpb", "val_word_ppl", "lr",
+                  "epoch_seconds", "tokens_per_s", "mfu"]
 
 
 def build_parser() -> argparse.ArgumentParser:

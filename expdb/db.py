@@ -29,9 +29,9 @@ _HIDDEN = ("nan_columns",)      # storage detail: a DataFrame shows NaN itself
 _RUN_SUMMARY = table("run_summary", column("id"), column("n_steps"), column("last_step"),
                      column("n_epochs"), column("duration_s"))
 _COMPARE_COLUMNS = ["run_id", "name", "status", "status_reason", "study_name", "trial_number", "best_val_loss",
-                    "best_step", "n_steps", "n_epochs", "duration_s", "host", "started_at", "ended_at"]
+                    "best_val_bpb", "best_step", "n_steps", "n_epochs", "duration_s", "host", "started_at", "ended_at"]
 _STUDY_COLUMNS = ["trial_number", "run_id", "name", "status", "status_reason", "best_val_loss",
-                  "best_step", "n_steps", "n_epochs", "duration_s", "started_at", "ended_at"]
+                  "best_val_bpb", "best_step", "n_steps", "n_epochs", "duration_s", "started_at", "ended_at"]
 
 
 def open(url_or_path: str | os.PathLike = "experiments.db", *, create: bool = True, readonly: bool = False,
@@ -144,7 +144,7 @@ class ExperimentDB:
                 .join_from(runs, _RUN_SUMMARY, runs.c.id == _RUN_SUMMARY.c.id).order_by(runs.c.id))
         if study_name is not None:
             stmt = stmt.where(runs.c.study_name == study_name)
-        df = self._frame(stmt, floats=("best_val_loss", "duration_s"))
+        df = self._frame(stmt, floats=("best_val_loss", "best_val_bpb", "duration_s"))
         for name in ("config", "dataset", "tokenizer"):
             df[name] = [from_json(text) for text in df[name]]
         return df
@@ -162,7 +162,7 @@ class ExperimentDB:
         self.run(run_id)
         return reads.step_series(self._reader, self.where, run_id, columns, max_points)
 
-    def evals(self, run_id: int) -> pd.DataFrame:
+    def evals(self, run_id: int | None = None) -> pd.DataFrame:
         return self._history(EvalMetric, run_id, "step")
 
     def epochs(self, run_id: int | None = None) -> pd.DataFrame:
@@ -180,11 +180,13 @@ class ExperimentDB:
         """One row per study (the study_summary view): run counts by status, best run."""
         with translated(self.where), self._reader.connect() as conn:
             df = pd.read_sql("SELECT * FROM study_summary ORDER BY study_name", conn)
-        df["best_val_loss"] = df["best_val_loss"].astype("float64")
+        for name in ("best_val_loss", "best_val_bpb"):
+            df[name] = df[name].astype("float64")
         return df
 
     def study(self, study_name: str, all_params: bool = False) -> pd.DataFrame:
-        """One row per run of a study, by trial_number, with its best validation loss.
+        """One row per run of a study, by trial_number, with its best validation loss (and
+        the bits per byte at that step).
 
         Config values become ``params_<name>`` columns: only those that differ between the
         study's runs (the searched ones), or all of them with ``all_params=True``.

@@ -14,6 +14,12 @@ SQLite); ``step_rollups`` added and filled.
 v2 -> v3: ``epoch_metrics`` gains the nullable GPU columns (utilisation, memory used,
 temperature, power: trainer.gpu_monitor); ``ALTER TABLE ... ADD COLUMN`` on both
 backends, no rebuild. Rows of earlier epochs keep NULL there: nothing was sampled.
+
+v3 -> v4: ``eval_metrics`` and ``epoch_metrics`` gain ``val_bpb`` and ``val_word_ppl``,
+``epoch_metrics`` gains ``mfu`` and ``runs`` gains ``best_val_bpb``; nullable columns added
+in place, as for v3. Old rows keep NULL: bits per byte needs the bytes and words of the very
+tokens evaluated (trainer.text_measure), which were never recorded, and a loss alone cannot
+give them; nor was the utilisation.
 """
 from __future__ import annotations
 
@@ -116,5 +122,16 @@ def _v2_to_v3(conn: Connection) -> None:
         conn.exec_driver_sql(f"ALTER TABLE epoch_metrics ADD COLUMN {name} FLOAT")
 
 
+_V4_NEW_COLUMNS = (("eval_metrics", "val_bpb"), ("eval_metrics", "val_word_ppl"),
+                   ("epoch_metrics", "val_bpb"), ("epoch_metrics", "val_word_ppl"), ("epoch_metrics", "mfu"),
+                   ("runs", "best_val_bpb"))
+
+
+def _v3_to_v4(conn: Connection) -> None:
+    # As in v2 -> v3: FLOAT on both backends, NULL in every existing row (nothing to derive it from).
+    for table, name in _V4_NEW_COLUMNS:
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} FLOAT")
+
+
 # from_version -> the step to from_version + 1
-STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}

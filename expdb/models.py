@@ -25,6 +25,9 @@ Schema choices:
   million-step run without reading a million rows.
 - ``epoch_metrics.gpu_*`` (version 3) are nullable: a CPU run, or one without NVML, has none,
   and adding nullable columns upgrades a table in place on both backends (no rebuild).
+- ``val_bpb``, ``val_word_ppl`` (eval and epoch rows), ``epoch_metrics.mfu`` and
+  ``runs.best_val_bpb`` (version 4) are nullable for the same reason: rows written before
+  version 4 keep NULL, since the bytes of the text they evaluated were never counted.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, Float, F
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bump when a table or view changes, and teach expdb.migrations to upgrade the older version.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 VERSION_TABLE = "expdb_schema_version"
 
 RUN_STATUSES = ("running", "completed", "pruned", "failed", "interrupted")
@@ -90,6 +93,7 @@ class Run(Base):
     resume_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     best_val_loss: Mapped[float | None] = mapped_column(Float)      # lowest val_loss logged
     best_step: Mapped[int | None] = mapped_column(Integer)          # the step of that val_loss
+    best_val_bpb: Mapped[float | None] = mapped_column(Float)       # val_bpb at that step
 
 
 class StepMetric(Base):
@@ -118,6 +122,10 @@ class EvalMetric(Base):
     epoch: Mapped[int | None] = mapped_column(Integer)
     val_loss: Mapped[float | None] = mapped_column(Float)
     val_ppl: Mapped[float | None] = mapped_column(Float)
+    # Bits per byte of the evaluated text (comparable across tokenizers) and perplexity per
+    # word (NaN, so NULL, when the text has no words): trainer.text_measure.
+    val_bpb: Mapped[float | None] = mapped_column(Float)
+    val_word_ppl: Mapped[float | None] = mapped_column(Float)
     nan_columns: Mapped[str | None] = _nan_columns()
 
 
@@ -132,6 +140,8 @@ class EpochMetric(Base):
     train_loss: Mapped[float | None] = mapped_column(Float)
     val_loss: Mapped[float | None] = mapped_column(Float)
     val_ppl: Mapped[float | None] = mapped_column(Float)
+    val_bpb: Mapped[float | None] = mapped_column(Float)
+    val_word_ppl: Mapped[float | None] = mapped_column(Float)
     lr: Mapped[float | None] = mapped_column(Float)
     grad_norm: Mapped[float | None] = mapped_column(Float)
     epoch_seconds: Mapped[float | None] = mapped_column(Float)
@@ -149,6 +159,8 @@ class EpochMetric(Base):
     gpu_mem_used_mb: Mapped[float | None] = mapped_column(Float)    # highest sample of any GPU
     gpu_temp_c: Mapped[float | None] = mapped_column(Float)         # highest sample of any GPU
     gpu_power_w: Mapped[float | None] = mapped_column(Float)        # the GPUs' mean powers, summed
+    # Model-FLOPs utilisation over the epoch (trainer.flops), normally in (0, 1]; NULL where no peak was measured.
+    mfu: Mapped[float | None] = mapped_column(Float)
     recorded_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     nan_columns: Mapped[str | None] = _nan_columns()
 

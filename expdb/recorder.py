@@ -29,6 +29,7 @@ log = logging.getLogger("expdb")
 # log_event kind by which the trainer reports a rotated checkpoint (detail: {"path": ...}).
 CHECKPOINT_DELETED = "checkpoint_deleted"
 _VAL_LOSS = EVAL.columns.index("val_loss")
+_VAL_BPB = EVAL.columns.index("val_bpb")
 
 
 class DBRecorder:
@@ -85,7 +86,8 @@ class DBRecorder:
         val_loss = row[_VAL_LOSS]           # None for a missing or NaN loss: never "best"
         if val_loss is not None and (self._best is None or val_loss < self._best):
             self._best = val_loss
-            writer.set_run_fields(best_val_loss=val_loss, best_step=int(step))
+            # The bpb of the best-loss step (None when not reported): the run's bpb, as loss is its loss.
+            writer.set_run_fields(best_val_loss=val_loss, best_step=int(step), best_val_bpb=row[_VAL_BPB])
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self._open_writer().add(EPOCH, EPOCH.encode(

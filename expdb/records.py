@@ -35,6 +35,7 @@ class RunRecord:
     resume_count: int
     best_val_loss: float | None
     best_step: int | None
+    best_val_bpb: float | None = None   # val_bpb at best_step (None before schema version 4)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "RunRecord":

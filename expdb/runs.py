@@ -70,7 +70,7 @@ def resume_run(session: Session, run_id: int, info: RunInfo, resume_step: int,
     conn = session.connection()
     rollups.refresh_after(conn, run_id, resume_step, conn.dialect.paramstyle)
     best = session.execute(
-        select(EvalMetric.val_loss, EvalMetric.step)
+        select(EvalMetric.val_loss, EvalMetric.step, EvalMetric.val_bpb)
         .where(EvalMetric.run_id == run_id, EvalMetric.val_loss.is_not(None))
         .order_by(EvalMetric.val_loss, EvalMetric.step).limit(1)).first()
     now = utcnow()
@@ -78,7 +78,7 @@ def resume_run(session: Session, run_id: int, info: RunInfo, resume_step: int,
         setattr(run, column, value)
     run.status, run.status_reason, run.ended_at, run.updated_at = "running", None, None, now
     run.resume_count += 1
-    run.best_val_loss, run.best_step = (best[0], best[1]) if best else (None, None)
+    run.best_val_loss, run.best_step, run.best_val_bpb = tuple(best) if best else (None, None, None)
     session.add(Event(run_id=run_id, kind="resume", step=resume_step if resume_step >= 0 else None,
                       created_at=now, detail=to_json({"resume_step": resume_step,
                                                       "resume_count": run.resume_count,

@@ -15,7 +15,7 @@ VIEWS = ("run_summary", "study_summary")
 _RUN_SUMMARY = """
 CREATE VIEW run_summary AS
 SELECT r.id, r.uid, r.name, r.status, r.status_reason, r.study_name, r.trial_number, r.n_params,
-       r.device, r.host, r.best_val_loss, r.best_step,
+       r.device, r.host, r.best_val_loss, r.best_step, r.best_val_bpb,
        COALESCE((SELECT SUM(b.n_rows) FROM step_rollups b WHERE b.run_id = r.id), 0) AS n_steps,
        (SELECT MAX(s.step) FROM step_metrics s WHERE s.run_id = r.id) AS last_step,
        (SELECT COUNT(*) FROM epoch_metrics e WHERE e.run_id = r.id) AS n_epochs,
@@ -25,7 +25,8 @@ FROM runs r
 """
 
 # One row per study: how its runs ended and which one did best (lowest best_val_loss,
-# the lower id on a tie).
+# the lower id on a tie). best_val_bpb is the lowest of its runs' (bits per byte compare
+# runs of different tokenizers, where losses do not), so it may come from another run.
 _STUDY_SUMMARY = """
 CREATE VIEW study_summary AS
 SELECT r.study_name,
@@ -36,6 +37,7 @@ SELECT r.study_name,
        SUM(CASE WHEN r.status = 'interrupted' THEN 1 ELSE 0 END) AS n_interrupted,
        SUM(CASE WHEN r.status = 'running' THEN 1 ELSE 0 END) AS n_running,
        MIN(r.best_val_loss) AS best_val_loss,
+       MIN(r.best_val_bpb) AS best_val_bpb,
        (SELECT b.id FROM runs b WHERE b.study_name = r.study_name AND b.best_val_loss IS NOT NULL
         ORDER BY b.best_val_loss, b.id LIMIT 1) AS best_run_id,
        MIN(r.started_at) AS first_started_at,

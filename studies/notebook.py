@@ -172,8 +172,8 @@ def results(settings: Settings):
 
     with expdb.open(str(settings.db), create=False) as db:
         runs = db.runs()
-        display(runs[[c for c in ("id", "name", "status", "trial_number", "best_val_loss", "n_steps",
-                                  "duration_s") if c in runs]])
+        display(runs[[c for c in ("id", "name", "status", "trial_number", "best_val_loss", "best_val_bpb",
+                                  "n_steps", "duration_s") if c in runs]])
         best = runs.dropna(subset=["best_val_loss"]).sort_values("best_val_loss").head(1)
         if best.empty:
             print("no run has a validation loss yet")

@@ -22,6 +22,7 @@ from typing import Any
 
 import optuna
 
+from studies.objective import OBJECTIVE_ATTR
 from studies.trial import RUN_ID_ATTR
 from trainer.pack import (PACK_DB, PackResult, copy_into, describe, finish_pack, pack_paths, read_pack,
                           snapshot_database, start_pack)
@@ -125,7 +126,8 @@ def newest_valid_checkpoint(roots: list[Path]) -> Path | None:
 
 def study_state(study: optuna.Study, n_trials: int | None, held: dict[int, str], best) -> dict[str, Any]:
     states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
-    return {"name": study.study_name, "trials_asked": n_trials, "trials": len(states),
+    return {"name": study.study_name, "objective": study.user_attrs.get(OBJECTIVE_ATTR), "trials_asked": n_trials,
+            "trials": len(states),
             **{s: states.count(s) for s in ("complete", "pruned", "fail", "running")},
             "unfinished": sorted(held), "best": best}
 

@@ -32,22 +32,25 @@ def main(argv: list[str] | None = None) -> int:
 
     import expdb
     from studies.context import storage_url_for
+    from studies.objective import LABELS, UNITS, recorded_objective
     from studies.results import results_table
 
     storage = args.storage or storage_url_for(args.db)
     study = optuna.load_study(study_name=args.study, storage=storage)
-    table = results_table(study)
-    print(table.sort_values("val_loss").head(args.top).to_string(index=False))
+    objective = recorded_objective(study.user_attrs, bool(study.trials)) or "val_loss"
+    db = expdb.open(args.db, create=False)
+    table = results_table(study, objective, db.runs(args.study))
+    print(f"objective: {objective} ({UNITS[objective]}), lowest first")
+    print(table.sort_values(objective).head(args.top).to_string(index=False))
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         print("no completed trial yet: nothing to write")
         return 0
     out = Path(args.out or Path("runs") / args.study)
     best = study.best_trial
-    print(f"best trial {best.number}: val loss {best.value:.4f}; parameters: "
+    print(f"best trial {best.number}: {LABELS[objective]} {best.value:.4f}; parameters: "
           + ", ".join(f"{k}={v}" for k, v in best.params.items()))
     _print_importances(study, completed)
-    db = expdb.open(args.db, create=False)
     path = write_best_config(db.run(best.user_attrs["run_id"]).config, out / "best_config.yaml")
     print(f"best configuration: {path}  (train it again: python -m trainer --config {path} --epochs N)")
     from dashboards import write_study_report

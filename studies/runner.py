@@ -19,7 +19,9 @@ from studies.disk import GB, DiskBudget
 from studies.lock import StudyLock
 from studies.sampling import make_sampler
 from studies.sessions import merge_inputs
-from studies.space import Param, default_space, space_problems
+from studies.objective import (LABELS, OBJECTIVE_ATTR, choose_objective, mismatch_problem,
+                               recorded_objective)
+from studies.space import Param, default_space, space_problems, vocabulary_problems
 from studies.trial import RUN_ID_ATTR
 from studies.results import results_table
 from studies.worker import FINISHED, release, work
@@ -42,9 +44,11 @@ def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | 
     """``time_source``: the study's and its trials' clock (simulated in tests); None: real time."""
     preset = args.preset or default_preset()
     space = space or default_space(preset)
-    if problems := space_problems(space, args.sampler):
+    if problems := space_problems(space, args.sampler) + vocabulary_problems(space, base):
         raise ConfigError(problems)
+    objective = choose_objective(getattr(args, "objective", None), [p.name for p in space])
     data = prepare_data(base)  # a bad data source fails here, before anything is written
+    check_tokenizer_choices(space, base)
     study_name = args.study_name or preset
     storage_url = args.storage or storage_url_for(args.db)
     # Several workers may start at once on a new database: one of them creates the tables.
@@ -54,6 +58,7 @@ def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | 
         db = expdb.open(args.db)
         came_running = merge_inputs(inputs, args.db, study_name)   # before the study: its history counts
         study = _load_study(args, study_name, storage_url, base, data, space)
+        keep_objective(study, objective)
         release(study, came_running, f"continued from {', '.join(inputs)}")
     setup.close()
     max_disk_gb = getattr(args, "max_disk_gb", None)
@@ -66,7 +71,7 @@ def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | 
         deadline=wall_clock(time_source).astimezone(dt.timezone.utc) + dt.timedelta(seconds=args.time_budget)
         if args.time_budget else None,
         stop_starting_at=(time_source or time.monotonic)() + args.timeout if args.timeout else None,
-        time_source=time_source)
+        time_source=time_source, objective=objective)
     if ctx.disk is not None:      # what a clean-up killed after the last session's last trial left
         ctx.disk.sweep(ctx)
     print(f"study {study_name!r}: {len(finished_trials(study))} of {args.trials} trials finished "
@@ -76,7 +81,7 @@ def run_study(args: argparse.Namespace, base: TrainConfig, space: list[Param] | 
     except (TrainingInterrupted, KeyboardInterrupt):
         _write_pack(ctx, args, inputs)      # a signal ends the session: its pack first
         raise
-    report(study, db, data, ctx.out_dir)
+    report(study, db, data, ctx.out_dir, objective)
     if PACK_ON & set(reasons):
         _write_pack(ctx, args, inputs)
     ctx.lock.close()
@@ -140,10 +145,32 @@ def _load_study(args: argparse.Namespace, study_name: str, storage_url: str, bas
     storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs)
     if storage_url.startswith("sqlite"):      # a --storage file of its own: readers must not block the study
         enable_wal(storage.engine)
+    # of the study's own data: a trial of another vocabulary has a few more or fewer steps per epoch
     per_epoch = steps_per_epoch(len(data.train), base)
     return optuna.create_study(study_name=study_name, storage=storage, direction="minimize",
                                sampler=make_sampler(args.sampler, args.seed, space),
                                pruner=make_pruner(args.pruner, per_epoch, base), load_if_exists=True)
+
+
+def keep_objective(study: optuna.Study, objective: str) -> None:
+    """Record the study's objective when it is new; refuse one that minimises another (a study
+    merged in from --continue-from, or created meanwhile by another process)."""
+    recorded = recorded_objective(study.user_attrs, bool(study.get_trials(deepcopy=False)))
+    if problem := mismatch_problem(study.study_name, recorded, objective):
+        raise ConfigError([problem])
+    if OBJECTIVE_ATTR not in study.user_attrs:
+        study.set_user_attr(OBJECTIVE_ATTR, objective)
+
+
+def check_tokenizer_choices(space: list[Param], base: TrainConfig) -> None:
+    """Every pretrained tokenizer a trial may draw loads here (from the local cache when the hub
+    is out of reach), so a bad choice stops the study before it starts (DataError), not a trial."""
+    from trainer.tokenizer import pretrained_tokenizer
+
+    choices = next((p.choices for p in space if p.name == "tokenizer"), ())
+    for name in dict.fromkeys(choices):
+        if name not in ("bpe", base.tokenizer):        # bpe is trained; the base's was loaded with the data
+            pretrained_tokenizer(name, log=lambda *_: None)
 
 
 def make_pruner(name: str, steps_per_epoch: int, base: TrainConfig) -> optuna.pruners.BasePruner:
@@ -168,16 +195,19 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def report(study: optuna.Study, db, data, out_dir: Path) -> None:
+def report(study: optuna.Study, db, data, out_dir: Path, objective: str = "val_loss") -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
-        print(results_table(study).to_string(index=False))
+        print(results_table(study, objective, db.runs(study.study_name)).to_string(index=False))
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:
         print("no completed trial yet")
         return
     best = study.best_trial
-    print(f"best trial {best.number}: val loss {best.value:.4f} (perplexity {perplexity(best.value):.2f}); "
-          f"unigram entropy of the validation tokens {unigram_entropy(data.val):.4f} nats")
+    if objective == "val_loss":
+        print(f"best trial {best.number}: val loss {best.value:.4f} (perplexity {perplexity(best.value):.2f}); "
+              f"unigram entropy of the validation tokens {unigram_entropy(data.val):.4f} nats")
+    else:             # nats of the study's base tokenizer would compare with none of its trials
+        print(f"best trial {best.number}: {LABELS[objective]} {best.value:.4f} bits per byte")
     print("best parameters: " + ", ".join(f"{k}={v}" for k, v in best.params.items()))
     run_id = best.user_attrs.get(RUN_ID_ATTR)
     if run_id is not None:

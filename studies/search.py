@@ -42,6 +42,10 @@ def build_parser() -> Parser:
                    help="Optuna sampler (default: tpe, seeded by --seed).")
     p.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
                    help="Optuna pruner (default: median, never before the first epoch ends).")
+    p.add_argument("--objective", default=None, choices=("val_bpb", "val_loss"),
+                   help="What the study minimises: the trial's best validation loss (nats per token) or the "
+                        "validation bits per byte at that step, which compares tokenizers (default: val_bpb "
+                        "when the space searches tokenizer or vocab_size, where val_loss is refused; else val_loss).")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="Seed of the sampler (default: 0).")
     p.add_argument("--timeout", type=parse_duration, default=None, metavar="DURATION",
                    help="Start no trial after this long (e.g. 45m, 2h).")
@@ -92,15 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     if problems := _flag_problems(args):
         fail(PROG, ConfigError(problems))
     from trainer.cli import config_from_args
-    from studies.space import load_space, space_problems
+    from studies.objective import choose_objective, objective_problems
+    from studies.space import default_space, load_space, space_problems, vocabulary_problems
     try:
         base = config_from_args(preset_args(args))
         space = load_space(args.space) if args.space else None  # None: the preset's default
         if args.lr_from_finder:
             from studies.space import with_finder_lr
             space = with_finder_lr(space, args.preset or default_preset_name(), args.lr_from_finder)
-        if space and (problems := space_problems(space, args.sampler)):
+        searched = space if space is not None else default_space(args.preset or default_preset_name())
+        names = [p.name for p in searched]
+        problems = space_problems(searched, args.sampler) + vocabulary_problems(searched, base)
+        if problems := problems + objective_problems(args.objective, names):
             raise ConfigError(problems)
+        args.objective = choose_objective(args.objective, names)
     except TrainerError as exc:
         fail(PROG, exc)
     refuse_before_writing(args, base)
@@ -134,17 +143,28 @@ def refuse_before_writing(args: argparse.Namespace, base) -> None:
     problems = collect_problems(checks, errors=(TrainerError, expdb.ExpdbError)) + device_problems(args.devices)
     if problem := folder_problem(Path(args.out)):
         problems.append(f"--out {args.out!r}: {problem}")
+    study_name = args.study_name or args.preset or default_preset_name()
     if args.continue_from:
         from studies.sessions import continue_problems
-        from trainer.presets import default_preset
-        study_name = args.study_name or args.preset or default_preset()
         problems += continue_problems(args.continue_from, study_name, args.db)
+    if not problems:          # the storage is readable: a study it holds keeps its objective
+        problems += study_objective_problems(args, study_name)
     if problems:
         fail(PROG, ConfigError(problems))
     if base.report_to not in ("", "none"):     # warnings only: a tracker never stops a study
         from expdb.mirrors import check_report_to
         for warning in check_report_to(base.report_to, Path(args.out)):
             print(f"warning: {warning}", file=sys.stderr)
+
+
+def study_objective_problems(args: argparse.Namespace, study_name: str) -> list[str]:
+    """An existing study minimising another objective than this command's (set by main)."""
+    from studies.context import storage_url_for
+    from studies.objective import mismatch_problem, stored_objective
+
+    recorded = stored_objective(args.storage or storage_url_for(args.db), study_name)
+    problem = mismatch_problem(study_name, recorded, getattr(args, "objective", None) or "val_loss")
+    return [problem] if problem else []
 
 
 def _flag_problems(args: argparse.Namespace) -> list[str]:

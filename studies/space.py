@@ -8,6 +8,8 @@ A space file is YAML mapping each training setting to its distribution::
     dropout:    {type: float, low: 0.0, high: 0.2, step: 0.05}
     optimizer:  {type: categorical, choices: [adamw, muon]}
     muon_lr:    {type: float, low: 5.0e-3, high: 5.0e-2, log: true}    # used by the muon trials only
+    vocab_size: {type: categorical, choices: [512, 1024, 2048]}         # BPE sizes: the study minimises val_bpb
+    tokenizer:  {type: categorical, choices: [bpe, gpt2]}                # bpe, hub names or local directories
 
 Every mistake in the file is reported at once, before any trial starts.
 """
@@ -28,7 +30,10 @@ TYPES = ("float", "int", "categorical")
 SPEC_KEYS = {"type", "low", "high", "log", "step", "choices"}
 # Settings that say where a run goes or what it reads, not how it learns.
 NOT_SEARCHABLE = {"out_dir", "cache_dir", "run_name", "resume", "resume_from", "dataset", "dataset_config",
-                  "data_files", "text_column", "device", "progress", "tokenizer"}
+                  "data_files", "text_column", "device", "progress"}
+# Settings that change the prepared data (trainer.data.prepare_data): a trial that searches one
+# prepares its own token streams instead of sharing the study's.
+DATA_FIELDS = ("tokenizer", "vocab_size", "subset", "val_fraction")
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,10 @@ def _param(name: str, spec: Any, label: str, problems: list[str]) -> Param | Non
     if kind not in TYPES:
         problems.append(f"{where}: type {kind!r}; use one of {', '.join(TYPES)}")
         return None
+    if name == "tokenizer" and kind != "categorical":
+        problems.append(f"{where}: a tokenizer is one of named choices; "
+                        "use {type: categorical, choices: [bpe, gpt2]}")
+        return None
     param = Param(name, kind, spec.get("low"), spec.get("high"), bool(spec.get("log", False)), spec.get("step"),
                   tuple(spec["choices"]) if isinstance(spec.get("choices"), list) else spec.get("choices"))
     before = len(problems)
@@ -156,6 +165,8 @@ def _range_problems(p: Param) -> list[str]:
     if p.type == "categorical":
         if not isinstance(p.choices, tuple) or not p.choices:
             return ["categorical needs a non-empty list under 'choices'"]
+        if p.name == "tokenizer" and not all(isinstance(c, str) and c for c in p.choices):
+            return ["choices are tokenizers: bpe (trained on the data), a hub name (gpt2) or a local directory"]
         allowed = TrainConfig.__dataclass_fields__[p.name].metadata.get("choices")     # e.g. optimizer's
         unknown = [c for c in p.choices if allowed and c not in allowed]
         return [f"choices {unknown} are not settings of {p.name}; use some of {', '.join(allowed)}"] if unknown else []
@@ -180,6 +191,23 @@ def space_problems(space: list[Param], sampler: str) -> list[str]:
         return []
     return [f"--sampler grid: parameter {p.name!r} is a float range without 'step'; add a step or use choices"
             for p in space if p.type == "float" and p.step is None]
+
+
+def vocabulary_problems(space: list[Param], base: TrainConfig) -> list[str]:
+    """A searched vocab_size that no trial would use: it sizes the BPE that --tokenizer bpe trains,
+    and a pretrained tokenizer has its own vocabulary."""
+    names = {p.name: p for p in space}
+    tokenizers = names["tokenizer"].choices if "tokenizer" in names else (base.tokenizer,)
+    if "vocab_size" not in names or "bpe" in tokenizers:
+        return []
+    return [f"--space: parameter 'vocab_size' sizes the BPE tokenizer trained on the data, and every trial uses "
+            f"the pretrained tokenizer {', '.join(map(str, tokenizers))}; set tokenizer: bpe in --config, or search "
+            "tokenizer with bpe among its choices, or drop vocab_size from the space"]
+
+
+def data_settings(cfg: TrainConfig) -> tuple[Any, ...]:
+    """What a trial's prepared data depends on among the searchable settings (DATA_FIELDS)."""
+    return tuple(getattr(cfg, name) for name in DATA_FIELDS)
 
 
 def grid_space(space: list[Param]) -> dict[str, list[Any]]:

@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 
 from studies.context import StudyContext, TrialOutcome
+from studies.objective import objective_value
 from studies.space import suggest_config
 from trainer.errors import StopTraining, TrainerError, TrainingInterrupted
 from trainer.faults import DIVERGED
@@ -26,13 +27,17 @@ PRUNED_AT_ATTR = "pruned_at_step"
 
 
 class TrialRecorder:
-    """Forwards everything to the database recorder and reports validation losses to Optuna.
+    """Forwards everything to the database recorder and reports each evaluation's value of the
+    study's objective (val_loss or val_bpb) to Optuna: the pruner compares what the study ranks.
 
     When the pruner says stop, it raises StopTraining: the trainer ends the run as pruned.
     """
 
-    def __init__(self, inner: Recorder, trial: optuna.Trial, existing_run_id: int | None):
+    def __init__(self, inner: Recorder, trial: optuna.Trial, existing_run_id: int | None,
+                 objective: str = "val_loss"):
         self.inner, self.trial, self.existing_run_id = inner, trial, existing_run_id
+        self.objective = objective
+        self.last_value = math.nan          # the objective at the last evaluation (a pruned trial's)
 
     def start_run(self, info: RunInfo) -> int:
         if self.existing_run_id is not None and info.extra.get("run_id") is None:
@@ -48,9 +53,11 @@ class TrialRecorder:
 
     def log_eval(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         self.inner.log_eval(step, epoch, metrics)
-        if not math.isfinite(metrics["val_loss"]):
+        value = metrics.get(self.objective)
+        self.last_value = math.nan if value is None else float(value)
+        if not math.isfinite(self.last_value):
             return  # a non-finite loss is no evidence for the pruner; the trainer handles it
-        self.trial.report(metrics["val_loss"], step)
+        self.trial.report(self.last_value, step)
         if self.trial.should_prune():
             self.trial.set_user_attr(PRUNED_AT_ATTR, step)
             raise StopTraining("pruned", f"{type(self.trial.study.pruner).__name__} at step {step}")
@@ -74,7 +81,7 @@ def _with_mirrors(ctx: StudyContext, recorder: TrialRecorder, cfg) -> TrialRecor
     from expdb.mirrors import mirrored
     inner = mirrored(ctx.db, recorder.inner, cfg.report_to, cfg.out_dir, cfg.wandb_project or ctx.study_name,
                      hparam_names=[p.name for p in ctx.space], warn=ctx.log)
-    return TrialRecorder(inner, recorder.trial, recorder.existing_run_id)
+    return TrialRecorder(inner, recorder.trial, recorder.existing_run_id, recorder.objective)
 
 
 def run_trial(ctx: StudyContext, trial: optuna.Trial, resumed: bool) -> TrialOutcome:
@@ -83,12 +90,13 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial, resumed: bool) -> TrialOut
 
     existing = trial.user_attrs.get(RUN_ID_ATTR) if resumed else None
     values = suggest_config(trial, ctx.space, ctx.base)
-    recorder = TrialRecorder(ctx.db.recorder(study_name=ctx.study_name, trial_number=trial.number), trial, existing)
+    recorder = TrialRecorder(ctx.db.recorder(study_name=ctx.study_name, trial_number=trial.number), trial, existing,
+                             ctx.objective)
     ctx.log(f"trial {trial.number}{' (continued)' if resumed else ''}: {_short(values)}")
     try:
         cfg = ctx.trial_config(trial.number, values, earlier_folders(ctx, trial.number, existing))
         recorder = _with_mirrors(ctx, recorder, cfg)
-        result = train(cfg, recorder, data=ctx.data, log=lambda *_: None, time_source=ctx.time_source)
+        result = train(cfg, recorder, data=ctx.data_for(cfg), log=lambda *_: None, time_source=ctx.time_source)
     except TrainerError as exc:
         return _fail(ctx, trial, recorder, values, f"{type(exc).__name__}: {exc}")
     except (TrainingInterrupted, KeyboardInterrupt, SystemExit):
@@ -98,18 +106,32 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial, resumed: bool) -> TrialOut
         return _fail(ctx, trial, recorder, values, f"{type(exc).__name__}: {exc}")
     run_id = trial.user_attrs.get(RUN_ID_ATTR, result.run_id)
     if result.status == "completed":
-        ctx.study.tell(trial, result.best_val_loss)
-        return TrialOutcome(trial.number, "complete", result.best_val_loss, run_id)
+        value = objective_value(result, ctx.objective)
+        _tell(ctx, trial, value)
+        return TrialOutcome(trial.number, "complete", value, run_id)
     if result.status == "pruned" or (result.reason or "").startswith(DIVERGED):
-        ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return TrialOutcome(trial.number, "pruned", result.last_val_loss, run_id, result.reason)
+        _tell(ctx, trial, state=optuna.trial.TrialState.PRUNED)
+        last = result.last_val_loss if ctx.objective == "val_loss" else recorder.last_value
+        return TrialOutcome(trial.number, "pruned", last, run_id, result.reason)
     if result.status == "failed":  # e.g. out of memory at micro-batch 1
-        ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _tell(ctx, trial, state=optuna.trial.TrialState.FAIL)
         trial_reason = (result.reason or "")[:1000]
         trial.set_user_attr(FAIL_REASON_ATTR, trial_reason)
         return TrialOutcome(trial.number, "fail", None, run_id, trial_reason)
     # Stopped for the session's time budget: left RUNNING, the next invocation continues it.
     return TrialOutcome(trial.number, "interrupted", None, run_id, result.reason)
+
+
+def _tell(ctx: StudyContext, trial: optuna.Trial, value: float | None = None,
+          state: optuna.trial.TrialState | None = None) -> None:
+    """study.tell, where a GridSampler whose grid is now covered asks the study to stop: a thing
+    it can do only inside study.optimize. The trial's state is stored before that; the workers
+    stop by the count of trials, so the request is dropped."""
+    try:
+        ctx.study.tell(trial, value, state=state)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
 
 
 def earlier_folders(ctx: StudyContext, number: int, run_id: int | None) -> list[str]:
@@ -131,7 +153,7 @@ def _fail(ctx: StudyContext, trial: optuna.Trial, recorder: TrialRecorder, value
     trial.set_user_attr(FAIL_REASON_ATTR, reason[:1000])
     if trial.user_attrs.get(RUN_ID_ATTR) is None:
         _record_failed_setup(recorder, trial, values, reason)
-    ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    _tell(ctx, trial, state=optuna.trial.TrialState.FAIL)
     return TrialOutcome(trial.number, "fail", None, trial.user_attrs.get(RUN_ID_ATTR), reason)
 
 

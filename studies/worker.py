@@ -15,6 +15,7 @@ import time
 import optuna
 
 from studies.context import StudyContext, TrialOutcome
+from studies.objective import LABELS
 from studies.sampling import ask_new_trial
 from studies.trial import RUN_ID_ATTR, run_trial
 from trainer.clock import SimulatedTime, wall_clock
@@ -46,7 +47,7 @@ def work(ctx: StudyContext, device: str | None = None) -> str:
             return "disk budget"   # the trial stays running, released when this process ends
         outcome = run_trial(ctx, trial, resumed)
         ctx.outcomes.append(outcome)
-        ctx.log(_describe(outcome))
+        ctx.log(_describe(outcome, ctx.objective))
         if ctx.disk is not None:
             ctx.disk.after_trial(ctx, outcome)
         if outcome.state == "fail":
@@ -139,7 +140,7 @@ def typical_trial_seconds(study: optuna.Study, time_source: SimulatedTime | None
     return statistics.median(durations) if durations else None
 
 
-def _describe(o: TrialOutcome) -> str:
-    value = f"val loss {o.value:.4f}" if o.value is not None else "no value"
+def _describe(o: TrialOutcome, objective: str = "val_loss") -> str:
+    value = f"{LABELS[objective]} {o.value:.4f}" if o.value is not None else "no value"
     why = f" ({o.reason})" if o.reason else ""
     return f"trial {o.number} {o.state}: {value}, run {o.run_id}{why}"

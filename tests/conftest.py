@@ -149,6 +149,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def peak_flops_cache(tmp_path_factory) -> Iterator[Path]:
+    """The machine's measured peak (trainer.flops) cached in the session's folder, never in the
+    user's home; subprocesses the tests start inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("smallgpt-cache")
+        mp.setenv("SMALLGPT_CACHE", str(folder))
+        yield folder
+
+
 # --- trainer fixtures (tiny model, slice of the default corpus) ---------------------------
 from trainer_fixtures import data_cache, full_tiny_data, tiny_base_cfg, tiny_cfg, tiny_data  # noqa: E402,F401
 from simulated_gpu import simulated_gpu  # noqa: E402,F401  (a GPU's answers at torch's API, on the CPU)

@@ -46,6 +46,7 @@ TRAINER = [
     ("trainer --early-stop-patience -1", "--early-stop-patience -1", {}),
     ("trainer --early-stop-min-delta -0.5", "--early-stop-min-delta -0.5", {}),
     ("trainer --gradient-checkpointing maybe", "--gradient-checkpointing 'maybe'", {}),
+    ("trainer --arch mamba", "--arch 'mamba': choose one of gpt2, llama", {}),
     ("trainer --no-such-flag", "--no-such-flag", {}),
     ("trainer --text-column=", "--text-column ''", {}),
     ("trainer", "TRAINER_INJECT_OOM='x'", {"TRAINER_INJECT_OOM": "x"}),

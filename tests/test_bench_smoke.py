@@ -12,8 +12,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)    # bench/ is a directory of the checkout, not part of the installed package
 
-from bench.__main__ import PARTS, main, parse_args  # noqa: E402
+from bench.__main__ import DEFAULT_PARTS, main, parse_args  # noqa: E402
 from bench.common import ratio, row, summary, target  # noqa: E402
+from bench.curves import BudgetReached, Point, Run, Watch  # noqa: E402
 from bench.interleave import run_interleaved  # noqa: E402
 from bench.report import markdown  # noqa: E402
 
@@ -58,7 +59,7 @@ def test_smoke_run_of_every_part(tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results, md = json.loads(out.read_text()), docs.read_text()
-    assert list(results["parts"]) == list(PARTS)
+    assert list(results["parts"]) == list(DEFAULT_PARTS)      # quality runs only when named
     for name, part in results["parts"].items():
         if name != "gpu" or part["measured"]:
             check_part(part)
@@ -122,8 +123,13 @@ def test_bad_arguments():
         parse_args(["nonsense"])
     with pytest.raises(SystemExit):
         parse_args(["--repeats", "0"])
+    for budgets in (["--budgets", "1,x"], ["--budgets", "0,2"], ["--budgets", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(["quality", *budgets])
     args = parse_args(["--smoke"])
-    assert args.parts == list(PARTS) and args.out.name == "smoke.json"
+    assert args.parts == list(DEFAULT_PARTS) and "quality" not in args.parts and args.out.name == "smoke.json"
+    args = parse_args(["quality", "--budgets", "2,5,10", "--corpus", "wikitext"])
+    assert args.parts == ["quality"] and args.budgets == (2.0, 5.0, 10.0) and args.corpus == "wikitext"
 
 
 def test_a_failing_loop_stops_the_others_at_their_next_step():
@@ -141,3 +147,59 @@ def test_a_failing_loop_stops_the_others_at_their_next_step():
     with pytest.raises(RuntimeError, match="'bad' failed: ValueError: broken"):
         run_interleaved({"good": good, "bad": bad})
     assert steps == [1, 2]
+
+
+def test_quality_smoke_has_every_contender_budget_and_the_headline(tmp_path):
+    results, md = smoke(tmp_path, "quality")
+    part = results["parts"]["quality"]
+    check_part(part)
+    grid = part["grid"]
+    assert grid["budgets_min"] == [0.02, 0.04]
+    contenders = ["(a) plain loop", "(b) HF Trainer, its defaults", "(c) trainer, today's defaults",
+                  "(d) trainer, new recipe"]
+    assert list(grid["contenders"]) == contenders and part["settings"]["new_recipe_arch"] == "llama"
+    names = {r["name"] for r in part["rows"]}
+    for name in contenders:
+        assert {f"{name}: bpb at 0.02 min", f"{name}: bpb at 0.04 min", f"{name}: tokens/s", f"{name}: MFU",
+                f"{name}: parameters"} <= names
+        assert all(len(curve) >= 2 for curve in part["curves"][name])     # after the first step, and at the end
+    # (a) always reaches its own final bpb; (d)'s ratio to it is a number, or "not reached"
+    assert grid["contenders"]["(a) plain loop"]["reached"] == 1
+    headline = part["headline"]
+    assert (headline["ratio"] is None) == (headline["reached_in"] == 0)
+    assert [t["name"] for t in part["targets"]] == [
+        "time to (a)'s final bpb: (d) trainer, new recipe / (a) plain loop",
+        "bpb at 0.04 min: (d) trainer, new recipe below (a) plain loop, 1 - ratio"]
+    assert "## 1. Time to quality" in md and "| contender | parameters | bpb at 0.02 min | bpb at 0.04 min |" in md
+    assert ("**not reached** in any seed" in md) == (headline["ratio"] is None)
+
+
+def test_a_curve_is_read_at_budgets_and_at_a_bpb():
+    run = Run([Point(0.0, 1, 5.0), Point(10.0, 50, 4.0), Point(20.0, 100, 3.0)], planned_steps=100,
+              n_params=1, flops_per_token=6.0, tokens_per_step=10)
+    assert run.bpb_at(0.0) == 5.0 and run.bpb_at(19.9) == 4.0 and run.bpb_at(20.0) == 3.0
+    assert run.time_to(4.0) == 10.0
+    assert run.time_to(3.5) == 15.0          # halfway between the evaluations at 10 s and 20 s
+    assert run.time_to(5.5) == 0.0 and run.time_to(2.0) is None
+    assert run.tokens_per_s == 99 * 10 / 20.0
+
+
+def test_a_watch_stops_its_loop_before_the_largest_budget():
+    # A clock of the test's own, advanced by the loop: the bookkeeping is checked exactly.
+    now, steps = [0.0], []
+
+    def loop(clock):
+        watch = Watch(clock, None, [2.5, 4.5], every=100, last_step=1000)
+        try:
+            for step in range(1, 1000):
+                now[0] += 1.0
+                steps.append(step)
+                watch.stamp(step)
+        except BudgetReached:
+            pass
+        watches.append(watch)
+
+    watches = []
+    run_interleaved({"only": loop}, timer=lambda: now[0])
+    # 1 s a step, counted from the end of step 1: step 5 ends at 4 s, and one more would pass 4.5 s
+    assert steps == [1, 2, 3, 4, 5] and watches[0].seconds(5) == 4.0

@@ -44,6 +44,14 @@ def test_flag_names():
     assert flag("n_embd") == "--n-embd"
 
 
+def test_arch_is_gpt2_or_llama_and_gpt2_for_a_config_without_one():
+    assert TrainConfig.from_dict({"n_layer": 2}).arch == "gpt2"
+    TrainConfig(arch="llama").check()
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(arch="mamba").check()
+    assert err.value.problems == ["--arch 'mamba': choose one of gpt2, llama"]
+
+
 def test_config_files_yaml_json_and_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("lr: 0.002\nn-layer: 3\n")
     assert load_config_file(tmp_path / "c.yaml") == {"lr": 0.002, "n_layer": 3}

@@ -46,9 +46,9 @@ def test_build_report_records():
     assert data == ReportData(
         study="s", direction="minimize",
         trials=(TrialRow(0, 7, "complete", "completed", 3.0, math.exp(3.0), 0.0,
-                         (("lr", 1e-3), ("n_layer", 2)), ""),
+                         (("lr", 1e-3), ("n_layer", 2)), "", 3.0),
                 TrialRow(1, 8, "pruned", "pruned", 4.5, math.exp(4.5), 0.0,
-                         (("lr", 1e-2), ("n_layer", 1)), "MedianPruner at step 10")),
+                         (("lr", 1e-2), ("n_layer", 1)), "MedianPruner at step 10", 4.5)),
         param_names=("lr", "n_layer"),
         plots=(Plot("optimization_history", "Optimization history", None),
                Plot("param_importances", "Parameter importances",

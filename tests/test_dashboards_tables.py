@@ -27,11 +27,11 @@ def test_run_table_records():
     none = (None,) * (len(RUN_COLUMNS) - 6)
     assert table == Table(
         header=(("run_id", 3), ("name", "tiny"), ("status", "completed"), ("study_name", "s"),
-                ("trial_number", 1), ("best_val_loss", 3.0), ("best_step", 20)),
+                ("trial_number", 1), ("best_val_loss", 3.0), ("best_val_bpb", None), ("best_step", 20)),
         rows_key="metrics", columns=RUN_COLUMNS,
         rows=(("eval", 0, 10, None, 3.5, 33.1) + none,
               ("eval", 0, 20, None, None, None) + none,
-              ("epoch", 0, 20, 3.2, 3.0, None, None, None, 1.5) + (None,) * (len(RUN_COLUMNS) - 9)))
+              ("epoch", 0, 20, 3.2, 3.0, None, None, None, None, None, 1.5) + (None,) * (len(RUN_COLUMNS) - 11)))
 
 
 def test_csv_and_json_hold_the_same_rows():
@@ -58,7 +58,7 @@ def test_summary_table_has_differing_params_and_perplexity():
         config=[dict(lr=0.01, seed=1, out_dir="x"), dict(lr=0.001, seed=1, out_dir="y")]))
     table = summary_table(runs, (("study", "s"),))
     assert table.columns[-1] == "param_lr" and "param_seed" not in table.columns
-    assert table.rows[0] == (1, "s", 0, "a", "completed", None, None, None, None, 40, 1, 0, 2.0,
+    assert table.rows[0] == (1, "s", 0, "a", "completed", None, None, None, None, None, 40, 1, 0, 2.0,
                              "2026-01-02T03:04:05", None, 0.001)
     assert table.rows[1][6:8] == (4.0, pytest.approx(math.exp(4.0)))
     assert json.loads(to_json(table))["runs"][1]["status_reason"] == "pruned at step 20"

@@ -51,8 +51,8 @@ def stopping_cfg(tiny_cfg, monkeypatch):
     real_evaluate = trainer.loop.Trainer.evaluate
 
     def evaluate(self):
-        real_evaluate(self)
-        return VAL_LOSSES.get(self.state.step, 9.0)
+        real = real_evaluate(self)
+        return trainer.loop.Evaluation(VAL_LOSSES.get(self.state.step, 9.0), real.bpb, real.word_ppl)
 
     monkeypatch.setattr(trainer.loop.Trainer, "evaluate", evaluate)
     # keep_checkpoints 1: rotation keeps only the newest and the best, so the best must be kept.

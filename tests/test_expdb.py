@@ -126,7 +126,7 @@ def test_resume_continues_the_row_and_replaces_later_history(db: expdb.Experimen
     for step in range(1, 16):       # crashes after step 15; its last checkpoint was at step 10
         first.log_step(step, step_metrics(step))
         if step % 5 == 0:
-            first.log_eval(step, 0, {"val_loss": 3.0 - step / 10})
+            first.log_eval(step, 0, {"val_loss": 3.0 - step / 10, "val_bpb": 1.5 - step / 20})
     first.log_epoch(0, {"train_loss": 4.0, "step": 12})
     first.finish("interrupted", "SIGTERM")
 
@@ -135,14 +135,15 @@ def test_resume_continues_the_row_and_replaces_later_history(db: expdb.Experimen
     assert second.start_run(info) == run_id
     assert db.run(run_id).status == "running"
     assert db.run(run_id).best_val_loss == pytest.approx(2.0)    # step 15's 1.5 was deleted
+    assert db.run(run_id).best_val_bpb == pytest.approx(1.0)     # and its bpb with it: step 10's
     for step in range(11, 21):
         second.log_step(step, step_metrics(step))
-    second.log_eval(20, 1, {"val_loss": 1.8})
+    second.log_eval(20, 1, {"val_loss": 1.8, "val_bpb": 0.9})
     second.finish("completed")
 
     record = db.run(run_id)
     assert (record.status, record.status_reason, record.resume_count) == ("completed", None, 1)
-    assert record.best_val_loss == pytest.approx(1.8) and record.best_step == 20
+    assert record.best_val_loss == pytest.approx(1.8) and record.best_step == 20 and record.best_val_bpb == 0.9
     assert db.steps(run_id)["step"].tolist() == list(range(1, 21))
     assert db.evals(run_id)["step"].tolist() == [5, 10, 20]
     assert db.epochs(run_id).empty                      # its step 12 was after the resume point

@@ -194,6 +194,29 @@ def test_a_version_2_file_and_a_version_3_file_merge_with_their_gpu_columns(tmp_
     assert epochs.set_index("run_id").loc[4, "gpu_mem_used_mb"].tolist() == [14_000.0, 14_000.0]
 
 
+def test_a_version_3_file_and_a_version_4_file_merge_with_their_bpb_columns(tmp_path: Path):
+    """The v3 session's copy is upgraded (bpb, word perplexity, mfu NULL: never measured); the
+    v4 session's values come along, the run's best_val_bpb with them."""
+    old, new = tmp_path / "v3.db", tmp_path / "v4.db"
+    shutil.copy(DATA / "expdb_v3.db", old)
+    shutil.copy(DATA / "expdb_v4.db", new)
+    before = old.read_bytes()
+    into = tmp_path / "all.db"
+    assert [len(r.runs_added) for r in expdb.merge([old, new], into=into)] == [3, 3] and old.read_bytes() == before
+    with expdb.open(into) as db:
+        evals, epochs, runs = db.evals().set_index("run_id"), db.epochs().set_index("run_id"), db.runs().set_index("id")
+    assert evals.loc[[1, 2, 3], ["val_bpb", "val_word_ppl"]].isna().all().all()
+    assert epochs.loc[[1, 2, 3], ["val_bpb", "val_word_ppl", "mfu"]].isna().all().all()
+    assert runs.loc[[1, 2, 3], "best_val_bpb"].isna().all()
+    # make_expdb_file: 4 bytes a token, so bpb = loss / 4 / ln 2; its run 3 (here 6) had no words.
+    bpb = evals.loc[[4, 5, 6], "val_loss"] / 4 / math.log(2)
+    assert evals.loc[[4, 5, 6], "val_bpb"].tolist() == pytest.approx(bpb.tolist())
+    assert runs.loc[[4, 5, 6], "best_val_bpb"].tolist() == \
+        pytest.approx((runs.loc[[4, 5, 6], "best_val_loss"] / 4 / math.log(2)).tolist())
+    assert evals.loc[[4, 5], "val_word_ppl"].notna().all() and evals.loc[6, "val_word_ppl"].isna().all()
+    assert epochs.loc[[4, 5], "mfu"].tolist() == [0.25] * 4 and epochs.loc[6, "mfu"].isna().all()
+
+
 def test_studies_that_cannot_be_combined_are_refused_untouched(tmp_path: Path):
     a, b, into = tmp_path / "a.db", tmp_path / "b.db", tmp_path / "all.db"
     study_session(a, trials=1)

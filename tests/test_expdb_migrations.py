@@ -1,8 +1,8 @@
 """Schema versions: saved database files of earlier versions are upgraded in place.
 
 tests/data/expdb_vN.db was made by schema version N (see tests/data/make_expdb_file.py);
-expdb_v3.db by the current one: when version 4 comes, it is the file whose upgrade to test
-(as test_v2_file_gains_the_gpu_columns does for expdb_v2.db; see test_current_file_needs_no_upgrade).
+expdb_v4.db by the current one: when version 5 comes, it is the file whose upgrade to test
+(as test_v3_file_gains_the_bpb_columns does for expdb_v3.db; see test_current_file_needs_no_upgrade).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from expdb.models import SCHEMA_VERSION
 
 DATA = Path(__file__).parent / "data"
 GPU_COLUMNS = ["gpu_util_pct", "gpu_util_max_pct", "gpu_mem_used_mb", "gpu_temp_c", "gpu_power_w"]
+TEXT_COLUMNS = ["val_bpb", "val_word_ppl"]      # schema 4, in eval_metrics and epoch_metrics
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def test_v1_file_is_upgraded_in_place_and_keeps_its_data(v1_copy: Path):
     conn = sqlite3.connect(v1_copy)
     assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
-    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [1, 2, 3]
+    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [1, 2, 3, 4]
     steps = conn.execute("SELECT run_id, step, loss, nan_columns FROM step_metrics WHERE run_id < 4 "
                          "ORDER BY run_id, step").fetchall()
     uids = conn.execute("SELECT uid FROM runs WHERE id < 4 ORDER BY id").fetchall()
@@ -109,7 +110,7 @@ def test_two_processes_opening_a_v1_file_upgrade_it_once(v1_copy: Path):
     assert [p.exitcode for p in workers] == [0, 0]
     assert [queue.get(timeout=5) for _ in workers] == [3, 3]
     conn = sqlite3.connect(v1_copy)
-    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [1, 2, 3]
+    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [1, 2, 3, 4]
     conn.close()
 
 
@@ -146,12 +147,14 @@ def test_v2_file_gains_the_gpu_columns_and_keeps_every_row(tmp_path: Path):
         assert db.recorder("v1-study", 2).start_run(_info()) == 4      # writing works too
 
     after = {table: _rows(path, table, order) for table, order in V2_TABLES.items()}
-    assert after["epoch_metrics"] == [row + (None,) * 5 for row in before["epoch_metrics"]]   # appended, NULL
-    assert {t: r for t, r in after.items() if t not in ("runs", "epoch_metrics")} == \
-        {t: r for t, r in before.items() if t not in ("runs", "epoch_metrics")}
-    assert after["runs"][:3] == before["runs"]
+    # Appended, NULL: the GPU columns (v3), then val_bpb, val_word_ppl, mfu (v4).
+    assert after["epoch_metrics"] == [row + (None,) * 8 for row in before["epoch_metrics"]]
+    assert after["eval_metrics"] == [row + (None,) * 2 for row in before["eval_metrics"]]
+    assert after["runs"][:3] == [row + (None,) for row in before["runs"]]
+    changed = ("runs", "epoch_metrics", "eval_metrics")
+    assert {t: r for t, r in after.items() if t not in changed} == {t: r for t, r in before.items() if t not in changed}
     conn = sqlite3.connect(path)
-    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [2, 3]
+    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [2, 3, 4]
     assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     conn.close()
     assert expdb_cli(["--db", str(path), "check", "--no-files"]) == 0, "python -m expdb check"
@@ -171,17 +174,74 @@ def test_upgraded_v2_file_takes_gpu_columns(tmp_path: Path):
     assert (row["gpu_util_pct"], row["gpu_power_w"]) == (80.0, 120.0) and math.isnan(row["gpu_temp_c"])
 
 
+def test_v3_file_gains_the_bpb_columns_and_keeps_every_row(tmp_path: Path):
+    path = tmp_path / "experiments.db"
+    shutil.copy(DATA / "expdb_v3.db", path)
+    before = {table: _rows(path, table, order) for table, order in V2_TABLES.items()}
+    expdb.check_database(path, create=False, write=True)
+
+    with expdb.open(path) as db:
+        evals, epochs, runs = db.evals(), db.epochs(), db.runs()
+        # Never derived: the bytes of the evaluated text were not counted before version 4.
+        assert len(evals) == 9 and evals[TEXT_COLUMNS].isna().all().all()
+        assert len(epochs) == 6 and epochs[TEXT_COLUMNS + ["mfu"]].isna().all().all()
+        assert runs["best_val_bpb"].isna().all() and runs["best_val_loss"].notna().all()
+        assert db.run(1).best_val_bpb is None
+        assert db.studies()["best_val_bpb"].isna().all()
+        gpu = epochs.set_index(["run_id", "epoch"])[GPU_COLUMNS]
+        assert gpu.loc[1].values.tolist() == [[87.5, 100.0, 14_000.0, 71.0, 65.0]] * 2     # data kept
+        run_id = _record_bpb(db)
+        assert db.run(run_id).best_val_bpb == 0.5
+
+    after = {table: _rows(path, table, order) for table, order in V2_TABLES.items()}
+    assert after["epoch_metrics"][:6] == [row + (None,) * 3 for row in before["epoch_metrics"]]
+    assert after["eval_metrics"][:9] == [row + (None,) * 2 for row in before["eval_metrics"]]
+    assert after["runs"][:3] == [row + (None,) for row in before["runs"]]
+    for table in ("step_metrics", "step_rollups", "checkpoints"):
+        assert after[table] == before[table], table
+    conn = sqlite3.connect(path)
+    assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version ORDER BY id")] == [3, 4]
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    conn.close()
+    assert expdb_cli(["--db", str(path), "check", "--no-files"]) == 0, "python -m expdb check"
+    assert schema_of(f"sqlite:///{path}") == _fresh_schema(tmp_path)
+
+
+def _record_bpb(db) -> int:
+    """A run that logs the version-4 metrics; the best loss's bpb becomes the run's."""
+    rec = db.recorder()
+    run_id = rec.start_run(_info())
+    rec.log_eval(10, 0, {"val_loss": 2.0, "val_ppl": math.exp(2.0), "val_bpb": 0.7, "val_word_ppl": 50.0})
+    rec.log_eval(20, 0, {"val_loss": 1.5, "val_ppl": math.exp(1.5), "val_bpb": 0.5, "val_word_ppl": math.nan})
+    rec.log_eval(30, 1, {"val_loss": 1.8, "val_ppl": math.exp(1.8), "val_bpb": 0.6, "val_word_ppl": 40.0})
+    rec.log_epoch(0, {"step": 20, "val_loss": 1.5, "val_bpb": 0.5, "val_word_ppl": 45.0, "mfu": 0.3})
+    rec.finish("completed")
+    evals = db.evals(run_id)
+    assert evals["val_bpb"].tolist() == [0.7, 0.5, 0.6]
+    assert math.isnan(evals["val_word_ppl"].iloc[1])            # no words: NaN, stored NULL
+    assert db.epochs(run_id)[["val_bpb", "val_word_ppl", "mfu"]].values.tolist() == [[0.5, 45.0, 0.3]]
+    return run_id
+
+
 def test_current_file_needs_no_upgrade(tmp_path: Path):
-    # When SCHEMA_VERSION becomes 4, turn this into the upgrade test of expdb_v3.db (as above
-    # for v2) and save an expdb_v4.db made by the new schema.
+    # When SCHEMA_VERSION becomes 5, turn this into the upgrade test of expdb_v4.db (as above
+    # for v3) and save an expdb_v5.db made by the new schema.
     path = tmp_path / "experiments.db"
     shutil.copy(DATA / f"expdb_v{SCHEMA_VERSION}.db", path)
     with expdb.open(path) as db:
         assert db.runs()["n_steps"].tolist() == [30, 30, 31]
         assert db.studies()["n_completed"].tolist() == [2]
-        gpu = db.epochs().set_index(["run_id", "epoch"])[GPU_COLUMNS]
+        epochs = db.epochs().set_index(["run_id", "epoch"])
+        evals = db.evals().set_index(["run_id", "step"])
+        runs = db.runs().set_index("id")
+    gpu = epochs[GPU_COLUMNS]
     assert gpu.loc[1].values.tolist() == [[87.5, 100.0, 14_000.0, 71.0, 65.0]] * 2
     assert gpu.loc[3].isna().all().all()
+    assert epochs.loc[1, "mfu"].tolist() == [0.25, 0.25] and epochs.loc[3, "mfu"].isna().all()
+    # make_expdb_file: 4 bytes a token, so bpb = loss / 4 / ln 2; run 3's text has no words.
+    assert evals["val_bpb"].tolist() == pytest.approx((evals["val_loss"] / 4 / math.log(2)).tolist())
+    assert evals.loc[3, "val_word_ppl"].isna().all() and evals.loc[1, "val_word_ppl"].notna().all()
+    assert runs["best_val_bpb"].tolist() == pytest.approx((runs["best_val_loss"] / 4 / math.log(2)).tolist())
     conn = sqlite3.connect(path)
     assert [v for v, in conn.execute("SELECT version FROM expdb_schema_version")] == [SCHEMA_VERSION]
     conn.close()
@@ -245,7 +305,29 @@ def test_v2_schema_on_postgres_gains_the_gpu_columns(postgres_db_url, new_postgr
         assert db.epochs(run_id)[["gpu_util_pct", "gpu_mem_used_mb"]].values.tolist() == [[55.0, 900.0]]
     engine = create_engine(postgres_db_url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version FROM expdb_schema_version ORDER BY id")).scalars().all() == [2, 3]
+        assert conn.execute(text("SELECT version FROM expdb_schema_version ORDER BY id")).scalars().all() == [2, 3, 4]
+    engine.dispose()
+    expdb.open(fresh).close()
+    assert schema_of(postgres_db_url) == schema_of(fresh)
+
+
+@pytest.mark.postgres
+def test_v3_schema_on_postgres_gains_the_bpb_columns(postgres_db_url, new_postgres_db):
+    """The saved v3 file's tables and rows on the server, opened: ALTER TABLE adds the v4 columns."""
+    fresh = new_postgres_db()
+    _restore_on_postgres(DATA / "expdb_v3.db", postgres_db_url)
+    with expdb.open(postgres_db_url) as db:
+        evals, epochs, runs = db.evals(), db.epochs(), db.runs()
+        assert len(evals) == 9 and evals[TEXT_COLUMNS].isna().all().all() and evals["val_loss"].notna().all()
+        assert len(epochs) == 6 and epochs[TEXT_COLUMNS + ["mfu"]].isna().all().all()
+        assert epochs["gpu_util_pct"].notna().sum() == 4
+        assert runs["best_val_bpb"].isna().all() and runs["n_steps"].tolist() == [30, 30, 31]
+        run_id = _record_bpb(db)
+        assert db.run(run_id).best_val_bpb == 0.5
+        assert db.runs().set_index("id").loc[run_id, "best_val_bpb"] == 0.5
+    engine = create_engine(postgres_db_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version FROM expdb_schema_version ORDER BY id")).scalars().all() == [3, 4]
     engine.dispose()
     expdb.open(fresh).close()
     assert schema_of(postgres_db_url) == schema_of(fresh)

@@ -413,3 +413,28 @@ def test_the_command_line_mirrors_a_run_and_replays_it_later(tmp_path, data_cach
     bad = _cli(["expdb", "--db", "experiments.db", "export", str(run_id), "--to", "wandb", "--format", "csv"],
                tmp_path, env)
     assert bad.returncode == 2 and "not both" in bad.stderr
+
+
+def test_bits_per_byte_word_perplexity_and_mfu_reach_both_mirrors_live_and_replayed(db, tmp_path):
+    """Picked like val_loss (every number of the metrics dict); the summaries add best_val_bpb,
+    the bpb of the best val_loss (step 20 here, not the lowest bpb)."""
+    out, warnings = tmp_path / "run", []
+    rec = mirrored(db, out, warnings)
+    run_id = rec.start_run(run_info(out, study="s", trial=0))
+    for step, (loss, bpb) in {10: (2.5, 0.9), 20: (2.0, 1.0), 30: (2.2, 0.8)}.items():
+        rec.log_step(step, {"loss": loss, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0})
+        rec.log_eval(step, 0, {"val_loss": loss, "val_ppl": 8.0, "val_bpb": bpb, "val_word_ppl": 40.0 + step})
+    rec.log_epoch(0, {"step": 30, "train_loss": 2.3, "val_loss": 2.2, "val_bpb": 0.8, "mfu": 0.4})
+    rec.finish("completed")
+    assert db.run(run_id).best_val_bpb == 1.0
+    replay(db, [run_id], to="tensorboard", out_dir=tmp_path / "export", log=lambda *_: None)
+    (replayed,) = list((tmp_path / "export").iterdir())
+    for log_dir in (out / "tensorboard", replayed):
+        assert tb_scalars(log_dir, "val/bpb")[0] == pytest.approx({10: 0.9, 20: 1.0, 30: 0.8})
+        assert tb_scalars(log_dir, "val/word_ppl")[0] == {10: 50.0, 20: 60.0, 30: 70.0}
+        assert tb_scalars(log_dir, "epoch/mfu")[0] == pytest.approx({30: 0.4})
+        assert list(tb_scalars(log_dir, "hparam/best_val_bpb")[0].values()) == [1.0], log_dir
+    (fragment,) = [read_offline_run(f) for f in offline_fragments(out, db.run(run_id).uid)]
+    assert [row["val/bpb"] for row in fragment.history if "val/bpb" in row] == [0.9, 1.0, 0.8]
+    assert [row["epoch/mfu"] for row in fragment.history if "epoch/mfu" in row] == [0.4]
+    assert fragment.summary["best_val_bpb"] == 1.0 and warnings == []

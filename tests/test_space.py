@@ -2,7 +2,8 @@
 import optuna
 import pytest
 
-from studies.space import DEFAULT_SPACES, Param, grid_space, load_space, space_problems, suggest_config
+from studies.space import (DEFAULT_SPACES, Param, grid_space, load_space, space_problems, suggest_config,
+                           vocabulary_problems)
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError
 
@@ -117,3 +118,21 @@ def test_a_categorical_choice_a_setting_does_not_have_is_reported(tmp_path):
         load_space(path)
     assert err.value.problems == [(f"--space {str(path)!r}: parameter 'optimizer': choices ['muom'] are not "
                                    "settings of optimizer; use some of adamw, muon")]
+
+
+def test_the_tokenizer_is_searched_among_named_choices_and_vocab_size_only_with_bpe(tmp_path):
+    space = load_space(write(tmp_path, "tokenizer: {type: categorical, choices: [bpe, gpt2]}\n"
+                                       "vocab_size: {type: int, low: 512, high: 4096, step: 512}\n"))
+    assert [p.name for p in space] == ["tokenizer", "vocab_size"]
+    assert vocabulary_problems(space, TrainConfig(tokenizer="gpt2")) == []      # bpe is among the choices
+    assert vocabulary_problems(space[1:], TrainConfig()) == []                 # the default tokenizer: bpe
+    problems = vocabulary_problems(space[1:], TrainConfig(tokenizer="gpt2"))
+    assert len(problems) == 1 and "every trial uses the pretrained tokenizer gpt2" in problems[0]
+    with pytest.raises(ConfigError) as err:
+        load_space(write(tmp_path, "tokenizer: {type: int, low: 1, high: 2}\n"
+                                   "vocab_size: {type: categorical, choices: [512]}\n"
+                                   "n_layer: {type: categorical, choices: [1]}\n"
+                                   "n_head: {type: categorical, choices: [2]}\n"))
+    assert len(err.value.problems) == 1 and "'tokenizer': a tokenizer is one of named choices" in err.value.problems[0]
+    with pytest.raises(ConfigError, match="'tokenizer': choices are tokenizers"):
+        load_space(write(tmp_path, "tokenizer: {type: categorical, choices: [bpe, 7]}\n"))

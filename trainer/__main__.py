@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
               f"resume from {result.final_checkpoint} with --resume auto")
         return EXIT_TIME_BUDGET
     print(f"{result.status}: run {result.run_id}, {result.steps} steps, best val loss "
-          f"{result.best_val_loss:.4f}; final model: {result.final_model}")
+          f"{result.best_val_loss:.4f} ({result.best_val_bpb:.4f} bits per byte); final model: {result.final_model}")
     if result.status == "failed":   # diverged, or out of memory at micro-batch 1
         print(f"{PROG}: the run failed: {result.reason}", file=sys.stderr)
         return EXIT_FAILED

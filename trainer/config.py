@@ -20,6 +20,8 @@ from trainer.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "muon")
+ARCH_GPT2, ARCH_LLAMA = "gpt2", "llama"
+ARCHES = (ARCH_GPT2, ARCH_LLAMA)     # --arch; a config or checkpoint without one is gpt2
 DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINTING = ("auto", "true", "false")   # --gradient-checkpointing
 DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -50,11 +52,16 @@ class TrainConfig:
                         "else is a pretrained tokenizer name (gpt2) or local directory.")
     vocab_size: int = _f(4096, "Vocabulary size of the trained byte-level BPE.")
     # --- model ------------------------------------------------------------------------
+    arch: str = _f(ARCH_GPT2, "Model family, both with tied embeddings and a vocabulary padded to a multiple of 64: "
+                   "gpt2 (learned positions, LayerNorm, GELU MLP, biases) or llama (rotary positions, RMSNorm, "
+                   "SwiGLU, no biases; its MLP width keeps GPT-2's parameter count at the same size).",
+                   choices=ARCHES)
     n_layer: int = _f(4, "Transformer blocks.")
     n_embd: int = _f(128, "Width of the residual stream.")
     n_head: int = _f(4, "Attention heads (must divide --n-embd).")
     block_size: int = _f(128, "Context length in tokens (one training sequence).")
-    dropout: float = _f(0.0, "Dropout on embeddings, attention and residuals.")
+    dropout: float = _f(0.0, "Dropout on embeddings, attention and residuals (--arch llama: on attention "
+                        "only; Llama has no embedding or residual dropout).")
     # --- optimisation -----------------------------------------------------------------
     lr: float = _f(1e-3, "Peak learning rate of AdamW (with --optimizer muon, of the parameters "
                      "AdamW trains; Muon's is --muon-lr).")
@@ -175,7 +182,8 @@ class TrainConfig:
         need(_is_int(self.vocab_size) and 256 < self.vocab_size <= 65535, "vocab_size",
              "use 257..65535 (byte-level BPE needs the 256 bytes plus merges; tokens are stored as uint16)")
         for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("device", DEVICES),
-                              ("gradient_checkpointing", CHECKPOINTING), ("optimizer", OPTIMIZERS)):
+                              ("gradient_checkpointing", CHECKPOINTING), ("optimizer", OPTIMIZERS),
+                              ("arch", ARCHES)):
             need(getattr(self, name) in choices, name, f"choose one of {', '.join(choices)}")
         if _is_int(self.n_embd) and _is_int(self.n_head) and self.n_head > 0 and self.n_embd % self.n_head:
             p.append(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: "

@@ -19,7 +19,7 @@ from trainer.cli import Parser, fail
 from trainer.files import as_os_error
 
 if TYPE_CHECKING:   # transformers is imported by the caller; --help stays fast
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
     from trainer.config import TrainConfig
 
@@ -27,9 +27,12 @@ TRAINING_CONFIG_FILE = "training_config.json"
 PROG = "python -m trainer.export"
 
 
-def export_hf(model: "GPT2LMHeadModel", tokenizer: "PreTrainedTokenizerFast", cfg: "TrainConfig",
+def export_hf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", cfg: "TrainConfig",
               out: Path) -> Path:
-    """Write config.json, model.safetensors, tokenizer files and training_config.json to ``out``.
+    """Write config.json, model.safetensors, generation_config.json, tokenizer files and
+    training_config.json to ``out``: a GPT2LMHeadModel or LlamaForCausalLM (--arch) that
+    AutoModelForCausalLM loads. Its vocabulary is padded past the tokenizer's to a multiple of 64;
+    generation_config.json's suppress_tokens lists the padded ids, so generate() never emits them.
 
     Written beside ``out`` first and renamed into place, so ``out`` is always complete.
     """
@@ -105,8 +108,8 @@ def _onnx(args) -> tuple[Path, str]:
     from trainer.inference import load_model_dir
     from trainer.onnx_export import export_onnx
 
-    model, _ = load_model_dir(args.model_dir)
-    done = export_onnx(model, Path(args.out))
+    model, tokenizer = load_model_dir(args.model_dir)
+    done = export_onnx(model, Path(args.out), vocab_size=len(tokenizer))
     return done.path, (f"; opset {done.opset}, max |difference| from PyTorch's logits {done.max_abs_diff:.2e} "
                        "in onnxruntime")
 

@@ -33,16 +33,24 @@ def generate(model_dir: str, prompt: str, *, max_new_tokens: int = 100, temperat
     model, tokenizer = load_model_dir(model_dir)      # fp32 final_model/ or its int8 form
     torch.manual_seed(seed)
     ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").input_ids
-    # GPT-2 has learned positions up to its context only: keep the prompt's end and stop at the context.
-    context = model.config.n_positions
+    # GPT-2 has learned positions up to its context only, and a Llama was trained on no longer ones:
+    # keep the prompt's end and stop at the context (GPT2Config maps the name to n_positions).
+    context = model.config.max_position_embeddings
     ids = ids[:, -(context - 1):]
     max_new_tokens = min(max_new_tokens, context - ids.shape[1])
     sampling = temperature > 0
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=sampling,
                          temperature=temperature if sampling else None, top_k=top_k if sampling else None,
                          top_p=top_p if sampling else None, num_return_sequences=num_samples,
-                         pad_token_id=tokenizer.eos_token_id)
+                         pad_token_id=tokenizer.eos_token_id, suppress_tokens=padded_ids(model, tokenizer))
     return [tokenizer.decode(seq, skip_special_tokens=True) for seq in out]
+
+
+def padded_ids(model, tokenizer) -> list[int] | None:
+    """The ids past the tokenizer's, which pad the model's vocabulary to a multiple of 64
+    (trainer.model.padded_vocab): never targets, so never generated. final_model/'s generation
+    config lists them too; an int8 directory's model is built from config.json alone."""
+    return list(range(len(tokenizer), model.config.vocab_size)) or None
 
 
 def main(argv: list[str] | None = None) -> int:

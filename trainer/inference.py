@@ -8,11 +8,13 @@ from trainer.errors import CheckpointError
 from trainer.model_dir import is_int8, model_dir_problem
 
 if TYPE_CHECKING:
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 
-def load_model_dir(model_dir: str | Path) -> tuple["GPT2LMHeadModel", "PreTrainedTokenizerFast"]:
-    """The model (eval mode, on the CPU) and its tokenizer. Raises CheckpointError on a bad folder."""
+def load_model_dir(model_dir: str | Path) -> tuple["PreTrainedModel", "PreTrainedTokenizerFast"]:
+    """The model (a GPT-2 or a Llama, eval mode, on the CPU) and its tokenizer. Raises CheckpointError
+    on a bad folder. The model's vocabulary may be padded past the tokenizer's (trainer.model.padded_vocab):
+    logits have a column for each padded id, which trainer.generate suppresses."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if problem := model_dir_problem(model_dir):

@@ -1,7 +1,8 @@
 """Dynamic int8 quantization of a trained model's Linear layers, for inference on the CPU.
 
 GPT-2's blocks use transformers' ``Conv1D`` (a Linear with its weight transposed), which
-PyTorch's quantizer does not know; they are turned into ``nn.Linear`` first. Then
+PyTorch's quantizer does not know; they are turned into ``nn.Linear`` first (a Llama's layers
+are nn.Linear already; its RMSNorms, like GPT-2's LayerNorms, stay fp32). Then
 ``torch.ao.quantization.quantize_dynamic`` stores each Linear weight as int8 with one scale
 (per tensor, symmetric) and quantizes activations on the fly. Embeddings and layer norms stay
 fp32, so the tied output layer gets its own int8 copy of the token embedding.

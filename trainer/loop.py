@@ -37,7 +37,7 @@ from trainer.faults import (count_nonfinite, is_nonfinite, oom_past_agreement, p
 from trainer.interrupts import StopRequests
 from trainer.memory import (FaultInjector, clear_cache_if_due, enable_gradient_checkpointing, epoch_memory,
                             forget_failed_update, free_memory, gradient_checkpointing_on, is_out_of_memory, memory_report, reset_peak)
-from trainer.flops import utilisation
+from trainer.flops import flops_per_token, utilisation
 from trainer.gpu_monitor import GpuMonitor, gpu_epoch_metrics
 from trainer.metrics import perplexity
 from trainer.model import (LanguageModelLoss, build_model, build_optimizer, compiled, count_parameters,
@@ -46,6 +46,7 @@ from trainer.recorder import EVENT_SCALER_SKIP, Recorder
 from trainer.rng import seed_device
 from trainer.schedule import lr_at, steps_per_epoch, total_steps
 from trainer.state import Split, TrainState
+from trainer.text_measure import bits_per_byte, text_counts, token_text, word_perplexity
 
 TIME = "time"     # a Halt's cause when the time budget or deadline is near
 EARLY_STOP = "early_stop"   # a Halt's cause when --early-stop-patience is used up (trainer.early_stop)
@@ -67,6 +68,24 @@ class StepResult(NamedTuple):
     reload: bool             # a streak of non-finite steps calls for a reload (trainer.faults)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of the validation batches."""
+
+    loss: float              # nats per token
+    bpb: float               # bits per byte of their text: comparable across tokenizers (trainer.text_measure)
+    word_ppl: float          # perplexity per word; NaN when the text has no words
+
+    @classmethod
+    def from_sums(cls, nats: float, tokens: float, n_bytes: float, words: float) -> "Evaluation":
+        return cls(nats / tokens, bits_per_byte(nats, n_bytes), word_perplexity(nats, words))
+
+    def metrics(self) -> dict[str, float]:
+        """As the recorder gets them (log_eval, and in log_epoch's metrics)."""
+        return {"val_loss": self.loss, "val_ppl": perplexity(self.loss), "val_bpb": self.bpb,
+                "val_word_ppl": self.word_ppl}
+
+
 class Trainer:
     """One run's model, optimizer, data position and checkpoints, stepped by ``run_steps``."""
 
@@ -85,6 +104,9 @@ class Trainer:
         self.val_blocks = PackedBlocks(data.val, cfg.block_size)
         self._check_data_fits()
         self.model = build_model(cfg, data.vocab_size, data.tokenizer.eos_token_id).to(self.device)
+        # The text each token id stands for, once, on the device: every evaluation's bytes and words
+        # are table lookups there (sized to the model's vocabulary, which may be padded past the tokenizer).
+        self._token_text = token_text(data.tokenizer, self.model.config.vocab_size).to(self.device)
         # Dropout's stream: this device's generator alone (trainer.rng), each rank its own masks.
         seed_device(self.device, step_seed(cfg.seed, self.world, 0))
         # What the steps run: the model and its (chunked) loss as one module, DDP over it with several
@@ -108,7 +130,7 @@ class Trainer:
                 self.model, self.train_blocks, placement, self.state.split, log))
         self.log(memory_report(self.device))
         self._checkpoint_bytes = 4 * count_parameters(self.model) * (3 if cfg.save_optimizer_state else 1)
-        self._flops_per_token = 6 * count_parameters(self.model)    # forward and backward (nanoGPT's rule)
+        self._flops_per_token = flops_per_token(self.model, cfg.block_size)    # 6 N + attention (trainer.flops)
 
     @property
     def step_batch(self) -> int:
@@ -365,16 +387,16 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         state = self.state
-        val_loss = self._evaluate_and_report()
+        val = self._evaluate_and_report()
         losses = [x for x in state.epoch_losses if math.isfinite(x)]
         seconds, tokens = state.epoch_seconds, state.sample_pos * self.cfg.block_size
         metrics = {
             "train_loss": float(np.mean(losses)) if losses else math.nan,
-            "val_loss": val_loss, "val_ppl": perplexity(val_loss),
+            **val.metrics(),
             "lr": self.optimizer.param_groups[0]["lr"], "step": state.step,
             "epoch_seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
             "mfu": utilisation(self._flops_per_token, tokens / seconds if seconds > 0 else math.nan,
-                               self.device, self.world.size),
+                               self.device, self.world.size, self.placement.autocast_dtype),
             **epoch_memory(self.device),      # each epoch's own GPU peak
             # the samples since the last epoch end (None on the CPU, or when none fell in this epoch)
             **gpu_epoch_metrics(self.gpu_monitor.read() if self.gpu_monitor else {}),
@@ -383,39 +405,43 @@ class Trainer:
         # The position moves first: an interruption after it never logs this epoch twice.
         state.epoch, state.sample_pos, state.epoch_losses, state.epoch_seconds = epoch + 1, 0, [], 0.0
         self.recorder.log_epoch(epoch, metrics)
-        self.log(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f}, "
-                 f"ppl {metrics['val_ppl']:.2f}, {seconds:.1f} s")
+        self.log(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, val loss {val.loss:.4f}, "
+                 f"ppl {metrics['val_ppl']:.2f}, {val.bpb:.4f} bpb, {seconds:.1f} s")
 
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss per token over the fixed validation batches, shared by the ranks."""
+    def evaluate(self) -> Evaluation:
+        """Mean validation loss per token over the fixed validation batches, shared by the ranks,
+        and the bits per byte and word perplexity of the text their targets hold."""
         self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)    # (loss summed over tokens, tokens)
+        # (loss summed over tokens, tokens, bytes, words) of the targets, all ranks' added up
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         batches = self.val_blocks.sequential(self.state.micro_batch, self.cfg.eval_batches)
         for ids in batches[self.world.rank::self.world.size]:
             batch = to_device(self.val_blocks.get(ids), self.device)
             sums[0] += next_token_loss(self.model, batch, self.placement.autocast, reduction="sum")
             sums[1] += batch[:, 1:].numel()
+            sums[2:] += text_counts(self._token_text, batch)
         self.model.train()
-        total, count = sum_over_ranks(sums, self.world).tolist()     # one host sync per evaluation
-        return total / count
+        nats, tokens, n_bytes, words = sum_over_ranks(sums, self.world).tolist()   # one host sync per evaluation
+        return Evaluation.from_sums(nats, tokens, n_bytes, words)
 
-    def _evaluate_and_report(self) -> float:
+    def _evaluate_and_report(self) -> Evaluation:
         state = self.state
-        if state.evaluated_now:
-            return state.last_val_loss   # this step was just evaluated
+        if state.evaluated_now:         # this step was just evaluated
+            return Evaluation(state.last_val_loss, state.last_val_bpb, state.last_val_word_ppl)
         started = time.perf_counter()
-        val_loss = self.evaluate()
-        state.last_val_loss, state.last_eval_step = val_loss, state.step
-        state.eval_history.append((state.step, val_loss))
-        if val_loss < state.best_val_loss:
-            state.best_val_loss, state.best_step = val_loss, state.step
+        val = self.evaluate()
+        state.last_val_loss, state.last_val_bpb, state.last_val_word_ppl = val.loss, val.bpb, val.word_ppl
+        state.last_eval_step = state.step
+        state.eval_history.append((state.step, val.loss))
+        if val.loss < state.best_val_loss:
+            state.best_val_loss, state.best_val_bpb, state.best_step = val.loss, val.bpb, state.step
         seconds = time.perf_counter() - started
         state.epoch_seconds += seconds
         self.clock.record_eval(seconds)
-        self.recorder.log_eval(state.step, state.epoch, {"val_loss": val_loss, "val_ppl": perplexity(val_loss)})
-        return val_loss
+        self.recorder.log_eval(state.step, state.epoch, val.metrics())
+        return val
 
     # -- checkpoints and stopping ---------------------------------------------------------
     def _checkpoint_if_due(self, evaluated: bool, epoch_ended: bool) -> None:

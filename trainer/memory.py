@@ -95,8 +95,10 @@ class FaultInjector:
 
     @contextlib.contextmanager
     def oom_inside(self, model: torch.nn.Module, step: int) -> Iterator[None]:
-        """Around a forward pass of ``model`` (a GPT2LMHeadModel): at an injected step its last
+        """Around a forward pass of ``model`` (a GPT-2 or a Llama): at an injected step its last
         block raises out of memory once it has run, or (backward) once its gradient is computed."""
+        from trainer.model import transformer_blocks
+
         forward, backward = step in self.oom_steps, step in self.oom_backward_steps
         if not (forward or backward):
             yield
@@ -112,7 +114,7 @@ class FaultInjector:
             # A block returns its hidden states, or a tuple led by them (older transformers).
             hidden = output[0] if isinstance(output, tuple) else output
             hidden.register_hook(fail)
-        hook = model.transformer.h[-1].register_forward_hook(fail if forward else fail_in_backward)
+        hook = transformer_blocks(model)[-1].register_forward_hook(fail if forward else fail_in_backward)
         try:
             yield
         finally:
@@ -274,8 +276,11 @@ def training_memory_estimate(cfg, env=None, vocab_size: int | None = None) -> st
     with the model built (5.84 and 5.33 GB with the full loss); this says 2.7 GB.
     """
     from trainer.loss import DEFAULT_CHUNK_TOKENS
+    from trainer.model import padded_vocab
 
-    vocab = vocab_size or (50257 if cfg.tokenizer == "gpt2" else cfg.vocab_size)
+    # The model's vocabulary, padded past the tokenizer's. 12d^2 a block is GPT-2's; a Llama's SwiGLU
+    # width is chosen to keep about the same (trainer.model.swiglu_width).
+    vocab = padded_vocab(vocab_size or (50257 if cfg.tokenizer == "gpt2" else cfg.vocab_size))
     n_params = vocab * cfg.n_embd + cfg.block_size * cfg.n_embd + cfg.n_layer * 12 * cfg.n_embd ** 2
     tokens = cfg.micro_batch * cfg.block_size
     per_layer = tokens * cfg.n_embd * 34 + 5 * cfg.micro_batch * cfg.n_head * cfg.block_size ** 2

@@ -1,4 +1,5 @@
-"""The model: Hugging Face's GPT2LMHeadModel, built from the run's config, and its loss."""
+"""The model: Hugging Face's GPT2LMHeadModel or LlamaForCausalLM (--arch), built from the run's
+config, and its loss."""
 from __future__ import annotations
 
 import contextlib
@@ -6,32 +7,96 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from trainer.config import TrainConfig
+from trainer.config import ARCH_LLAMA, TrainConfig
 from trainer.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy, matmul_dtype
 from trainer.rng import seeded_init
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")    # where torch has a fused AdamW (torch >= 2.4 on the CPU)
+# The model's vocabulary is the tokenizer's rounded up to a multiple of this (nanoGPT's 50257 -> 50304):
+# the output projection's matrix products run faster on such sizes. The padded ids are never targets
+# (no token stream holds them), so training pushes their logits down; generation suppresses them.
+VOCAB_MULTIPLE = 64
+SWIGLU_MULTIPLE = 64     # Llama's MLP width is a multiple of this, for the same reason
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
-    """A freshly initialised GPT-2 whose initial weights depend only on cfg.seed (not on
-    another trial of the same process drawing at the same time: trainer.rng)."""
-    gpt2_config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=cfg.block_size,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-    )
+def padded_vocab(n: int) -> int:
+    """The model's vocabulary for a tokenizer of ``n`` tokens: ``n`` rounded up to a multiple of 64."""
+    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> PreTrainedModel:
+    """A freshly initialised GPT-2 or Llama (--arch) whose initial weights depend only on cfg.seed (not
+    on another trial of the same process drawing at the same time: trainer.rng). ``vocab_size`` is the
+    tokenizer's; the model has padded_vocab(vocab_size) ids, and its generation config suppresses the
+    padded ones (final_model/ keeps that: transformers' generate never emits them)."""
+    rows = padded_vocab(vocab_size)
+    llama = cfg.arch == ARCH_LLAMA
+    config = _llama_config(cfg, rows, eos_id) if llama else _gpt2_config(cfg, rows, eos_id)
     with seeded_init(cfg.seed):
-        return GPT2LMHeadModel(gpt2_config)
+        model = LlamaForCausalLM(config) if llama else GPT2LMHeadModel(config)
+    model.generation_config.suppress_tokens = list(range(vocab_size, rows)) or None
+    return model
+
+
+def _gpt2_config(cfg: TrainConfig, vocab_size: int, eos_id: int) -> GPT2Config:
+    return GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                      bos_token_id=eos_id, eos_token_id=eos_id)
+
+
+def _llama_config(cfg: TrainConfig, vocab_size: int, eos_id: int) -> LlamaConfig:
+    """Rotary positions (default theta), RMSNorm, SwiGLU, no biases, tied embeddings. Llama has no
+    residual or embedding dropout: --dropout is its attention dropout only."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+                       num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+                       intermediate_size=swiglu_width(cfg.n_layer, cfg.n_embd, cfg.block_size),
+                       max_position_embeddings=cfg.block_size, attention_bias=False, mlp_bias=False,
+                       tie_word_embeddings=True, attention_dropout=cfg.dropout,
+                       bos_token_id=eos_id, eos_token_id=eos_id)
+
+
+def swiglu_width(n_layer: int, n_embd: int, block_size: int) -> int:
+    """Llama's MLP width h that gives it GPT-2's parameter count at the same size, to a multiple of 64.
+
+    Both tie the output layer to the token embedding, so the vocabulary cancels out. A GPT-2 block
+    has 12d^2 + 13d parameters (attention 4d^2 + 4d, MLP 8d^2 + 5d, two LayerNorms 4d), plus the
+    model's learned positions (block_size x d) and final LayerNorm (2d); a Llama block has 4d^2 + 3dh
+    (attention without biases, SwiGLU's three matrices) + 2d (two RMSNorms), plus the final RMSNorm
+    (d). Equal when 3dh x n_layer = (8d^2 + 11d) x n_layer + block_size x d + d: h is about 8d/3 plus
+    a little for the positions (356 at the default 4 x 128, context 128, which rounds to 384; 2080 at
+    GPT-2 small's sizes, 2112), rounded to the nearest multiple of 64 (at least 64): the closest count
+    that multiple allows, within 5% of GPT-2's at the default sizes.
+    """
+    d = n_embd
+    exact = ((8 * d * d + 11 * d) * n_layer + block_size * d + d) / (3 * d * n_layer)
+    return max(SWIGLU_MULTIPLE, SWIGLU_MULTIPLE * round(exact / SWIGLU_MULTIPLE))
+
+
+def unpad_vocab(model: PreTrainedModel, rows: int) -> None:
+    """Give ``model``, built padded, the ``rows`` ids of a checkpoint written before the vocabulary was
+    padded (the tokenizer's exactly), in place, so that such a run resumes exactly as it would have.
+
+    The token embedding keeps its Parameter (only its data shrinks): the optimizer built on it and the
+    tied output layer, which is the same Parameter, stay valid.
+    """
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head.weight is not embedding.weight:
+        raise ValueError("the output layer is not tied to the token embedding")
+    with torch.no_grad():
+        embedding.weight.data = embedding.weight.data[:rows].clone()
+    embedding.num_embeddings = head.out_features = model.config.vocab_size = rows
+    for module in (model, model.base_model):      # LlamaForCausalLM and LlamaModel keep a copy
+        if hasattr(module, "vocab_size"):
+            module.vocab_size = rows
+    model.generation_config.suppress_tokens = None
+
+
+def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The model's blocks in order: GPT-2's transformer.h, Llama's model.layers."""
+    base = model.base_model
+    return base.h if hasattr(base, "h") else base.layers
 
 
 def next_token_loss(model: torch.nn.Module, batch: torch.Tensor,
@@ -45,7 +110,7 @@ def next_token_loss(model: torch.nn.Module, batch: torch.Tensor,
     at a time (trainer.loss), never on the whole (B, T, vocab) logits; 0 or None computes them whole.
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    head = model.get_output_embeddings()      # GPT-2's lm_head, tied to the token embeddings
+    head = model.get_output_embeddings()      # lm_head, tied to the token embeddings (both --arch)
     if not chunk_tokens or head.bias is not None:
         with autocast():
             # No key/value cache: nothing is generated, and gradient checkpointing refuses one.
@@ -54,7 +119,8 @@ def next_token_loss(model: torch.nn.Module, batch: torch.Tensor,
         # to bf16 (8.875 for 8.854), and the recorded losses must stay what they measure.
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
     with autocast():
-        # The body: the blocks (checkpointed when gradient checkpointing is on) and the final norm.
+        # The body (GPT-2's transformer, Llama's model): the blocks (checkpointed when gradient
+        # checkpointing is on) and the final norm.
         hidden = model.base_model(input_ids=inputs, use_cache=False).last_hidden_state    # (B, T, C)
         dtype = matmul_dtype(hidden.device, head.weight.dtype)     # the projection's, as autocast picks it
     return chunked_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten(), chunk_tokens,
@@ -81,7 +147,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only: biases and LayerNorm gains are not decayed. With
+    """AdamW with weight decay on matrices only: biases and norm gains (LayerNorm, RMSNorm) are not decayed. With
     --optimizer muon, the blocks' hidden matrices go to Muon instead, in the same optimizer
     (trainer.muon). Each group holds its peak lr as ``base_lr``, which the schedule scales."""
     from trainer.device import newton_schulz_dtype

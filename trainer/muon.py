@@ -10,8 +10,9 @@ Muon follows torch.optim.Muon (torch 2.13): Nesterov momentum, five Newton-Schul
 Jordan's coefficients, and its learning-rate adjustment sqrt(max(1, out / in)). GPT-2's weights are
 transformers' Conv1D, stored (in, out), the transpose of nn.Linear's (out, in): they are
 orthogonalised and their lr adjusted on the (out, in) view, so a Conv1D weight moves exactly as the
-same nn.Linear would. The iteration runs in ``ns_dtype``, which trainer.device.newton_schulz_dtype
-decides from the device: torch always uses bf16, emulated (slow) on a T4, a P100 and most CPUs.
+same nn.Linear would (Llama's are nn.Linear already). The iteration runs in ``ns_dtype``, which
+trainer.device.newton_schulz_dtype decides from the device: torch always uses bf16, emulated (slow)
+on a T4, a P100 and most CPUs.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ class Matrix(NamedTuple):
 
 def hidden_matrices(model: torch.nn.Module) -> list[Matrix]:
     """The weights Muon trains: those of the model's linear layers (nn.Linear and Conv1D), the
-    embeddings and the output layer excepted. For GPT-2: each block's attn.c_attn, attn.c_proj,
-    mlp.c_fc and mlp.c_proj."""
+    embeddings and the (tied) output layer excepted. For GPT-2: each block's attn.c_attn, attn.c_proj,
+    mlp.c_fc and mlp.c_proj; for Llama: each layer's self_attn.q_proj, k_proj, v_proj, o_proj and
+    mlp.gate_proj, up_proj, down_proj (its RMSNorm gains are 1-D: AdamW's)."""
     embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     found = []
     for name, module in model.named_modules():

@@ -1,7 +1,9 @@
 """A trained model as ONNX, checked in onnxruntime against PyTorch before it is kept.
 
 The graph maps ``input_ids`` (batch, sequence; int64) to ``logits`` (batch, sequence, vocab)
-with both axes dynamic up to the model's context length. It carries no key/value cache:
+with both axes dynamic up to the model's context length, for a GPT-2 or a Llama (--arch). vocab
+is the tokenizer's: the columns of the ids that pad the model's vocabulary to a multiple of 64
+(trainer.model.padded_vocab), never targets, are cut from the graph's output. It carries no key/value cache:
 generation with it recomputes the whole prefix for each new token, so it suits scoring and
 short continuations; ``python -m trainer.generate`` stays the fast path for long samples.
 """
@@ -34,14 +36,15 @@ class OnnxExport:
 
 
 class _Logits(torch.nn.Module):
-    """The model as a pure function input_ids -> logits (no cache, no dict output)."""
+    """The model as a pure function input_ids -> logits of the first ``vocab_size`` ids (no cache,
+    no dict output)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, vocab_size: int):
         super().__init__()
-        self.model = model
+        self.model, self.vocab_size = model, vocab_size
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+        return self.model(input_ids=input_ids, use_cache=False).logits[..., :self.vocab_size]
 
 
 def check_input(vocab_size: int, context: int) -> torch.Tensor:
@@ -50,14 +53,16 @@ def check_input(vocab_size: int, context: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, min(16, context)), generator=generator)
 
 
-def export_onnx(model: torch.nn.Module, out: Path) -> OnnxExport:
-    """Write ``out`` (via a temporary file), verified in onnxruntime; raise CheckpointError otherwise."""
+def export_onnx(model: torch.nn.Module, out: Path, vocab_size: int | None = None) -> OnnxExport:
+    """Write ``out`` (via a temporary file), verified in onnxruntime; raise CheckpointError otherwise.
+    ``vocab_size``: the tokenizer's, whose logits the graph outputs (None: the model's, padding included)."""
     import onnxruntime as ort   # noqa: F401 - fail before the slow export when it is missing
 
     model = model.eval().float()
-    context = model.config.n_positions
-    wrapped = _Logits(model).eval()
-    ids = check_input(model.config.vocab_size, context)
+    context = model.config.max_position_embeddings     # GPT2Config maps the name to n_positions
+    vocab_size = vocab_size or model.config.vocab_size
+    wrapped = _Logits(model, vocab_size).eval()
+    ids = check_input(vocab_size, context)
     out = Path(out)
     tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{os.getpid()}")
     batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=context)
@@ -78,7 +83,7 @@ def export_onnx(model: torch.nn.Module, out: Path) -> OnnxExport:
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """The exporter warns about torchvision ops and pytree internals that a GPT-2 never uses."""
+    """The exporter warns about torchvision ops and pytree internals that the models never use."""
     logger = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = logger.level
     logger.setLevel(logging.ERROR)

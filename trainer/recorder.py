@@ -60,10 +60,13 @@ class Recorder(Protocol):
         """Per-optimizer-step metrics: loss, lr, grad_norm, tokens_per_s, ..."""
 
     def log_eval(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
-        """A validation result (val_loss, val_ppl). May raise trainer.errors.StopTraining."""
+        """A validation result: val_loss (nats per token), val_ppl, val_bpb (bits per byte of the
+        evaluated text) and val_word_ppl (per word; NaN for a text without words). May raise
+        trainer.errors.StopTraining."""
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """End-of-epoch summary: train_loss, val_loss, val_ppl, lr, grad_norm, epoch_seconds, ..."""
+        """End-of-epoch summary: train_loss, val_loss, val_ppl, val_bpb, val_word_ppl, lr, epoch_seconds,
+        tokens_per_s, mfu (model-FLOPs utilisation, trainer.flops; None where no peak was measured), memory, ..."""
 
     def log_checkpoint(self, path: str, kind: str, step: int, val_loss: float | None,
                        size_bytes: int, sha256: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import uuid
@@ -69,6 +70,7 @@ class RunResult:
     final_checkpoint: str | None  # the newest checkpoint: to resume from, or to export
     final_model: str | None
     resumed_from: str | None = None
+    best_val_bpb: float = math.nan   # bits per byte at the best val_loss's step; NaN when never evaluated
 
 
 def train(cfg: TrainConfig, recorder: Recorder | None = None, *, data: PreparedData | None = None,
@@ -357,4 +359,4 @@ def _result(t: Trainer, plan: ResumePlan, status: str, reason: str | None, check
     s = t.state
     return RunResult(s.run_id or 0, status, reason, s.step, s.best_val_loss, s.last_val_loss,
                      t.tokens_per_s, str(t.out_dir), checkpoint, model_dir,
-                     str(plan.path) if plan.path else None)
+                     str(plan.path) if plan.path else None, s.best_val_bpb)

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from trainer.files import json_float
 
-_FLOATS = ("best_val_loss", "last_val_loss")
+_FLOATS = ("best_val_loss", "last_val_loss", "best_val_bpb", "last_val_bpb", "last_val_word_ppl")
 
 
 class Split(NamedTuple):
@@ -30,6 +30,11 @@ class TrainState:
     best_step: int = -1
     last_val_loss: float = math.nan
     last_eval_step: int = -1     # the step last_val_loss was measured at
+    # Bits per byte and word perplexity (trainer.text_measure): at best_step, and at last_eval_step.
+    # NaN until measured, and in a checkpoint older than them.
+    best_val_bpb: float = math.nan
+    last_val_bpb: float = math.nan
+    last_val_word_ppl: float = math.nan
     run_id: int | None = None
     run_uid: str | None = None   # the run row's uid: it names the row in any database (ids are per file)
     epoch_seconds: float = 0.0   # time spent in the epoch in progress, summed over resumes

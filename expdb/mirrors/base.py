@@ -32,6 +32,7 @@ class MirrorRun:
     resume_step: int | None = None     # a resume: steps after this one are logged again
     best_val_loss: float | None = None # the best before this session (a resume), else None
     best_step: int | None = None
+    best_val_bpb: float | None = None  # val_bpb at best_step
 
     @property
     def resumed(self) -> bool:
@@ -48,6 +49,7 @@ class RunEnd:
     best_step: int | None = None
     final_val_loss: float | None = None
     last_step: int | None = None
+    best_val_bpb: float | None = None   # bits per byte at best_step (comparable across tokenizers)
 
 
 @dataclass(frozen=True)
@@ -89,24 +91,25 @@ class Mirror(Protocol):
 
 
 class BestTracker:
-    """Best and latest validation loss, from the evaluations seen (NaN and inf never count)."""
+    """Best and latest validation loss, from the evaluations seen (NaN and inf never count),
+    and the bits per byte of the best one."""
 
-    def __init__(self, best: float | None = None, best_step: int | None = None):
-        self.best, self.best_step = best, best_step
+    def __init__(self, best: float | None = None, best_step: int | None = None, best_bpb: float | None = None):
+        self.best, self.best_step, self.best_bpb = best, best_step, best_bpb
         self.final: float | None = None
         self.last_step: int | None = None
 
     def saw_step(self, step: int) -> None:
         self.last_step = step if self.last_step is None else max(step, self.last_step)
 
-    def saw_eval(self, step: int, val_loss: Any) -> None:
+    def saw_eval(self, step: int, val_loss: Any, val_bpb: Any = None) -> None:
         value = finite(val_loss)
         self.final, self.last_step = value, max(step, self.last_step or step)
         if value is not None and (self.best is None or value < self.best):
-            self.best, self.best_step = value, step
+            self.best, self.best_step, self.best_bpb = value, step, finite(val_bpb)
 
     def end(self, status: str, reason: str | None) -> RunEnd:
-        return RunEnd(status, reason, self.best, self.best_step, self.final, self.last_step)
+        return RunEnd(status, reason, self.best, self.best_step, self.final, self.last_step, self.best_bpb)
 
 
 # -- metric names, shared so TensorBoard and W&B show the same tags ---------------------
@@ -122,7 +125,7 @@ def train_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def eval_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """val/loss, val/ppl: the val_ prefix becomes the section."""
+    """val/loss, val/ppl, val/bpb, val/word_ppl: the val_ prefix becomes the section."""
     return {f"val/{k.removeprefix('val_')}": v for k, v in numbers(metrics).items()}
 
 

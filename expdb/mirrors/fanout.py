@@ -108,7 +108,7 @@ class MirroredRecorder:
     def start_run(self, info: RunInfo) -> int:
         run_id = self.primary.start_run(info)       # LookupError etc. propagate; mirrors not opened
         run = self._mirror_run(info, run_id)
-        self._best = BestTracker(run.best_val_loss, run.best_step)
+        self._best = BestTracker(run.best_val_loss, run.best_step, run.best_val_bpb)
         self._last_step = run.resume_step
         self._workers = [MirrorWorker(m, self._failed, self._max_pending) for m in self.mirrors]
         self._submit(("open", run))
@@ -127,7 +127,7 @@ class MirroredRecorder:
         try:
             self.primary.log_eval(step, epoch, metrics)     # may raise StopTraining: it propagates
         finally:                                            # the evaluation happened either way
-            self._best.saw_eval(step, metrics.get("val_loss"))
+            self._best.saw_eval(step, metrics.get("val_loss"), metrics.get("val_bpb"))
             self._submit(("eval", step, epoch, dict(metrics)))
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -169,7 +169,8 @@ class MirroredRecorder:
         out_dir = self._out_dir or str(info.config.get("out_dir") or ".")
         return MirrorRun(info, run_id, out_dir, uid, None if resume is None else int(resume),
                          getattr(record, "best_val_loss", None) if resume is not None else None,
-                         getattr(record, "best_step", None) if resume is not None else None)
+                         getattr(record, "best_step", None) if resume is not None else None,
+                         getattr(record, "best_val_bpb", None) if resume is not None else None)
 
     def _submit(self, item: tuple) -> None:
         for worker in self._workers:

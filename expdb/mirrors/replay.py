@@ -72,7 +72,8 @@ def run_end(db: Any, record: Any) -> RunEnd:
     steps = db.steps(record.id)
     final = finite(evals["val_loss"].iloc[-1]) if len(evals) else None
     last = int(steps["step"].max()) if len(steps) else None
-    return RunEnd(record.status, record.status_reason, record.best_val_loss, record.best_step, final, last)
+    return RunEnd(record.status, record.status_reason, record.best_val_loss, record.best_step, final, last,
+                  finite(getattr(record, "best_val_bpb", None)))
 
 
 def history_calls(db: Any, run_id: int) -> list[tuple[str, tuple]]:

@@ -103,6 +103,7 @@ class TensorBoardMirror:
 
         params = hparam_values(self._run.info.config, self.hparam_names)
         metrics = {f"hparam/{k}": v for k, v in (("best_val_loss", end.best_val_loss),
+                                                 ("best_val_bpb", end.best_val_bpb),
                                                  ("final_val_loss", end.final_val_loss)) if v is not None}
         for summary in hparams(params, metrics):
             self._writer.file_writer.add_summary(summary)

@@ -109,7 +109,7 @@ class WandbMirror:
         summary = self._run.summary
         summary.update(json_safe({"status": end.status, "status_reason": end.reason,
                                   "best_val_loss": end.best_val_loss, "best_step": end.best_step,
-                                  "final_val_loss": end.final_val_loss}))
+                                  "best_val_bpb": end.best_val_bpb, "final_val_loss": end.final_val_loss}))
         if self.checkpoints:
             summary["checkpoints"] = wandb.Table(
                 columns=list(self.checkpoints[0]), data=[list(c.values()) for c in self.checkpoints])

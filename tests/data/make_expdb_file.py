@@ -1,11 +1,12 @@
 """How tests/data/expdb_vN.db were made: this script, run by the expdb of schema version N.
 
-    python tests/data/make_expdb_file.py tests/data/expdb_v3.db     # the current schema
+    PYTHONPATH=. python tests/data/make_expdb_file.py tests/data/expdb_v4.db     # the current schema
 
 It makes a database of whatever schema the expdb that runs it has (metrics without a
 column in that schema are ignored, so the same script made every version). expdb_v1.db
 was made at commit 33b5a9a (schema 1, the script then named make_expdb_v1.py), and
-expdb_v2.db at commit dae620f (schema 2); to make one again:
+expdb_v2.db at commit dae620f (schema 2), expdb_v3.db at commit 1e058b2 (schema 3); to make
+one again:
 
     git worktree add /tmp/expdb-v1 33b5a9a
     cd /tmp/expdb-v1 && PYTHONPATH=. python tests/data/make_expdb_v1.py tests/data/expdb_v1.db
@@ -17,7 +18,9 @@ with two trials whose user attribute "run_id" points to runs 1 and 2 of that stu
 and run 3 outside any study that failed with NaN and infinite values; 30 steps per
 run, evals, two epochs, checkpoints (one flagged deleted) and events. From version 3 the
 epochs of runs 1 and 2 hold GPU utilisation, memory, temperature and power (as if trained
-on a GPU); run 3's are NULL (a CPU run).
+on a GPU); run 3's are NULL (a CPU run). From version 4 the evals and epochs of every run hold
+val_bpb, the epochs of runs 1 and 2 mfu, and val_word_ppl is NaN (stored NULL) in run 3's
+(a text without words).
 """
 import math
 import sqlite3
@@ -36,9 +39,17 @@ def info(name, **kw):
                    n_params=1000, device="cpu", precision="fp32", host="v1host", **kw)
 
 
-# An epoch's GPU columns (schema 3), as trainer.gpu_monitor.gpu_epoch_metrics gives them.
+# An epoch's GPU columns (schema 3), as trainer.gpu_monitor.gpu_epoch_metrics gives them, and its
+# model-FLOPs utilisation (schema 4).
 GPU_EPOCH = {"gpu_util_pct": 87.5, "gpu_util_max_pct": 100.0, "gpu_mem_used_mb": 14_000.0, "gpu_temp_c": 71.0,
-             "gpu_power_w": 65.0}
+             "gpu_power_w": 65.0, "mfu": 0.25}
+BYTES_PER_TOKEN = 4.0       # schema 4: bpb = loss / BYTES_PER_TOKEN / ln 2
+
+
+def text_metrics(val_loss, words):
+    """val_bpb and val_word_ppl (schema 4) of an evaluation: 3 tokens per word, or no words."""
+    return {"val_bpb": val_loss / BYTES_PER_TOKEN / math.log(2),
+            "val_word_ppl": math.exp(val_loss * 3) if words else math.nan}
 
 
 def record(db, run_info, final_loss, status="completed"):
@@ -49,10 +60,12 @@ def record(db, run_info, final_loss, status="completed"):
         rec.log_step(step, {"loss": loss, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0,
                             "epoch": (step - 1) // 15, "tokens_seen": 256 * step})
         if step % 10 == 0:
-            rec.log_eval(step, (step - 1) // 15, {"val_loss": loss + 0.1, "val_ppl": math.exp(loss + 0.1)})
+            text = text_metrics(loss + 0.1, words=status == "completed")
+            rec.log_eval(step, (step - 1) // 15, {"val_loss": loss + 0.1, "val_ppl": math.exp(loss + 0.1), **text})
         if step % 15 == 0:
             gpu = GPU_EPOCH if status == "completed" else {}
-            rec.log_epoch(step // 15 - 1, {"train_loss": loss, "val_loss": loss + 0.1, "step": step, **gpu})
+            text = text_metrics(loss + 0.1, words=status == "completed")
+            rec.log_epoch(step // 15 - 1, {"train_loss": loss, "val_loss": loss + 0.1, "step": step, **gpu, **text})
             rec.log_checkpoint(f"runs/{run_info.name}/step-{step:07d}", "periodic", step, loss + 0.1,
                                4096, f"{run_id:02d}{step:02d}" * 16)
     rec.log_event("checkpoint_deleted", 30, {"path": f"runs/{run_info.name}/step-0000015"})

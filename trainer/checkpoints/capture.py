@@ -22,7 +22,7 @@ from trainer.checkpoints.format import (FORMAT_VERSION, KEY_CONFIG, KEY_FORMAT, 
 from trainer.errors import CheckpointError
 from trainer.state import TrainState
 
-ARCHITECTURE_FLAGS = "--n-layer/--n-embd/--n-head/--block-size/--vocab-size/--tokenizer"
+ARCHITECTURE_FLAGS = "--arch/--n-layer/--n-embd/--n-head/--block-size/--vocab-size/--tokenizer"
 
 
 class HostBuffers:
@@ -127,7 +127,8 @@ def tensor_sources(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without the second name of tied weights (GPT-2's lm_head is its wte)."""
+    """The state dict without the second name of tied weights (lm_head is the token embedding:
+    GPT-2's transformer.wte, Llama's model.embed_tokens)."""
     seen, out = set(), {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -138,6 +139,7 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    _fit_unpadded_vocab(model, tensors, where)
     expected = unique_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = [n for n in expected if n in tensors and tensors[n].shape != expected[n].shape]
@@ -147,6 +149,29 @@ def _load_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where:
     with torch.no_grad():
         for name, t in expected.items():
             t.copy_(tensors[name])
+
+
+def _fit_unpadded_vocab(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """A checkpoint written before the vocabulary was padded to a multiple of 64 has the tokenizer's
+    rows exactly, fewer than the model built now (trainer.model.padded_vocab): the model takes its
+    size, so the run resumes exactly as it would have and its next checkpoints keep that size."""
+    from trainer.model import padded_vocab, unpad_vocab
+
+    if not hasattr(model, "get_input_embeddings"):     # not a transformers model
+        return
+    embedding = model.get_input_embeddings().weight
+    name = next(n for n, p in model.named_parameters() if p is embedding)
+    saved, rows = tensors.get(name), embedding.shape[0]
+    if saved is None or saved.shape[1:] != embedding.shape[1:]:
+        return
+    if not (saved.shape[0] < rows and padded_vocab(saved.shape[0]) == rows):
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:     # DDP has sized its buckets to the model already
+        raise CheckpointError(f"{where} was written before the vocabulary was padded to a multiple of 64 "
+                              f"({saved.shape[0]} ids, {rows} now): its run continues in one process only; "
+                              "resume it without torchrun, or start a fresh run")
+    unpad_vocab(model, saved.shape[0])
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:

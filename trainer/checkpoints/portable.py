@@ -11,6 +11,8 @@ through the same atomic writer as training, so the files come back byte-identica
      "files": {"trainer_state.json": {"json": {...}},
                "model.safetensors": {"metadata": {...}, "tensors": {
                    "transformer.wte.weight": {"dtype": "F32", "shape": [512, 32], "data": "<base64>"}}}}}
+
+(a GPT-2's token embedding; a Llama's is "model.embed_tokens.weight": the format knows no architecture.)
 """
 from __future__ import annotations
 

@@ -18,12 +18,14 @@ from typing import Any
 from trainer.checkpoints.format import (KEY_CHECKPOINT, KEY_CONFIG, MANIFEST_FILE, STATE_FILE, STEP_PREFIX,
                                         CheckpointInfo, read_manifest, verify_checkpoint)
 from trainer.checkpoints.store import CheckpointStore, newest_first, scan
-from trainer.config import TrainConfig, flag
+from trainer.config import ARCH_GPT2, TrainConfig, flag
 from trainer.errors import CheckpointError, ConfigError
 from trainer.recorder import EVENT_CORRUPT_CHECKPOINT, EVENT_RESUME_CHECKPOINT
 
 # Settings that must match for a checkpoint's weights to fit the model.
-ARCHITECTURE_KEYS = ("n_layer", "n_embd", "n_head", "block_size", "tokenizer", "vocab_size")
+ARCHITECTURE_KEYS = ("arch", "n_layer", "n_embd", "n_head", "block_size", "tokenizer", "vocab_size")
+# What a checkpoint written before a setting existed was trained with.
+SAVED_DEFAULTS = {"arch": ARCH_GPT2}
 # Settings that do not change what is trained: no warning when a resume changes them.
 OPERATIONAL_KEYS = frozenset({
     "out_dir", "cache_dir", "run_name", "progress", "device", "resume", "resume_from", "time_budget",
@@ -78,7 +80,7 @@ def _named_checkpoint(cfg: TrainConfig, check) -> dict[str, Any]:
 
 def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """Settings that differ from the checkpoint's and change what is trained, one line each."""
-    now = cfg.to_dict()
+    now, saved = cfg.to_dict(), {**SAVED_DEFAULTS, **saved}
     return [f"{flag(k)} is {now[k]!r}, the checkpoint was trained with {saved[k]!r}"
             for k in sorted(now) if k not in OPERATIONAL_KEYS and k in saved and saved[k] != now[k]]
 
@@ -174,7 +176,7 @@ def _saved_config(path: Path) -> dict[str, Any]:
 
 
 def _architecture_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> str:
-    now = cfg.to_dict()
+    now, saved = cfg.to_dict(), {**SAVED_DEFAULTS, **saved}
     keys = [k for k in ARCHITECTURE_KEYS if not (k == "vocab_size" and now["tokenizer"] != "bpe")]
     return ", ".join(f"{flag(k)} {saved.get(k)!r} there, {now[k]!r} here" for k in keys if saved.get(k) != now[k])
 
