@@ -4,9 +4,10 @@
     python -m bench throughput ddp        # some parts; the others keep their last results
     python -m bench --smoke               # tiny sizes in seconds: checks the benchmarks still run
     python -m bench quality               # time to quality (~50 minutes): only when named
+    python -m bench quality --device cuda --budgets 0.1,0.2 --repeats 1   # on a GPU, kaggle-t4 size, fp16
 
 The quality part trains four recipes for minutes each, so a run of every part leaves it out;
-name it to run it (``--budgets``, ``--corpus`` and ``--recipe-arch`` are its options).
+name it to run it (``--budgets``, ``--corpus``, ``--recipe-arch`` and ``--device`` are its options).
 
 Results go to a JSON file (default bench/results/latest.json) and docs/benchmarks.md is
 regenerated from it. A smoke run writes bench/results/smoke.json and smoke.md instead, so
@@ -50,16 +51,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="quality: the trainer's offline corpus, or WikiText-2 from ../shared/data (default: offline).")
     p.add_argument("--recipe-arch", choices=("llama", "gpt2"), default="llama",
                    help="quality: the blocks of the new recipe (muon + llama); gpt2 measures Muon alone.")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="quality: cpu (fp32), or cuda:0 at kaggle-t4 size in fp16 with a gradient scaler, "
+                        "as on a T4 (default: cpu).")
     args = p.parse_args(argv)
     unknown = [x for x in args.parts if x not in PARTS]
     if unknown:
         p.error(f"unknown part {', '.join(unknown)}: choose from {', '.join(PARTS)}")
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: use at least 1")
+    if args.device == "cuda":
+        device_problem = cuda_refusal(args.parts)
+        if device_problem:
+            p.error(device_problem)
     args.parts = [x for x in PARTS if x in args.parts] or list(DEFAULT_PARTS)
     args.out = args.out or (SMOKE_RESULTS if args.smoke else RESULTS)
     args.docs = args.docs or (SMOKE_DOCS if args.smoke else DOCS)
     return args
+
+
+def cuda_refusal(parts: list[str]) -> str | None:
+    """Why ``--device cuda`` cannot run, or None: checked before any part starts, so a machine
+    without a GPU fails at once rather than after the parts before quality."""
+    if "quality" not in parts:
+        return "--device cuda: only the quality part takes it; name it (python -m bench quality --device cuda)"
+    import torch  # here, not at the top: --help must not wait for torch
+
+    if not torch.cuda.is_available():
+        return "--device cuda: no CUDA GPU visible to torch on this machine; leave --device out to run on the CPU"
+    return None
 
 
 def budget_list(text: str) -> tuple[float, ...]:
@@ -81,7 +101,7 @@ def runners(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, Any]]]
             "dashboards": lambda: dashboard.run(r, s), "gpu": lambda: gpu.run(r, s, c),
             "mirrors": lambda: mirrors.run(r, s), "exports": lambda: exports.run(r, s, c),
             "ddp": lambda: ddp.run(r, s, c),
-            "quality": lambda: quality.run(r, s, c, args.budgets, args.corpus, args.recipe_arch)}
+            "quality": lambda: quality.run(r, s, c, args.budgets, args.corpus, args.recipe_arch, device=args.device)}
 
 
 def quiet() -> None:

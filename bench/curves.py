@@ -7,9 +7,11 @@ training time (evaluations excluded), evaluates when due, and ends the loop at t
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -23,21 +25,44 @@ from trainer.text_measure import bits_per_byte, text_counts, token_text
 
 class Validation:
     """The fixed validation blocks (the trainer's: the first ``batches`` x ``micro_batch`` blocks),
-    the bytes of text their targets stand for, and a model's bits per byte on them."""
+    the bytes of text their targets stand for, and a model's bits per byte on them. On a GPU the
+    blocks live on ``device`` and the forward pass runs under ``autocast`` (the contenders' own
+    precision, as the trainer evaluates); the loss itself is fp32 either way (next_token_loss)."""
 
-    def __init__(self, data: PreparedData, block_size: int, micro_batch: int, batches: int):
+    def __init__(self, data: PreparedData, block_size: int, micro_batch: int, batches: int,
+                 device: torch.device | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         blocks = PackedBlocks(data.val, block_size)
-        self.batches = [blocks.get(ids) for ids in blocks.sequential(micro_batch, batches)]   # each (B, T+1)
+        cpu = [blocks.get(ids) for ids in blocks.sequential(micro_batch, batches)]   # each (B, T+1)
         table = token_text(data.tokenizer)
-        self.bytes = sum(text_counts(table, b)[0].item() for b in self.batches)
-        self.tokens = sum(b[:, 1:].numel() for b in self.batches)
+        self.bytes = sum(text_counts(table, b)[0].item() for b in cpu)
+        self.tokens = sum(b[:, 1:].numel() for b in cpu)
+        self.batches = [b.to(device or "cpu") for b in cpu]      # copied once, not at every evaluation
+        self.autocast = autocast
 
     @torch.no_grad()
     def bpb(self, model: torch.nn.Module) -> float:
         model.eval()
-        nats = sum(next_token_loss(model, batch, reduction="sum").item() for batch in self.batches)
+        nats = sum(next_token_loss(model, batch, self.autocast, reduction="sum").item() for batch in self.batches)
         model.train()
         return bits_per_byte(nats, self.bytes)
+
+
+class CudaPeak:
+    """The ``sync`` of the interleaved clocks on a GPU (bench.interleave runs it before every clock
+    reading): waits for the queued work, then keeps the largest allocated CUDA memory seen so far.
+    Read at every step's end because the trainer resets the allocator's peak at its loop's start and
+    at each epoch's end (trainer.memory.reset_peak): one reading at the end would miss the steps before
+    the last reset. What a contender does between the last stamp and its own reset (its set-up, its
+    epoch-end evaluation) can be missed; no training step is. Not yet run on a GPU (none was lent)."""
+
+    def __init__(self):
+        torch.cuda.reset_peak_memory_stats()      # not an earlier seed's peak
+        self.mb = 0.0
+
+    def __call__(self) -> None:
+        torch.cuda.synchronize()
+        self.mb = max(self.mb, torch.cuda.max_memory_allocated() / 1024 ** 2)
 
 
 class BudgetReached(Exception):

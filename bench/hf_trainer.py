@@ -73,8 +73,9 @@ def run_hf_defaults(cfg: TrainConfig, data: PreparedData, out_dir: Path, clock: 
     """transformers.Trainer as a user who sets only what must be set leaves it (bench.quality):
     its own learning rate (5e-5), linear decay to 0 over ``cfg.max_steps`` without warmup, no
     weight decay, betas (0.9, 0.999), its default optimizer. Set: the steps, the batch (the same
-    tokens per step as the other contenders), the seed, the CPU; checkpoints and reporting off,
-    as for every contender of the comparison. ``on_model`` is shown the model before training."""
+    tokens per step as the other contenders), the seed, the device and precision (default_arguments);
+    checkpoints and reporting off, as for every contender of the comparison. ``on_model`` is shown
+    the model before training."""
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     class Stamp(TrainerCallback):
@@ -82,12 +83,19 @@ def run_hf_defaults(cfg: TrainConfig, data: PreparedData, out_dir: Path, clock: 
             clock.stamp(state.global_step)
 
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-    args = TrainingArguments(
-        output_dir=str(out_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.micro_batch,
-        gradient_accumulation_steps=cfg.grad_accum, seed=cfg.seed, use_cpu=cfg.device != "cuda",
-        save_strategy="no", report_to=[], disable_tqdm=True)
+    args = TrainingArguments(**default_arguments(cfg, out_dir))
     model = build_model(cfg, data.vocab_size, data.tokenizer.eos_token_id)
     on_model(model)
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(data.train, cfg.block_size), callbacks=[Stamp()])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
+
+
+def default_arguments(cfg: TrainConfig, out_dir: Path) -> dict:
+    """run_hf_defaults' TrainingArguments, as keywords (a test reads them without a GPU: the
+    arguments themselves refuse fp16 where none is). ``cfg.precision`` fp16 is the Trainer's own
+    fp16 mode, autocast with a gradient scaler, as a T4 trains; bf16 its bf16 autocast."""
+    return dict(output_dir=str(out_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.micro_batch,
+                gradient_accumulation_steps=cfg.grad_accum, seed=cfg.seed, use_cpu=cfg.device != "cuda",
+                fp16=cfg.precision == "fp16", bf16=cfg.precision == "bf16",
+                save_strategy="no", report_to=[], disable_tqdm=True)
