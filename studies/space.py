@@ -69,6 +69,7 @@ class Param:
 DEFAULT_SPACES: dict[str, list[Param]] = {
     "quick": [
         Param("lr", low=5e-4, high=5e-3, log=True),
+        Param("muon_lr", low=5e-3, high=5e-2, log=True),     # the presets train with Muon (trainer.presets.RECIPE)
         Param("warmup_steps", "int", 10, 60),
         Param("weight_decay", low=0.0, high=0.2),
         Param("dropout", low=0.0, high=0.15),
@@ -78,6 +79,7 @@ DEFAULT_SPACES: dict[str, list[Param]] = {
     ],
     "kaggle-t4": [
         Param("lr", low=1e-4, high=1e-3, log=True),
+        Param("muon_lr", low=5e-3, high=5e-2, log=True),
         Param("warmup_steps", "int", 100, 1000),
         Param("weight_decay", low=0.0, high=0.1),
         Param("dropout", low=0.0, high=0.2),
