@@ -9,6 +9,7 @@
 
 Tables, views and conventions: docs/schema.md.
 """
+from expdb._write.recorder import DBRecorder
 from expdb.db import ExperimentDB, open
 from expdb.errors import (ConflictError, CorruptDatabaseError, DatabaseLockedError, DatabaseNotFoundError,
                           DuplicateRunError, ExpdbError, InvalidValueError, MergeError, NotADatabaseError,
@@ -17,7 +18,6 @@ from expdb.errors import (ConflictError, CorruptDatabaseError, DatabaseLockedErr
 from expdb.merge import MergeReport, merge
 from expdb.models import SCHEMA_VERSION
 from expdb.precheck import check_database, check_storage_file, study_names
-from expdb.recorder import DBRecorder
 from expdb.records import RunRecord
 
 __all__ = [

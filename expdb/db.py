@@ -16,12 +16,12 @@ from sqlalchemy import Select, column, select, table
 from sqlalchemy.orm import Session, sessionmaker
 
 from expdb import paths, reads
-from expdb import runs as run_rows
+from expdb._write import runs as run_rows
+from expdb._write.recorder import DBRecorder
 from expdb.engine import DEFAULT_BUSY_TIMEOUT_S, WriteAccess, enable_wal, locate, make_engines, translated
 from expdb.errors import ReadOnlyDatabaseError, UnknownRunError
 from expdb.models import FLOAT_COLUMNS, Checkpoint, EpochMetric, EvalMetric, Event, Run
 from expdb.records import RunRecord
-from expdb.recorder import DBRecorder
 from expdb.schema import ensure_schema
 from expdb.values import from_json
 

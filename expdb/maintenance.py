@@ -142,7 +142,7 @@ def gc(db: ExperimentDB, root: str | Path | None = None, dry_run: bool = False) 
 
 def repair_rollups(db: ExperimentDB) -> int:
     """Summarise every run's steps again; returns the number of runs."""
-    from expdb import rollups
+    from expdb._write import rollups
 
     db.require_writable("repair the step rollups")
     with translated(db.where), db._writer.connect() as conn, conn.begin():

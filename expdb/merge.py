@@ -31,12 +31,12 @@ from typing import Iterable, Iterator
 from sqlalchemy import Connection, delete, insert, select, update
 
 from expdb import paths, reads
+from expdb._write.rows import EVAL, STEP, RowSpec
 from expdb.db import ExperimentDB
 from expdb.engine import locate, normalize_url, readonly_uri, translated
 from expdb.errors import MergeError
 from expdb.models import SCHEMA_VERSION, Checkpoint, EpochMetric, EvalMetric, Event, Run, StepMetric, StepRollup
 from expdb.optuna_tables import OptunaTables, Study, Trial
-from expdb.rows import EVAL, STEP, RowSpec
 from expdb.values import to_json, utcnow
 from trainer.files import pause_point
 

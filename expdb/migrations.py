@@ -30,7 +30,7 @@ from sqlalchemy import (BigInteger, Column, Connection, DateTime, Float, Foreign
                         String, Table, text)
 from sqlalchemy.schema import CreateTable
 
-from expdb import rollups
+from expdb._write import rollups
 
 _V2 = MetaData()
 # The tables of version 2 that the v1 -> v2 step creates (runs only for SQLite's rebuild,

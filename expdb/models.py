@@ -197,7 +197,7 @@ class Event(Base):
 
 
 class StepRollup(Base):
-    """Derived from step_metrics: one row per ROLLUP_BLOCK steps of a run (see expdb.rollups)."""
+    """Derived from step_metrics: one row per ROLLUP_BLOCK steps of a run (see expdb._write.rollups)."""
 
     __tablename__ = "step_rollups"
     __table_args__ = ({"sqlite_with_rowid": False},)

@@ -1,7 +1,7 @@
 """Conversions between what the trainer hands us and what a row holds.
 
 Kept apart from the tables so the writer, the recorder and the reads share one
-definition of the JSON text format (the NaN convention of metric rows is in expdb.rows).
+definition of the JSON text format (the NaN convention of metric rows is in expdb._write.rows).
 """
 from __future__ import annotations
 

@@ -3,8 +3,10 @@
 Every import counts: at module level, inside functions, and under ``if TYPE_CHECKING:``,
 because each is a dependency a reader has to follow. Checked: no import circle between
 modules, the directions between packages (config -> trainer -> recorder -> expdb <-
-dashboards; studies -> trainer, expdb, dashboards), and that the leaf modules
-trainer.files and trainer.metrics import nothing of the project.
+dashboards; studies -> trainer, expdb, dashboards), that the leaf modules
+trainer.files and trainer.metrics import nothing of the project, and that a private
+room (a module or package whose name starts with one underscore, such as expdb._write)
+is imported only from inside the package that holds it (and by the tests).
 """
 from __future__ import annotations
 
@@ -57,9 +59,9 @@ def resolve(source: str, node: ast.Import | ast.ImportFrom) -> list[str]:
     return [f"{base}.{alias.name}" if is_module(f"{base}.{alias.name}") else base for alias in node.names]
 
 
-def project_imports() -> list[Import]:
+def project_imports(packages: tuple[str, ...] = PACKAGES) -> list[Import]:
     found = []
-    for package in PACKAGES:
+    for package in packages:
         for path in sorted((ROOT / package).rglob("*.py")):
             source = module_name(path)
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
@@ -167,6 +169,41 @@ def test_packages_import_each_other_only_in_the_allowed_directions(imports):
 def test_the_leaf_modules_import_nothing_of_the_project(imports):
     wrong = [imp for imp in imports if imp.source in LEAVES]
     assert not wrong, "\n".join(map(str, wrong))
+
+
+def private_owner(target: str) -> str | None:
+    """The package that holds the first private part of ``target`` (expdb._write.rows -> expdb),
+    or None when no part of it is private (dunder names such as __main__ are not)."""
+    parts = target.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            return ".".join(parts[:i])
+    return None
+
+
+def reaches_inside(imp: Import) -> bool:
+    """An import of a private room from outside the package that holds it."""
+    owner = private_owner(imp.target)
+    return owner is not None and imp.source != owner and not imp.source.startswith(owner + ".")
+
+
+def test_private_rooms_are_entered_only_from_their_own_package():
+    """expdb's write path (expdb._write) sits behind expdb's front door: the product and the
+    benchmarks use ``expdb`` and its public modules; only the tests reach inside."""
+    wrong = [imp for imp in project_imports(PACKAGES + ("bench",)) if reaches_inside(imp)]
+    assert not wrong, "private modules imported from outside their package (import the public " \
+                      "name from the package's front door instead):\n" + "\n".join(map(str, wrong))
+
+
+def test_the_private_rule_tells_inside_from_outside():
+    assert private_owner("expdb._write.rows") == "expdb" and private_owner("expdb.db") is None
+    assert private_owner("trainer.__main__") is None
+    assert reaches_inside(Import("studies.runner", "expdb._write.rows", 1))
+    assert reaches_inside(Import("expdbx.tool", "expdb._write", 1))
+    assert not reaches_inside(Import("expdb.db", "expdb._write.recorder", 1))
+    assert not reaches_inside(Import("expdb._write.writer", "expdb._write.rows", 1))
+    tree = ast.parse("from .._write import rows\n")
+    assert resolve("expdb.mirrors.replay", tree.body[0]) == ["expdb._write.rows"]
 
 
 def test_the_checker_sees_every_kind_of_import(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy.exc
 
 import expdb
-from expdb.writer import BufferedWriter
+from expdb._write.writer import BufferedWriter
 from test_expdb import make_info
 
 FULL = "database or disk is full"

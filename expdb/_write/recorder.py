@@ -15,13 +15,13 @@ import logging
 from typing import Any
 
 from expdb import paths
-from expdb import runs as run_rows
+from expdb._write import runs as run_rows
+from expdb._write.rows import CHECKPOINT, EPOCH, EVAL, EVENT, STEP, encode_step
+from expdb._write.writer import BufferedWriter
 from expdb.engine import WriteAccess
 from expdb.errors import ConflictError, DuplicateRunError, InvalidValueError, RecorderStateError
 from expdb.models import RUN_STATUSES
-from expdb.rows import CHECKPOINT, EPOCH, EVAL, EVENT, STEP, encode_step
 from expdb.values import as_int, to_json, utcnow
-from expdb.writer import BufferedWriter
 from trainer.recorder import RunInfo
 
 log = logging.getLogger("expdb")

@@ -18,8 +18,8 @@ from typing import Iterable, Iterator, Sequence
 
 from sqlalchemy import Connection, text
 
+from expdb._write.rows import STEP, STEP_INDEX, RowSpec
 from expdb.models import ROLLUP_BLOCK, ROLLUP_COLUMNS, ROLLUP_METRICS
-from expdb.rows import STEP, STEP_INDEX, RowSpec
 
 ROLLUP = RowSpec("step_rollups", ROLLUP_COLUMNS, key=("run_id", "block"))
 _RUN, _STEP = STEP_INDEX["run_id"], STEP_INDEX["step"]

@@ -26,11 +26,11 @@ from typing import Any, Callable
 
 from sqlalchemy import Connection, Engine, update
 
+from expdb._write.rollups import RollupTracker
+from expdb._write.rows import STEP, RowSpec
 from expdb.engine import translated
 from expdb.errors import ConflictError, ExpdbError, WriteError
 from expdb.models import Run
-from expdb.rollups import RollupTracker
-from expdb.rows import STEP, RowSpec
 from expdb.values import utcnow
 
 log = logging.getLogger("expdb")

@@ -12,7 +12,8 @@ from typing import Any
 from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.orm import Session
 
-from expdb import paths, rollups
+from expdb import paths
+from expdb._write import rollups
 from expdb.errors import RunMismatchError, UnknownRunError
 from expdb.models import Checkpoint, EpochMetric, EvalMetric, Event, Run, StepMetric
 from expdb.values import to_json, utcnow
