@@ -398,3 +398,25 @@ def test_the_lr_finder_sweeps_muon_at_its_ratio_to_lr(tiny_base_cfg, tiny_data, 
     assert len(curve.lrs) == len(seen) == 12 and all(math.isfinite(loss) for loss in curve.losses)
     assert [s[ADAMW] for s in seen] == list(curve.lrs)                      # the swept lr itself
     assert [s[MUON] for s in seen] == [lr * (0.02 / 1e-3) for lr in curve.lrs]    # Muon keeps 20x
+
+
+def test_small_cpu_matrices_are_orthogonalised_on_one_thread_and_the_pool_is_restored(monkeypatch):
+    import trainer.muon as muon
+
+    seen = []
+    real = muon.orthogonalise
+    monkeypatch.setattr(muon, "orthogonalise", lambda u, dtype: seen.append(torch.get_num_threads()) or real(u, dtype))
+    weight = torch.nn.Parameter(torch.randn(64, 32))
+    weight.grad = torch.randn(64, 32)
+    opt = muon.MuonWithAdamW([{"algorithm": muon.MUON, "params": [weight], "lr": 0.02, "momentum": 0.95,
+                               "weight_decay": 0.0, "in_out": False}])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opt.step()
+        assert seen == [1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(muon, "CPU_ONE_THREAD_ENTRIES", 100)     # a "large" matrix: every thread
+        opt.step()
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(before)
