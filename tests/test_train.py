@@ -110,14 +110,14 @@ def test_a_step_reads_the_device_once_and_logs_the_summed_micro_batch_losses(tin
             return _original(self, *a, **kw)
         monkeypatch.setattr(torch.Tensor, name, counted)
     micro_losses = []
-    original_forward = Trainer._forward
+    original_loss_of = Trainer._loss_of
 
-    def forward(self, *a, **kw):
-        loss = original_forward(self, *a, **kw)
-        micro_losses.append(loss.detach())
+    def loss_of(self, *a, **kw):
+        loss = original_loss_of(self, *a, **kw)
+        micro_losses.append(loss.detach() / 4)     # its share of the step's loss, as the step divides it
         return loss
-    monkeypatch.setattr(Trainer, "_forward", forward)
-    counting = Trainer._optimizer_step
+    monkeypatch.setattr(Trainer, "_loss_of", loss_of)
+    counting = Trainer.optimizer_step
     per_step = []
 
     def one_step(self, ids):
@@ -125,7 +125,7 @@ def test_a_step_reads_the_device_once_and_logs_the_summed_micro_batch_losses(tin
         result = counting(self, ids)
         per_step.append({k: reads[k] - before[k] for k in reads})
         return result
-    monkeypatch.setattr(Trainer, "_optimizer_step", one_step)
+    monkeypatch.setattr(Trainer, "optimizer_step", one_step)
     rec = ListRecorder()
     train(tiny_cfg.replace(micro_batch=2, grad_accum=4, epochs=1, max_steps=3), rec, data=tiny_data)
     assert per_step == [{"item": 0, "tolist": 1}] * 3

@@ -60,11 +60,12 @@ def check_enough_tokens(cfg, train_tokens: int, val_tokens: int) -> None:
     """Raise DataError unless the training split fills one optimizer step of ``cfg``'s blocks
     (all processes of a torchrun launch together) and the validation split one block: what
     the trainer's loop needs (trainer.batches cuts blocks of block_size + 1 tokens)."""
+    from trainer.batching import Batching
     from trainer.distributed import World
 
     what = data_source_label(cfg)
     world = World.from_env().size
-    blocks, need = max(0, (train_tokens - 1) // cfg.block_size), cfg.effective_batch * world
+    blocks, need = max(0, (train_tokens - 1) // cfg.block_size), Batching.from_config(cfg, world).per_step
     if blocks < need:
         ranks = f" x {world} processes" if world > 1 else ""
         raise DataError(f"{what}: the training split has {train_tokens:,} tokens, {blocks} blocks of --block-size "

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.errors import ConfigError, RankLost
-from trainer.state import Split
+from trainer.batching import Batching, Split
 
 T = TypeVar("T")
 PR_SET_PDEATHSIG = 1
@@ -270,34 +270,30 @@ def copy_from_main(world: World, model: torch.nn.Module, optimizer: torch.optim.
 
 def split_for(step_batch: int, world: World, micro_batch: int) -> Split | None:
     """(micro-batch, accumulation) per rank that keep ``step_batch`` sequences per optimizer step
-    with this many ranks: the micro-batch kept where it divides a rank's share, else the largest
-    that does. None when the ranks cannot share the step evenly."""
-    if step_batch % world.size:
-        return None
-    per_rank = step_batch // world.size
-    micro = max(n for n in range(1, min(micro_batch, per_rank) + 1) if per_rank % n == 0)
-    return Split(micro, per_rank // micro)
+    with this many ranks (trainer.batching.Batching.for_world). None when the ranks cannot share
+    the step evenly."""
+    shared = Batching.shared(step_batch, world.size, micro_batch)
+    return shared.split if shared is not None else None
 
 
-def resumed_split(saved: Split, saved_world: int, saved_flags: Split, flags: Split,
-                  world: World) -> tuple[Split, str | None]:
-    """The split a resumed run continues with, and a note when the number of processes changed.
+def resumed_batching(saved: Batching, saved_flags: Batching, flags: Batching) -> tuple[Batching, str | None]:
+    """The batching a resumed run continues with, and a note when the number of processes changed.
 
-    ``saved`` is the checkpoint's split (lowered after an out-of-memory error, perhaps) and
-    ``saved_world`` its number of processes; ``saved_flags`` and ``flags`` are --micro-batch
-    and --grad-accum then and now. New flags win. Otherwise each step keeps its sequences,
-    shared by this many processes (2 -> 1: twice the accumulation; 1 -> 2: half).
+    ``saved`` is the checkpoint's batching (lowered after an out-of-memory error, perhaps);
+    ``saved_flags`` and ``flags`` are --micro-batch and --grad-accum then and now, ``flags`` on
+    this run's processes. New flags win. Otherwise each step keeps its sequences, shared by this
+    many processes (2 -> 1: twice the accumulation; 1 -> 2: half).
     """
-    if saved_flags != flags or saved.micro_batch * saved.grad_accum != flags.micro_batch * flags.grad_accum:
+    if saved_flags.split != flags.split or saved.per_rank != flags.per_rank:
         return flags, None
-    if saved_world == world.size:
+    if saved.world_size == flags.world_size:
         return saved, None
-    step_batch = saved.micro_batch * saved.grad_accum * saved_world
-    split = split_for(step_batch, world, saved.micro_batch)
-    if split is None:
-        raise ConfigError([f"--resume: the checkpoint's optimizer steps of {step_batch} sequences (from {saved_world} "
-                           f"processes) cannot be shared evenly by {world.size}; use a number of processes that "
-                           "divides it (torchrun --nproc_per_node)"])
-    return split, (f"trained by {saved_world} process(es), resumed by {world.size}: each optimizer step keeps its "
-                   f"{step_batch} sequences, as micro-batch {split.micro_batch} x {split.grad_accum} accumulation "
-                   f"x {world.size} (was {saved.micro_batch} x {saved.grad_accum} x {saved_world})")
+    shared = saved.for_world(flags.world_size)
+    if shared is None:
+        raise ConfigError([f"--resume: the checkpoint's optimizer steps of {saved.per_step} sequences (from "
+                           f"{saved.world_size} processes) cannot be shared evenly by {flags.world_size}; use a number "
+                           "of processes that divides it (torchrun --nproc_per_node)"])
+    return shared, (f"trained by {saved.world_size} process(es), resumed by {flags.world_size}: each optimizer step "
+                    f"keeps its {saved.per_step} sequences, as micro-batch {shared.micro_batch} x {shared.grad_accum} "
+                    f"accumulation x {flags.world_size} (was {saved.micro_batch} x {saved.grad_accum} x "
+                    f"{saved.world_size})")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from trainer.batches import PackedBlocks
+from trainer.batching import Batching, Split
 from trainer.checkpoints import CheckpointStore, load_checkpoint
 from trainer.device import Placement
 from trainer.errors import RankLost, StopTraining
@@ -33,7 +34,7 @@ from trainer.files import json_float
 from trainer.memory import free_memory, largest_micro_batch, optimizer_state_bytes
 from trainer.model import next_token_loss
 from trainer.recorder import EVENT_NONFINITE, EVENT_OOM, Recorder
-from trainer.state import Split, TrainState
+from trainer.state import TrainState
 
 DIVERGED = "diverged"     # the start of a failed run's reason after a second streak (studies prune it)
 HALVE_MICRO_BATCH = "halve_micro_batch"             # the remedies, as the oom event names them
@@ -60,7 +61,7 @@ def remedy_after_oom(split: Split, step: int, error: str, *, checkpointing: str,
     if split.micro_batch > 1:
         remedy = OomRemedy(HALVE_MICRO_BATCH, _halved(split), checkpointing_on)
         log(f"out of memory in step {step}: micro-batch {split.micro_batch} x {split.grad_accum} -> "
-            f"{remedy.split.micro_batch} x {remedy.split.grad_accum} (the same {split.micro_batch * split.grad_accum} "
+            f"{remedy.split.micro_batch} x {remedy.split.grad_accum} (the same {Batching.of(split).per_rank} "
             "sequences); redoing the step")
     elif checkpointing == "auto" and not checkpointing_on:
         remedy = OomRemedy(GRADIENT_CHECKPOINTING, split, True)
@@ -96,10 +97,7 @@ def oom_past_agreement(split: Split, step: int, rank: int, error: str, checkpoin
 
 
 def _halved(split: Split) -> Split:
-    """The largest micro-batch up to half this one that divides the effective batch."""
-    effective = split.micro_batch * split.grad_accum
-    micro = max(n for n in range(1, split.micro_batch // 2 + 1) if effective % n == 0)
-    return Split(micro, effective // micro)
+    return Batching.of(split).halved().split
 
 
 def is_nonfinite(loss: float, grad_norm: float, scaler_enabled: bool) -> bool:
@@ -151,18 +149,18 @@ def reload_before_streak(state: TrainState, store: CheckpointStore | None, *, mo
     return reloaded
 
 
-def pick_micro_batch(model: torch.nn.Module, blocks: PackedBlocks, placement: Placement, split: Split,
-                     log: Callable[[str], None]) -> Split:
-    """--micro-batch auto: the largest micro-batch that fits, at the same effective batch."""
+def pick_micro_batch(model: torch.nn.Module, blocks: PackedBlocks, placement: Placement, batching: Batching,
+                     log: Callable[[str], None]) -> Batching:
+    """--micro-batch auto: the largest micro-batch that fits, at the same sequences per rank."""
     def try_batch(n: int) -> None:
         batch = blocks.get(np.arange(n) % len(blocks)).to(placement.device)
         next_token_loss(model, batch, placement.autocast).backward()
         model.zero_grad(set_to_none=True)
 
-    effective = split.micro_batch * split.grad_accum
-    micro = largest_micro_batch(try_batch, effective, placement.device, split.micro_batch,
+    micro = largest_micro_batch(try_batch, batching.per_rank, placement.device, batching.micro_batch,
                                 later_bytes=optimizer_state_bytes(model))
+    picked = batching.with_micro_batch(micro)
     free_memory(placement.device)
-    log(f"--micro-batch auto: {micro} x {effective // micro} accumulation steps"
+    log(f"--micro-batch auto: {picked.micro_batch} x {picked.grad_accum} accumulation steps"
         + ("" if placement.device.type == "cuda" else " (no GPU memory to probe: the configured micro-batch)"))
-    return Split(micro, effective // micro)
+    return picked

@@ -1,8 +1,10 @@
 """The training loop: optimizer steps, and what happens between two of them.
 
 ``Trainer.run_steps`` is the loop. The optimizer step reads top to bottom in
-``Trainer._optimizer_step``; what happens between two steps (logging, evaluation, epoch
-end, checkpoint, a reload after non-finite steps) in ``Trainer._after_step``. Faults are
+trainer.step.train_step, which ``Trainer.optimizer_step`` runs on this rank's share of the
+step's sequences (redone at a smaller micro-batch after an out-of-memory error); what
+happens between two steps (logging, evaluation, epoch end, checkpoint, a reload after
+non-finite steps) in ``Trainer._after_step``. Faults are
 decided in trainer.faults, which returns what to do; the loop applies it. How a run
 starts and ends (the recorder's row, final and emergency checkpoints, signals, the time
 budget) is trainer.run, which drives this loop: the loop returns why it stopped and never
@@ -10,7 +12,6 @@ calls back.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -22,21 +23,21 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.batches import PackedBlocks, to_device
+from trainer.batching import Batching
 from trainer.checkpoints import CheckpointStore, ResumePlan, load_checkpoint, resume_notes
 from trainer.clock import StopClock
 from trainer.config import TrainConfig
 from trainer.data import PreparedData
 from trainer.device import Placement
-from trainer.distributed import (AgreedOutOfMemory, World, agree_stop, any_rank, copy_from_main, forget_forward, from_main,
-                                 mean_over_ranks, resumed_split, share, spread_from_main, step_seed, sum_over_ranks,
-                                 wrap)
+from trainer.distributed import (World, agree_stop, copy_from_main, from_main, resumed_batching, share,
+                                 spread_from_main, step_seed, sum_over_ranks, wrap)
 from trainer.errors import DataError, StopTraining
 from trainer.early_stop import EarlyStop, decide
-from trainer.faults import (count_nonfinite, is_nonfinite, oom_past_agreement, pick_micro_batch, reload_before_streak,
-                            remedy_after_oom)
+from trainer.fault_injection import FaultInjector
+from trainer.faults import count_nonfinite, oom_past_agreement, pick_micro_batch, reload_before_streak, remedy_after_oom
 from trainer.interrupts import StopRequests
-from trainer.memory import (FaultInjector, clear_cache_if_due, enable_gradient_checkpointing, epoch_memory,
-                            forget_failed_update, free_memory, gradient_checkpointing_on, is_out_of_memory, memory_report, reset_peak)
+from trainer.memory import (clear_cache_if_due, enable_gradient_checkpointing, epoch_memory, free_memory,
+                            gradient_checkpointing_on, memory_report, reset_peak)
 from trainer.flops import flops_per_token, utilisation
 from trainer.gpu_monitor import GpuMonitor, gpu_epoch_metrics
 from trainer.metrics import perplexity
@@ -45,7 +46,8 @@ from trainer.model import (LanguageModelLoss, build_model, build_optimizer, comp
 from trainer.recorder import EVENT_SCALER_SKIP, Recorder
 from trainer.rng import seed_device
 from trainer.schedule import lr_at, steps_per_epoch, total_steps
-from trainer.state import Split, TrainState
+from trainer.state import TrainState
+from trainer.step import StepOutcome, StepParts, train_step, with_micro_batch_retries
 from trainer.text_measure import bits_per_byte, text_counts, token_text, word_perplexity
 
 TIME = "time"     # a Halt's cause when the time budget or deadline is near
@@ -115,19 +117,22 @@ class Trainer:
         self.train_model = compiled(self._ddp, cfg.compile)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = placement.grad_scaler()
-        self.state = TrainState(micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=self.world.size,
-                                gradient_checkpointing=cfg.gradient_checkpointing == "true")
+        self.state = TrainState(gradient_checkpointing=cfg.gradient_checkpointing == "true")
+        self.state.batching = Batching.from_config(cfg, self.world.size)
         self._apply_gradient_checkpointing()
         self._count_steps()
         self.out_dir = Path(cfg.out_dir)
         self.store = CheckpointStore(self.out_dir / "checkpoints", cfg, recorder, log) if self.is_main else None
         self.tokens_per_s = math.nan
-        self.faults = FaultInjector.from_env()   # TRAINER_INJECT_OOM / TRAINER_INJECT_NAN (trainer.memory)
+        self._step_parts = StepParts(self._loss_of, self.model, self.optimizer, self.scaler, cfg.grad_clip, self.device,
+                                     self._ddp if self.world.parallel else None, self.world)
+        faults = FaultInjector.from_env()   # TRAINER_INJECT_OOM and the others, for the tests (trainer.fault_injection)
+        self._train_step = faults.around(train_step) if faults.armed() else train_step
         self.steps_taken = 0            # optimizer steps taken by this process (a step may be retaken)
         self._order: tuple[int, np.ndarray] | None = None
         if cfg.auto_micro_batch:     # rank 0 probes, every rank takes its answer
-            self.state.micro_batch, self.state.grad_accum = from_main(self.world, lambda: pick_micro_batch(
-                self.model, self.train_blocks, placement, self.state.split, log))
+            self.state.batching = from_main(self.world, lambda: pick_micro_batch(
+                self.model, self.train_blocks, placement, self.state.batching, log))
         self.log(memory_report(self.device))
         self._checkpoint_bytes = 4 * count_parameters(self.model) * (3 if cfg.save_optimizer_state else 1)
         self._flops_per_token = flops_per_token(self.model, cfg.block_size)    # 6 N + attention (trainer.flops)
@@ -135,15 +140,15 @@ class Trainer:
     @property
     def step_batch(self) -> int:
         """Sequences per optimizer step, all ranks together: micro-batch x accumulation x world size."""
-        return self.state.micro_batch * self.state.grad_accum * self.world.size
+        return self.state.batching.per_step
 
     def _count_steps(self) -> None:
-        self.steps_per_epoch = steps_per_epoch(len(self.data.train), self.cfg, self.step_batch)
-        self.total_steps = total_steps(len(self.data.train), self.cfg, self.step_batch)
+        self.steps_per_epoch = steps_per_epoch(len(self.data.train), self.cfg, self.state.batching)
+        self.total_steps = total_steps(len(self.data.train), self.cfg, self.state.batching)
 
     def _check_data_fits(self) -> None:
         cfg = self.cfg
-        if len(self.train_blocks) < cfg.effective_batch * self.world.size:
+        if len(self.train_blocks) < Batching.from_config(cfg, self.world.size).per_step:
             raise DataError(
                 f"the training split has {len(self.train_blocks)} blocks of {cfg.block_size} tokens, fewer than "
                 f"one optimizer step needs (--micro-batch {cfg.micro_batch} x --grad-accum {cfg.grad_accum} x "
@@ -167,11 +172,10 @@ class Trainer:
             return []
         self.state, saved = load_checkpoint(plan.path, model=self.model, optimizer=self.optimizer,
                                             scaler=self.scaler)
-        # The split to go on with: the checkpoint's, shared anew if the number of processes changed.
-        (self.state.micro_batch, self.state.grad_accum), world_note = resumed_split(
-            self.state.split, self.state.world_size, Split(saved.get("micro_batch"), saved.get("grad_accum")),
-            Split(self.cfg.micro_batch, self.cfg.grad_accum), self.world)
-        self.state.world_size = self.world.size
+        # The batching to go on with: the checkpoint's, shared anew if the number of processes changed.
+        self.state.batching, world_note = resumed_batching(
+            self.state.batching, Batching(saved.get("micro_batch"), saved.get("grad_accum")),
+            Batching.from_config(self.cfg, self.world.size))
         self._count_steps()
         if self.cfg.gradient_checkpointing != "auto":   # an explicit setting wins over what auto turned on
             self.state.gradient_checkpointing = self.cfg.gradient_checkpointing == "true"
@@ -225,116 +229,71 @@ class Trainer:
         return self._order[1][state.sample_pos:state.sample_pos + self.step_batch]
 
     def optimizer_step(self, sample_ids: np.ndarray) -> StepResult:
-        """One optimizer step over len(sample_ids) sequences.
+        """One optimizer step over len(sample_ids) sequences, all ranks' (trainer.step.train_step).
 
-        Out of memory: the micro-batch is halved and the whole step redone (trainer.faults).
+        Out of memory: the micro-batch is halved, or gradient checkpointing turned on, and the
+        whole step redone (trainer.faults.remedy_after_oom).
         """
-        while True:
-            try:
-                return self._optimizer_step(sample_ids)
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
-                if not is_out_of_memory(exc):
-                    raise
-                if self.world.parallel and not isinstance(exc, AgreedOutOfMemory):
-                    raise oom_past_agreement(self.state.split, self.state.step + 1, self.world.rank, str(exc),
-                                             self.state.gradient_checkpointing)
-                error = str(exc)
-            # Out of the except clause: the traceback, and the failed pass's activations its frames
-            # hold, are gone before the memory is freed and the step redone.
-            self.optimizer.zero_grad(set_to_none=True)   # the failed step's half-accumulated gradients
-            free_memory(self.device)
-            remedy = remedy_after_oom(self.state.split, self.state.step + 1, error,
-                                      checkpointing=self.cfg.gradient_checkpointing,
-                                      checkpointing_on=self.state.gradient_checkpointing,
-                                      recorder=self.recorder, log=self.log)
-            self.state.micro_batch, self.state.grad_accum = remedy.split
-            self.state.gradient_checkpointing = remedy.gradient_checkpointing
-            self._apply_gradient_checkpointing()
-            self.state.oom_recoveries += 1
+        step = self.state.step + 1
+        lr = self._set_lr()
+        mine = share(sample_ids, self.world)           # this rank's part of the step's sequences
+
+        def take(batching: Batching) -> StepOutcome:
+            if self.world.parallel and self.cfg.dropout:   # each rank its own masks, a function of the step
+                seed_device(self.device, step_seed(self.cfg.seed, self.world, step))
+            return self._train_step(self._step_parts, batching.micro_batches(mine), step)
+
+        outcome = with_micro_batch_retries(take, self.state.batching, self.world, self._after_oom,
+                                           self._oom_past_agreement)
+        reload = self._count_outcome(outcome)
+        self.state.step += 1
+        return StepResult(outcome.loss, outcome.grad_norm, lr, reload)
+
+    def _set_lr(self) -> float:
+        """Each param group's lr for this step, from its own peak (--lr, or --muon-lr for Muon's); --lr's."""
+        cfg, step, scale = self.cfg, self.state.step, self.state.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg, self.total_steps, group["base_lr"]) * scale
+        return lr_at(step, cfg, self.total_steps) * scale
+
+    def _loss_of(self, ids: np.ndarray) -> torch.Tensor:
+        """One micro-batch's mean loss (LanguageModelLoss: trainer.model.next_token_loss)."""
+        return self.train_model(to_device(self.train_blocks.get(ids), self.device))      # (B, T+1) in
+
+    def _count_outcome(self, outcome: StepOutcome) -> bool:
+        """The state's and the recorder's record of a step taken; True when a streak of non-finite
+        steps calls for a reload (trainer.faults)."""
+        state = self.state
+        if not outcome.updated:
+            return count_nonfinite(state, outcome.loss, outcome.grad_norm, self.cfg.max_nonfinite_steps, self.recorder)
+        if outcome.scaler_skipped:
+            state.scaler_skips += 1
+            self.recorder.log_event(EVENT_SCALER_SKIP, state.step + 1,
+                                    {"scale": self.scaler.get_scale(), "total": state.scaler_skips})
+        state.nonfinite_streak = 0
+        return False
+
+    def _after_oom(self, batching: Batching, error: str) -> Batching:
+        """The batching to redo the step with (the next rung of trainer.faults' memory ladder)."""
+        self.optimizer.zero_grad(set_to_none=True)   # the failed step's half-accumulated gradients
+        free_memory(self.device)
+        remedy = remedy_after_oom(batching.split, self.state.step + 1, error,
+                                  checkpointing=self.cfg.gradient_checkpointing,
+                                  checkpointing_on=self.state.gradient_checkpointing,
+                                  recorder=self.recorder, log=self.log)
+        self.state.batching = Batching.of(remedy.split, batching.world_size)
+        self.state.gradient_checkpointing = remedy.gradient_checkpointing
+        self._apply_gradient_checkpointing()
+        self.state.oom_recoveries += 1
+        return self.state.batching
+
+    def _oom_past_agreement(self, batching: Batching, error: str) -> Exception:
+        return oom_past_agreement(batching.split, self.state.step + 1, self.world.rank, error,
+                                  self.state.gradient_checkpointing)
 
     def _apply_gradient_checkpointing(self) -> None:
         if self.state.gradient_checkpointing and not gradient_checkpointing_on(self.model):
             enable_gradient_checkpointing(self.model)
-
-    def _optimizer_step(self, sample_ids: np.ndarray) -> StepResult:
-        cfg, model, step = self.cfg, self.model, self.state.step + 1
-        lr = lr_at(self.state.step, cfg, self.total_steps) * self.state.lr_scale
-        for group in self.optimizer.param_groups:    # each from its own peak: --lr, or --muon-lr for Muon's
-            group["lr"] = lr_at(self.state.step, cfg, self.total_steps, group["base_lr"]) * self.state.lr_scale
-        if self.world.parallel and cfg.dropout:
-            seed_device(self.device, step_seed(cfg.seed, self.world, step))
-        mine = share(sample_ids, self.world)           # this rank's part of the step's sequences
-        step_loss = self._accumulate(np.array_split(mine, len(mine) // self.state.micro_batch), step)
-        fresh = not self.optimizer.state        # AdamW creates its state at its first step
-        try:
-            # Unscale before clipping so the threshold applies to the true gradient.
-            self.scaler.unscale_(self.optimizer)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            # Taken after DDP averaged the gradients: the same norm on every rank.
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            step_loss = mean_over_ranks(step_loss, self.world)
-            # The step's one host sync (not one per micro-batch): whether to skip the update needs both.
-            total_loss, grad_norm = torch.stack([step_loss, grad_norm.to(step_loss.dtype)]).tolist()
-            reload = False
-            if is_nonfinite(total_loss, grad_norm, self.scaler.is_enabled()):
-                self.scaler.update()   # no step: the update is skipped, the weights stay finite
-                reload = count_nonfinite(self.state, total_loss, grad_norm, cfg.max_nonfinite_steps, self.recorder)
-            else:
-                with self.faults.oom_in_update(self.optimizer, step):   # TRAINER_INJECT_OOM_UPDATE
-                    self._apply_update()
-        except Exception as exc:  # noqa: BLE001 - re-raised; out of memory is redone by optimizer_step
-            if is_out_of_memory(exc):   # in clipping or in AdamW's first step: the redo unscales again
-                forget_failed_update(self.scaler, self.optimizer, fresh)
-            raise
-        self.optimizer.zero_grad(set_to_none=True)
-        self.faults.after_step(step)
-        self.state.step += 1
-        return StepResult(total_loss, grad_norm, lr, reload)
-
-    def _accumulate(self, micro_batches: list[np.ndarray], step: int) -> torch.Tensor:
-        """The step's loss, left on the device, with its gradients accumulated.
-
-        Out of memory in any forward pass, or in a backward pass before the last one (whose
-        all-reduce synchronises the gradients of several ranks), is raised on every rank once
-        any rank has one, so all of them redo the step with the same smaller micro-batch. Only
-        its message is kept: its traceback holds the failed pass's activations.
-        """
-        *first, last = micro_batches
-        step_loss, error = torch.zeros((), device=self.device), None
-        try:
-            for ids in first:
-                with contextlib.nullcontext() if not self.world.parallel else self._ddp.no_sync():
-                    loss = self._forward(ids, len(micro_batches), step)
-                    self.scaler.scale(loss).backward()     # DDP keeps these gradients local
-                step_loss += loss.detach()
-            with self.faults.oom_inside(self.model, step):   # TRAINER_INJECT_OOM (trainer.memory)
-                loss = self._forward(last, len(micro_batches), step)
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory is carried to the agreement
-            if not is_out_of_memory(exc):
-                raise
-            error = str(exc)
-        if any_rank(error is not None, self.world, self.device):
-            forget_forward(self._ddp)
-            raise AgreedOutOfMemory(error or f"another process ran out of memory in step {step}")
-        self.scaler.scale(loss).backward()     # DDP averages the gradients over the ranks here
-        return step_loss + loss.detach()
-
-    def _forward(self, ids: np.ndarray, n_micro: int, step: int) -> torch.Tensor:
-        """One micro-batch's loss, divided by the micro-batches of the step: their gradients add
-        up to that of the whole step's mean loss."""
-        batch = to_device(self.train_blocks.get(ids), self.device)        # (B, T+1)
-        loss = self.train_model(batch) / n_micro       # LanguageModelLoss: trainer.model.next_token_loss
-        return self.faults.corrupt_loss(step, loss)
-
-    def _apply_update(self) -> None:
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)   # with fp16, skipped by the scaler itself on overflow
-        self.scaler.update()
-        if scale is not None and self.scaler.get_scale() < scale:   # it found inf/NaN gradients
-            self.state.scaler_skips += 1
-            self.recorder.log_event(EVENT_SCALER_SKIP, self.state.step + 1,
-                                    {"scale": self.scaler.get_scale(), "total": self.state.scaler_skips})
-        self.state.nonfinite_streak = 0
 
     def _advance(self, n_samples: int, loss: float, seconds: float) -> None:
         state = self.state

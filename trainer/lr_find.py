@@ -107,32 +107,25 @@ def range_test(model, cfg: TrainConfig, data, placement, settings: FinderSetting
 
 
 def _batch_ids(blocks, cfg: TrainConfig, i: int) -> np.ndarray:
-    """The i-th effective batch of the run's own data order (epochs wrap around)."""
-    per_epoch = len(blocks) // cfg.effective_batch
-    epoch, k = divmod(i, per_epoch)
-    return blocks.epoch_order(cfg.seed, epoch)[k * cfg.effective_batch:(k + 1) * cfg.effective_batch]
+    """The i-th optimizer step's sequences in the run's own data order (epochs wrap around)."""
+    from trainer.batching import Batching
+
+    batching = Batching.from_config(cfg)
+    epoch, k = divmod(i, batching.steps_per_epoch(len(blocks)))
+    return blocks.epoch_order(cfg.seed, epoch)[k * batching.per_step:(k + 1) * batching.per_step]
 
 
 def _step(model, optimizer, scaler, blocks, ids: np.ndarray, cfg: TrainConfig, placement, lr: float) -> float:
-    """One optimizer step at ``lr``, as the training loop takes it; the step's mean loss."""
-    import torch
-
+    """One optimizer step at ``lr``, the training loop's own (trainer.step.train_step); the step's mean loss."""
+    from trainer.batching import Batching
     from trainer.model import next_token_loss
+    from trainer.step import StepParts, train_step
 
     for group in optimizer.param_groups:     # Muon's --muon-lr keeps its ratio to the swept --lr
         group["lr"] = lr * (group["base_lr"] / cfg.lr)
-    micro_batches = np.array_split(ids, len(ids) // cfg.micro_batch)
-    total = torch.zeros((), device=placement.device)      # read once, after the step
-    for mb in micro_batches:
-        loss = next_token_loss(model, blocks.get(mb).to(placement.device), placement.autocast) / len(micro_batches)
-        scaler.scale(loss).backward()
-        total += loss.detach()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return float(total)
+    parts = StepParts(lambda micro: next_token_loss(model, blocks.get(micro).to(placement.device), placement.autocast),
+                      model, optimizer, scaler, cfg.grad_clip, placement.device)
+    return train_step(parts, Batching.from_config(cfg).micro_batches(ids), step=1).loss
 
 
 # -- the suggestion ----------------------------------------------------------------------------

@@ -1,41 +1,21 @@
-"""Memory: recognising out-of-memory errors, freeing memory, reporting it, and injecting
-faults so that the recovery paths can be tested on a machine without a GPU.
+"""Memory: recognising out-of-memory errors, freeing memory, reporting it.
 
-Fault injection (documented in README, "Surviving memory faults"): environment variables
-name the optimizer steps (1-based, comma-separated) at which to fail, once each:
-
-    TRAINER_INJECT_OOM=3,7      the forward pass of the last micro-batch raises
-                                torch.cuda.OutOfMemoryError (the real type, on any device)
-                                from inside the model, after its last block ran: the earlier
-                                micro-batches have left their gradients and this one's
-                                activations are alive, as a real allocator failure leaves them
-    TRAINER_INJECT_OOM=3@1      the same, on rank 1 of a torchrun run only
-    TRAINER_INJECT_OOM_BACKWARD=3@1   the same in that micro-batch's backward pass instead
-    TRAINER_INJECT_OOM_UPDATE=1 the optimizer's step raises it, after the gradient scaler
-                                unscaled the gradients, with the first parameter's state half
-                                made, as AdamW creating its state at its first step leaves it
-    TRAINER_INJECT_NAN=5,6,7    the step's loss is made NaN before backward
+Injecting faults so that the recovery paths can be tested on a machine without a GPU
+(TRAINER_INJECT_OOM and the others) is trainer.fault_injection; FaultInjector is imported
+from here too.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
-import os
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Iterator
 
 import psutil
 import torch
 
 from trainer.device import memory_snapshot
-from trainer.errors import ConfigError
+from trainer.fault_injection import FaultInjector  # noqa: F401 - its older home
 
-INJECT_OOM_ENV = "TRAINER_INJECT_OOM"
-INJECT_OOM_BACKWARD_ENV = "TRAINER_INJECT_OOM_BACKWARD"
-INJECT_NAN_ENV = "TRAINER_INJECT_NAN"
-INJECT_OOM_UPDATE_ENV = "TRAINER_INJECT_OOM_UPDATE"
 MB = 1024 ** 2
 
 
@@ -75,90 +55,6 @@ def forget_failed_update(scaler: torch.amp.GradScaler, optimizer: torch.optim.Op
         scaler.update(scaler.get_scale())     # a given scale: no inf check, per-step records cleared
     if fresh:
         optimizer.state.clear()
-
-
-@dataclass
-class FaultInjector:
-    """Failures to raise at given optimizer steps, each once (so a redone step succeeds)."""
-
-    oom_steps: set[int] = field(default_factory=set)
-    nan_steps: set[int] = field(default_factory=set)
-    oom_backward_steps: set[int] = field(default_factory=set)
-    oom_update_steps: set[int] = field(default_factory=set)
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "FaultInjector":
-        env = os.environ if environ is None else environ
-        rank = int(env.get("RANK", "0"))             # set by torchrun
-        return cls(*(_steps(env.get(name, ""), name, rank)
-                     for name in (INJECT_OOM_ENV, INJECT_NAN_ENV, INJECT_OOM_BACKWARD_ENV, INJECT_OOM_UPDATE_ENV)))
-
-    @contextlib.contextmanager
-    def oom_inside(self, model: torch.nn.Module, step: int) -> Iterator[None]:
-        """Around a forward pass of ``model`` (a GPT-2 or a Llama): at an injected step its last
-        block raises out of memory once it has run, or (backward) once its gradient is computed."""
-        from trainer.model import transformer_blocks
-
-        forward, backward = step in self.oom_steps, step in self.oom_backward_steps
-        if not (forward or backward):
-            yield
-            return
-        self.oom_steps.discard(step)
-        self.oom_backward_steps.discard(step)
-
-        def fail(*_):
-            name = INJECT_OOM_ENV if forward else INJECT_OOM_BACKWARD_ENV
-            raise torch.cuda.OutOfMemoryError(f"injected by {name} at step {step}")
-
-        def fail_in_backward(_module, _inputs, output):
-            # A block returns its hidden states, or a tuple led by them (older transformers).
-            hidden = output[0] if isinstance(output, tuple) else output
-            hidden.register_hook(fail)
-        hook = transformer_blocks(model)[-1].register_forward_hook(fail if forward else fail_in_backward)
-        try:
-            yield
-        finally:
-            hook.remove()
-
-    @contextlib.contextmanager
-    def oom_in_update(self, optimizer: torch.optim.Optimizer, step: int) -> Iterator[None]:
-        """Around an update: at an injected step the optimizer's step raises out of memory once,
-        leaving its first parameter's state half made (only its step count)."""
-        if step not in self.oom_update_steps:
-            yield
-            return
-        self.oom_update_steps.discard(step)
-
-        def fail(opt, *_):
-            first = opt.param_groups[0]["params"][0]
-            if not opt.state[first]:
-                opt.state[first]["step"] = torch.tensor(0.0)
-            raise torch.cuda.OutOfMemoryError(f"injected by {INJECT_OOM_UPDATE_ENV} at step {step}")
-        hook = optimizer.register_step_pre_hook(fail)
-        try:
-            yield
-        finally:
-            hook.remove()
-
-    def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        if step in self.nan_steps:
-            return loss * float("nan")
-        return loss
-
-    def after_step(self, step: int) -> None:
-        self.nan_steps.discard(step)
-
-
-def _steps(text: str, name: str, rank: int) -> set[int]:
-    """Step numbers like "3,7"; "3@1" is step 3 on rank 1 only."""
-    steps = set()
-    for item in filter(None, text.replace(" ", "").split(",")):
-        step, at, on_rank = item.partition("@")
-        if not step.isdigit() or (at and not on_rank.isdigit()):
-            raise ConfigError([f"{name}={text!r}: expected optimizer step numbers like 3,7 (3@1: on rank 1 only)"])
-        if not at or int(on_rank) == rank:
-            steps.add(int(step))
-    return steps
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import math
 
+from trainer.batching import Batching
 from trainer.config import TrainConfig
 
 
-def steps_per_epoch(train_tokens: int, cfg: TrainConfig, step_batch: int | None = None) -> int:
+def steps_per_epoch(train_tokens: int, cfg: TrainConfig, batching: Batching | None = None) -> int:
     """Optimizer steps in one pass over a training stream of ``train_tokens`` tokens.
 
-    The stream is cut into blocks of block_size + 1 tokens (trainer.batches.PackedBlocks);
-    a step takes ``step_batch`` of them (default ``cfg.effective_batch``; with several
-    processes, times their number), and the blocks left over are not used.
+    The stream is cut into blocks of block_size + 1 tokens (trainer.batches.PackedBlocks); a step
+    takes ``batching.per_step`` of them (default: the config's, on one process), and the blocks
+    left over are not used.
     """
     blocks = max(0, (train_tokens - 1) // cfg.block_size)
-    return blocks // (step_batch or cfg.effective_batch)
+    return (batching or Batching.from_config(cfg)).steps_per_epoch(blocks)
 
 
-def total_steps(train_tokens: int, cfg: TrainConfig, step_batch: int | None = None) -> int:
+def total_steps(train_tokens: int, cfg: TrainConfig, batching: Batching | None = None) -> int:
     """The run's optimizer steps: every epoch's, or ``cfg.max_steps`` if fewer."""
-    total = steps_per_epoch(train_tokens, cfg, step_batch) * cfg.epochs
+    total = steps_per_epoch(train_tokens, cfg, batching) * cfg.epochs
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 

@@ -4,18 +4,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
+from trainer.batching import Batching, Split  # noqa: F401 - Split: its older home
 from trainer.files import json_float
 
 _FLOATS = ("best_val_loss", "last_val_loss", "best_val_bpb", "last_val_bpb", "last_val_word_ppl")
-
-
-class Split(NamedTuple):
-    """An effective batch as ``micro_batch`` sequences per forward pass, ``grad_accum`` passes per step."""
-
-    micro_batch: int
-    grad_accum: int
 
 
 @dataclass
@@ -24,8 +18,8 @@ class TrainState:
     epoch: int = 0               # epoch in progress (0-based)
     sample_pos: int = 0          # sequences of this epoch's order already consumed
     tokens_seen: int = 0
-    micro_batch: int = 0
-    grad_accum: int = 0
+    micro_batch: int = 0         # micro_batch, grad_accum and world_size: the batching (``batching``),
+    grad_accum: int = 0          # kept as three keys, as checkpoints have always held them
     best_val_loss: float = math.inf
     best_step: int = -1
     last_val_loss: float = math.nan
@@ -44,7 +38,7 @@ class TrainState:
     nonfinite_total: int = 0
     scaler_skips: int = 0        # fp16 steps the gradient scaler skipped (overflow)
     oom_recoveries: int = 0
-    world_size: int = 1          # processes training together (torchrun); a step holds split x world_size
+    world_size: int = 1          # processes training together (torchrun)
     # (step, val_loss) of every evaluation, oldest first: what early stopping decides on.
     eval_history: list[tuple[int, float]] = field(default_factory=list)
     gradient_checkpointing: bool = False   # turned on by --gradient-checkpointing auto after an OOM
@@ -70,8 +64,14 @@ class TrainState:
         return cls(**d)
 
     @property
-    def split(self) -> Split:
-        return Split(self.micro_batch, self.grad_accum)
+    def batching(self) -> Batching:
+        """How this run's steps are batched now (lowered after an out-of-memory error, perhaps)."""
+        return Batching(self.micro_batch, self.grad_accum, self.world_size)
+
+    @batching.setter
+    def batching(self, batching: Batching) -> None:
+        self.micro_batch, self.grad_accum, self.world_size = (batching.micro_batch, batching.grad_accum,
+                                                              batching.world_size)
 
     @property
     def evaluated_now(self) -> bool:
