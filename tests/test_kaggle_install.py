@@ -85,7 +85,9 @@ def test_with_nothing_to_install_from_it_stops_with_one_line_naming_the_dataset_
 def test_the_notebook_first_cell_stops_with_that_line_when_nothing_is_attached(tmp_path):
     """The cell as a fresh Python without site-packages runs it: the project is not importable."""
     cell = next(c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code")
-    env = {**os.environ, kaggle_install.INPUT_ROOT_ENV: str(tmp_path / "input")}
+    # Without PYTHONPATH too: a run of the suite that points it at the checkout would make the project importable.
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+           kaggle_install.INPUT_ROOT_ENV: str(tmp_path / "input")}
     done = subprocess.run([sys.executable, "-S", "-c", cell.source], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [NOT_FOUND]
