@@ -303,10 +303,7 @@ def test_v2_schema_on_postgres_gains_the_gpu_columns(postgres_db_url, new_postgr
         rec.log_epoch(0, {"step": 1, "gpu_util_pct": 55.0, "gpu_mem_used_mb": 900.0})
         rec.finish("completed")
         assert db.epochs(run_id)[["gpu_util_pct", "gpu_mem_used_mb"]].values.tolist() == [[55.0, 900.0]]
-    engine = create_engine(postgres_db_url)
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT version FROM expdb_schema_version ORDER BY id")).scalars().all() == [2, 3, 4]
-    engine.dispose()
+    assert _versions_on_postgres(postgres_db_url) == [2, 3, 4]
     expdb.open(fresh).close()
     assert schema_of(postgres_db_url) == schema_of(fresh)
 
@@ -325,12 +322,18 @@ def test_v3_schema_on_postgres_gains_the_bpb_columns(postgres_db_url, new_postgr
         run_id = _record_bpb(db)
         assert db.run(run_id).best_val_bpb == 0.5
         assert db.runs().set_index("id").loc[run_id, "best_val_bpb"] == 0.5
-    engine = create_engine(postgres_db_url)
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT version FROM expdb_schema_version ORDER BY id")).scalars().all() == [3, 4]
-    engine.dispose()
+    assert _versions_on_postgres(postgres_db_url) == [3, 4]
     expdb.open(fresh).close()
     assert schema_of(postgres_db_url) == schema_of(fresh)
+
+
+def _versions_on_postgres(url: str) -> list[int]:
+    """The schema versions the server's database records, oldest first."""
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        versions = conn.execute(text("SELECT version FROM expdb_schema_version ORDER BY id")).scalars().all()
+    engine.dispose()
+    return versions
 
 
 def _dt(text_value: str):
