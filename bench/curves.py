@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 
 from bench.common import StepClock
-from trainer.batches import PackedBlocks
+from trainer.data.batches import PackedBlocks
 from trainer.data import PreparedData
 from trainer.model import next_token_loss
 from trainer.recorder import NullRecorder
-from trainer.text_measure import bits_per_byte, text_counts, token_text
+from trainer.data.text_measure import bits_per_byte, text_counts, token_text
 
 
 class Validation:

@@ -38,7 +38,7 @@ def validation_blocks(model_dir: Path, n_blocks: int) -> torch.Tensor:
     """The run's held-out split, as (n_blocks, block_size + 1) token blocks."""
     import json
 
-    from trainer.batches import PackedBlocks
+    from trainer.data.batches import PackedBlocks
     from trainer.config import TrainConfig
     from trainer.data import prepare_data
 
@@ -59,7 +59,7 @@ def mean_loss(logits_of: Callable[[torch.Tensor], np.ndarray], blocks: torch.Ten
 
 
 def greedy_onnx(session, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    from trainer.onnx_export import onnx_logits
+    from trainer.export.onnx_export import onnx_logits
     ids = prompt
     for _ in range(new_tokens):
         nxt = torch.from_numpy(onnx_logits(session, ids)[:, -1].argmax(-1, keepdims=True))
@@ -76,9 +76,9 @@ def tokens_per_s(generate: Callable[[], Any]) -> Callable[[], float]:
 
 
 def run(repeats: int, smoke: bool, cache_dir: str = ".cache/bench") -> dict[str, Any]:
-    from trainer.int8 import WEIGHTS_FILE, save_int8
-    from trainer.inference import load_model_dir
-    from trainer.onnx_export import export_onnx, onnx_logits, onnx_session
+    from trainer.export.int8 import WEIGHTS_FILE, save_int8
+    from trainer.export.inference import load_model_dir
+    from trainer.export.onnx_export import export_onnx, onnx_logits, onnx_session
 
     work = Path(tempfile.mkdtemp(prefix="bench-exports-"))
     fp32_dir = train_quick(work / "run", cache_dir, smoke)

@@ -18,7 +18,7 @@ backends, no rebuild. Rows of earlier epochs keep NULL there: nothing was sample
 v3 -> v4: ``eval_metrics`` and ``epoch_metrics`` gain ``val_bpb`` and ``val_word_ppl``,
 ``epoch_metrics`` gains ``mfu`` and ``runs`` gains ``best_val_bpb``; nullable columns added
 in place, as for v3. Old rows keep NULL: bits per byte needs the bytes and words of the very
-tokens evaluated (trainer.text_measure), which were never recorded, and a loss alone cannot
+tokens evaluated (trainer.data.text_measure), which were never recorded, and a loss alone cannot
 give them; nor was the utilisation.
 """
 from __future__ import annotations

@@ -123,7 +123,7 @@ class EvalMetric(Base):
     val_loss: Mapped[float | None] = mapped_column(Float)
     val_ppl: Mapped[float | None] = mapped_column(Float)
     # Bits per byte of the evaluated text (comparable across tokenizers) and perplexity per
-    # word (NaN, so NULL, when the text has no words): trainer.text_measure.
+    # word (NaN, so NULL, when the text has no words): trainer.data.text_measure.
     val_bpb: Mapped[float | None] = mapped_column(Float)
     val_word_ppl: Mapped[float | None] = mapped_column(Float)
     nan_columns: Mapped[str | None] = _nan_columns()

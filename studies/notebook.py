@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.environment import Environment, detect
+from studies.environment import Environment, detect
 
 TASKS = ("run", "study")
 DATA_SOURCES = ("offline", "wikitext-103", "files", "upload")

@@ -1,7 +1,7 @@
 """What a study minimises: validation loss (nats per token) or bits per byte of the text.
 
 A loss in nats per token depends on how much text a token holds, so trials with different
-tokenizers or vocabulary sizes cannot be ranked by it; bits per byte (trainer.text_measure)
+tokenizers or vocabulary sizes cannot be ranked by it; bits per byte (trainer.data.text_measure)
 can. A study whose space touches the vocabulary therefore minimises ``val_bpb`` by default
 and refuses ``val_loss``; any other study keeps ``val_loss``, as studies always did.
 

@@ -165,7 +165,7 @@ def keep_objective(study: optuna.Study, objective: str) -> None:
 def check_tokenizer_choices(space: list[Param], base: TrainConfig) -> None:
     """Every pretrained tokenizer a trial may draw loads here (from the local cache when the hub
     is out of reach), so a bad choice stops the study before it starts (DataError), not a trial."""
-    from trainer.tokenizer import pretrained_tokenizer
+    from trainer.data.tokenizer import pretrained_tokenizer
 
     choices = next((p.choices for p in space if p.name == "tokenizer"), ())
     for name in dict.fromkeys(choices):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainer.environment import KAGGLE_INPUT, platform
+from studies.environment import KAGGLE_INPUT, platform
 from trainer.pack import PACK_DIR, find_packs, input_database, input_problems, read_pack
 
 FLAG = "--continue-from"

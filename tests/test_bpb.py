@@ -1,7 +1,7 @@
 """Bits per byte and word perplexity of every evaluation (issue 29): in the trainer's metrics,
 its state and result, and the experiment database.
 
-The expected values are counted here apart from trainer.text_measure: the evaluated targets are
+The expected values are counted here apart from trainer.data.text_measure: the evaluated targets are
 decoded by the tokenizer itself, cut at <|endoftext|>, and their UTF-8 bytes and words counted.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import expdb
 from trainer.loop import Evaluation
 from trainer.run import train
 from trainer.state import TrainState
-from trainer.text_measure import text_counts, token_text
+from trainer.data.text_measure import text_counts, token_text
 from trainer_fixtures import STEPS_PER_EPOCH, ListRecorder
 
 

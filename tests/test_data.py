@@ -20,8 +20,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from trainer.config import TrainConfig
 from trainer.data import PreparedData, prepare_data
 from trainer.errors import DataError
-from trainer.sources import Split, assign, hub_reachable, load_corpus, load_stdlib, stdlib_files
-from trainer.tokenizer import EOS, bpe_tokenizer
+from trainer.data.sources import Split, assign, hub_reachable, load_corpus, load_stdlib, stdlib_files
+from trainer.data.tokenizer import EOS, bpe_tokenizer
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at "
          "which but have an they you were her she def return class import self None True naïve "
@@ -229,9 +229,9 @@ def downloads(monkeypatch):
     import datasets
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as _PACKAGED_MODULES
 
-    import trainer.tokenizer
+    import trainer.data.tokenizer
     attempts: list[str] = []
-    real_load, real_tokenizer = datasets.load_dataset, trainer.tokenizer._from_pretrained
+    real_load, real_tokenizer = datasets.load_dataset, trainer.data.tokenizer._from_pretrained
 
     def load_dataset(name, *args, **kwargs):
         if name not in _PACKAGED_MODULES and not os.path.isdir(name):    # local files never reach the hub
@@ -244,7 +244,7 @@ def downloads(monkeypatch):
         return real_tokenizer(name, failure, local_only)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(trainer.tokenizer, "_from_pretrained", from_pretrained)
+    monkeypatch.setattr(trainer.data.tokenizer, "_from_pretrained", from_pretrained)
     return attempts
 
 

@@ -19,7 +19,7 @@ from trainer.checkpoints import MODEL_FILE, export_json, import_json, load_check
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError, TrainingInterrupted
 from trainer.export import export_hf
-from trainer.inference import load_model_dir
+from trainer.export.inference import load_model_dir
 from trainer.memory import FaultInjector
 from trainer.model import build_model, count_parameters, next_token_loss, padded_vocab, swiglu_width
 from trainer.muon import hidden_matrices
@@ -225,7 +225,7 @@ def test_padded_ids_are_never_generated(padded_ids_dominate):
 
 def test_llama_exports_to_onnx_with_the_tokenizers_logits(llama_run, tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="pip install -e '.[onnx]'")
-    from trainer.onnx_export import onnx_logits, onnx_session
+    from trainer.export.onnx_export import onnx_logits, onnx_session
 
     final = llama_run[0].final_model
     out = tmp_path / "model.onnx"
@@ -242,7 +242,7 @@ def test_llama_exports_to_onnx_with_the_tokenizers_logits(llama_run, tmp_path, c
 
 
 def test_llama_exports_to_int8_and_generates_from_it(llama_run, data300, tmp_path):
-    from trainer.int8 import quantize
+    from trainer.export.int8 import quantize
 
     final, out = llama_run[0].final_model, tmp_path / "int8"
     assert export_cli.main(["int8", final, "--out", str(out)]) == 0

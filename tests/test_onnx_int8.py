@@ -9,11 +9,11 @@ import torch
 from trainer import export as export_cli
 from trainer import generate as generate_cli
 from trainer.export import export_hf
-from trainer.int8 import INT8_MARKER, WEIGHTS_FILE, quantize
+from trainer.export.int8 import INT8_MARKER, WEIGHTS_FILE, quantize
 from trainer.model import build_model
-from trainer.inference import load_model_dir
-from trainer.model_dir import is_int8
-from trainer.onnx_export import OPSET, onnx_logits, onnx_session
+from trainer.export.inference import load_model_dir
+from trainer.export.model_dir import is_int8
+from trainer.export.onnx_export import OPSET, onnx_logits, onnx_session
 
 pytest.importorskip("onnxruntime", reason="pip install -e '.[onnx]'")
 

@@ -18,7 +18,7 @@ from trainer.checkpoints.capture import capture, restore
 from trainer.config import TrainConfig
 from trainer.device import build_runs_on, place, read_gpu
 from trainer.distributed import join
-from trainer.environment import Environment, gpus
+from studies.environment import Environment, gpus
 from trainer.errors import ConfigError
 from trainer.state import TrainState
 

@@ -1,12 +1,12 @@
-"""Bits per byte and word perplexity are counted exactly from the evaluated tokens (trainer.text_measure)."""
+"""Bits per byte and word perplexity are counted exactly from the evaluated tokens (trainer.data.text_measure)."""
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from trainer.text_measure import bits_per_byte, text_counts, token_bytes, token_text, word_perplexity
-from trainer.tokenizer import train_bpe
+from trainer.data.text_measure import bits_per_byte, text_counts, token_bytes, token_text, word_perplexity
+from trainer.data.tokenizer import train_bpe
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TEXTS = ["  Hello,  wörld! naïve\n\nFirst Citizen:\nBefore we proceed  ", "x", "\n\n\n", "日本語 テキスト ok",

@@ -2,7 +2,7 @@
 
 Every device decision is made here, from the GPU's compute capability and the kernels this torch
 build has (``Gpu``): the trainer (``place``), the notebook's environment line
-(``trainer.environment``) and the studies consult these functions and no rule of their own.
+(``studies.environment``) and the studies consult these functions and no rule of their own.
 
 - precision ``auto``: bf16 on Ampere and newer (8.0+, native bf16); fp16 with a gradient scaler on
   7.x (a T4: fp16 tensor cores, no bf16); fp32 below 7.0 (a P100: no tensor cores, so fp16 gains

@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from trainer.batches import PackedBlocks
+from trainer.data.batches import PackedBlocks
 from trainer.batching import Batching, Split
 from trainer.checkpoints import CheckpointStore, load_checkpoint
 from trainer.device import Placement

@@ -6,7 +6,7 @@ import sys
 
 from trainer.cli import Parser, fail
 from trainer.errors import CheckpointError
-from trainer.model_dir import model_dir_problem
+from trainer.export.model_dir import model_dir_problem
 
 PROG = "python -m trainer.generate"
 
@@ -28,7 +28,7 @@ def generate(model_dir: str, prompt: str, *, max_new_tokens: int = 100, temperat
              top_k: int = 50, top_p: float = 0.95, num_samples: int = 1, seed: int = 0) -> list[str]:
     import torch
 
-    from trainer.inference import load_model_dir
+    from trainer.export.inference import load_model_dir
 
     model, tokenizer = load_model_dir(model_dir)      # fp32 final_model/ or its int8 form
     torch.manual_seed(seed)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainer.batches import PackedBlocks, to_device
+from trainer.data.batches import PackedBlocks, to_device
 from trainer.batching import Batching
 from trainer.checkpoints import CheckpointStore, ResumePlan, load_checkpoint, resume_notes
 from trainer.clock import StopClock
@@ -48,7 +48,7 @@ from trainer.rng import seed_device
 from trainer.schedule import lr_at, steps_per_epoch, total_steps
 from trainer.state import TrainState
 from trainer.step import StepOutcome, StepParts, train_step, with_micro_batch_retries
-from trainer.text_measure import bits_per_byte, text_counts, token_text, word_perplexity
+from trainer.data.text_measure import bits_per_byte, text_counts, token_text, word_perplexity
 
 TIME = "time"     # a Halt's cause when the time budget or deadline is near
 EARLY_STOP = "early_stop"   # a Halt's cause when --early-stop-patience is used up (trainer.early_stop)
@@ -75,7 +75,7 @@ class Evaluation:
     """One evaluation of the validation batches."""
 
     loss: float              # nats per token
-    bpb: float               # bits per byte of their text: comparable across tokenizers (trainer.text_measure)
+    bpb: float               # bits per byte of their text: comparable across tokenizers (trainer.data.text_measure)
     word_ppl: float          # perplexity per word; NaN when the text has no words
 
     @classmethod

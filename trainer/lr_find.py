@@ -86,7 +86,7 @@ def range_test(model, cfg: TrainConfig, data, placement, settings: FinderSetting
 
     ``on_step(step, lr, loss)`` is told each step (the database's step metrics).
     """
-    from trainer.batches import PackedBlocks
+    from trainer.data.batches import PackedBlocks
     from trainer.model import build_optimizer
 
     blocks = PackedBlocks(data.train, cfg.block_size)

@@ -11,7 +11,7 @@ from trainer.config import TrainConfig
 def steps_per_epoch(train_tokens: int, cfg: TrainConfig, batching: Batching | None = None) -> int:
     """Optimizer steps in one pass over a training stream of ``train_tokens`` tokens.
 
-    The stream is cut into blocks of block_size + 1 tokens (trainer.batches.PackedBlocks); a step
+    The stream is cut into blocks of block_size + 1 tokens (trainer.data.batches.PackedBlocks); a step
     takes ``batching.per_step`` of them (default: the config's, on one process), and the blocks
     left over are not used.
     """

@@ -24,7 +24,7 @@ class TrainState:
     best_step: int = -1
     last_val_loss: float = math.nan
     last_eval_step: int = -1     # the step last_val_loss was measured at
-    # Bits per byte and word perplexity (trainer.text_measure): at best_step, and at last_eval_step.
+    # Bits per byte and word perplexity (trainer.data.text_measure): at best_step, and at last_eval_step.
     # NaN until measured, and in a checkpoint older than them.
     best_val_bpb: float = math.nan
     last_val_bpb: float = math.nan

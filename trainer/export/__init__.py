@@ -105,8 +105,8 @@ def _import(args) -> tuple[Path, str]:
 
 
 def _onnx(args) -> tuple[Path, str]:
-    from trainer.inference import load_model_dir
-    from trainer.onnx_export import export_onnx
+    from trainer.export.inference import load_model_dir
+    from trainer.export.onnx_export import export_onnx
 
     model, tokenizer = load_model_dir(args.model_dir)
     done = export_onnx(model, Path(args.out), vocab_size=len(tokenizer))
@@ -115,8 +115,8 @@ def _onnx(args) -> tuple[Path, str]:
 
 
 def _int8(args) -> tuple[Path, str]:
-    from trainer.inference import load_model_dir
-    from trainer.int8 import save_int8
+    from trainer.export.inference import load_model_dir
+    from trainer.export.int8 import save_int8
 
     model, _ = load_model_dir(args.model_dir)
     return save_int8(model, Path(args.model_dir), Path(args.out)), "; load it with python -m trainer.generate"
@@ -141,7 +141,7 @@ def _check_paths(args) -> str | None:
             return f"--out {args.out!r}: is a directory; pass the name of the JSON file to write"
         return _parent_problem(args.out)
     if args.command in ("onnx", "int8"):
-        from trainer.model_dir import is_int8, model_dir_problem
+        from trainer.export.model_dir import is_int8, model_dir_problem
         if problem := model_dir_problem(args.model_dir):
             return problem
         if is_int8(args.model_dir):
@@ -166,6 +166,3 @@ def _parent_problem(out: str) -> str | None:
         return f"--out {out!r}: its directory {parent} is not writable; write elsewhere"
     return None
 
-
-if __name__ == "__main__":
-    sys.exit(main())

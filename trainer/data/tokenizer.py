@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from trainer.errors import DataError
-from trainer.sources import Split, brief, hub_offline, hub_reachable, sha256_hex
+from trainer.data.sources import Split, brief, hub_offline, hub_reachable, sha256_hex
 
 EOS = "<|endoftext|>"
 MAX_VOCAB = 65535   # token ids are stored as uint16

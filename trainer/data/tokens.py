@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from trainer.sources import Split, sha256_hex
+from trainer.data.sources import Split, sha256_hex
 
 FORMAT_VERSION = 1
 DTYPE = np.uint16

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from trainer.errors import CheckpointError
 from trainer.files import TMP_PREFIX, atomic_write_json
-from trainer.model_dir import INT8_MARKER, INT8_WEIGHTS as WEIGHTS_FILE
+from trainer.export.model_dir import INT8_MARKER, INT8_WEIGHTS as WEIGHTS_FILE
 
 METHOD = "torch.ao.quantization.quantize_dynamic, qint8 per-tensor weights, Linear layers"
 _INT8, _SCALE, _ZERO = ".weight.int8", ".weight.scale", ".weight.zero_point"

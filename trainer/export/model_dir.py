@@ -4,7 +4,7 @@ Two kinds: ``final_model/`` (Hugging Face format: config.json, model.safetensors
 and its int8 form from ``python -m trainer.export int8`` (model.int8.safetensors and
 quantization.json instead of model.safetensors). Only safetensors weights are ever read: a
 ``pytorch_model.bin`` is a pickle, which can run code when loaded, and a model directory may
-come from anywhere (a Kaggle dataset, a download). Loading is ``trainer.inference``.
+come from anywhere (a Kaggle dataset, a download). Loading is ``trainer.export.inference``.
 """
 from __future__ import annotations
 

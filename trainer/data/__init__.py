@@ -1,5 +1,7 @@
-"""Everything the training loop needs from the data side, prepared once: source -> tokenizer ->
-cached token streams. The pieces live in ``sources``, ``tokenizer`` and ``tokens``.
+"""The data room's front door: everything the training loop needs from the data side, prepared
+once (``prepare_data``): source -> tokenizer -> cached token streams. The pieces live in
+``sources``, ``tokenizer`` and ``tokens``; ``batches`` cuts the streams into blocks and
+``text_measure`` counts the bytes and words a block's tokens stand for.
 
 Every check of the data (readable, decodable, the text column, enough tokens for a training
 step and a validation block) passes before the first write to --cache-dir: the corpus is read
@@ -8,15 +10,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from transformers import PreTrainedTokenizerFast
 
+from trainer.data.sources import load_corpus
+from trainer.data.tokens import find_stream
 from trainer.errors import DataError
-from trainer.sources import load_corpus
-from trainer.tokenizer import load_tokenizer
-from trainer.tokens import find_stream
+
+if TYPE_CHECKING:   # transformers is imported with the tokenizer: the room's light modules stay light
+    from transformers import PreTrainedTokenizerFast
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ def prepare_data(cfg, log: Callable[[str], None] = print) -> PreparedData:
     log(f"data: {corpus.source}: {t.documents} training documents ({t.bytes / 1e6:.1f} MB"
         f"{f', subset {cfg.subset:g}' if cfg.subset < 1 else ''}), {v.documents} validation "
         f"documents ({v.bytes / 1e6:.1f} MB), read in {time.perf_counter() - start:.1f}s")
+    from trainer.data.tokenizer import load_tokenizer
     tokenizer, tokenizer_identity, save_tokenizer = load_tokenizer(cfg, t, log)
     sha = tokenizer_identity["sha256"]
     found = [find_stream(split, tokenizer, sha, cfg.cache_dir, name) for name, split in (("train", t), ("val", v))]
@@ -59,7 +63,7 @@ def prepare_data(cfg, log: Callable[[str], None] = print) -> PreparedData:
 def check_enough_tokens(cfg, train_tokens: int, val_tokens: int) -> None:
     """Raise DataError unless the training split fills one optimizer step of ``cfg``'s blocks
     (all processes of a torchrun launch together) and the validation split one block: what
-    the trainer's loop needs (trainer.batches cuts blocks of block_size + 1 tokens)."""
+    the trainer's loop needs (trainer.data.batches cuts blocks of block_size + 1 tokens)."""
     from trainer.batching import Batching
     from trainer.distributed import World
 

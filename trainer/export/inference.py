@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.errors import CheckpointError
-from trainer.model_dir import is_int8, model_dir_problem
+from trainer.export.model_dir import is_int8, model_dir_problem
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -21,7 +21,7 @@ def load_model_dir(model_dir: str | Path) -> tuple["PreTrainedModel", "PreTraine
         raise CheckpointError(problem)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if is_int8(model_dir):
-        from trainer.int8 import load_int8
+        from trainer.export.int8 import load_int8
         return load_int8(Path(model_dir)), tokenizer
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
     return model.eval(), tokenizer
