@@ -137,11 +137,6 @@ def test_no_import_circles(imports):
         for c in circles)
 
 
-# The trainer's command lines that open the experiment database: `python -m trainer` (its recorder)
-# and `python -m trainer.pack` (a session pack holds a snapshot of the database, paths relocated).
-COMPOSITION_ROOTS = ("trainer.__main__", "trainer.pack")
-
-
 def allowed(imp: Import) -> bool:
     """The directions between packages."""
     source, target = imp.source.split(".")[0], imp.target.split(".")[0]
@@ -149,8 +144,8 @@ def allowed(imp: Import) -> bool:
         return False                                     # development tools are never imported by the product
     if source == target:
         return True
-    if source == "trainer":                              # the trainer knows only its Recorder protocol...
-        return imp.source in COMPOSITION_ROOTS and target == "expdb"    # ...but its command lines open one
+    if source == "trainer":     # its protocols only (Recorder, Database): expdb is found by entry point
+        return False
     if source == "expdb":
         return imp.target in ("trainer.recorder", "trainer.files", "trainer.metrics", "trainer.errors")
     if source == "dashboards":

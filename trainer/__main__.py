@@ -1,15 +1,18 @@
 """python -m trainer: train one model and record it in the experiment database.
 
-This is the composition root of the command line: the one place in the trainer package
-that opens an expdb recorder. The training code itself only knows the Recorder protocol.
+The command line reaches the database (--db) through ``trainer.recorder.Database``, found by
+name among the installed entry points (expdb registers itself): no module of the trainer
+imports database code, and the training code itself only knows the Recorder protocol.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from trainer.cli import Parser, add_config_flags, collect_problems, config_from_args, environment_checks, fail
+from trainer.cli import (Parser, add_config_flags, collect_problems, config_from_args, database_check,
+                         environment_checks, fail)
 from trainer.errors import EXIT_FAILED, EXIT_TIME_BUDGET, ConfigError, RankLost, TrainerError, TrainingInterrupted
+from trainer.recorder import find_database
 
 PROG = "python -m trainer"
 
@@ -78,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def refuse_before_writing(cfg, args) -> None:
     """Every check that needs no data, all at once; exit 2 listing each problem, having written nothing."""
-    import expdb
     from trainer.checkpoints import precheck_resume
 
     checks = environment_checks(cfg) + [("", lambda: precheck_resume(cfg))]   # a bad --resume or --out
@@ -87,9 +89,8 @@ def refuse_before_writing(cfg, args) -> None:
         checks += [("", lambda d=d: _raise_all(input_problems(Path(d), "--continue-from")))
                    for d in args.continue_from]
     if not args.no_db and _is_main_process():
-        checks.append((f"--db {args.db!r}: ", lambda: expdb.check_database(args.db, create=True, write=True,
-                                                                           shared=args.db_shared)))
-    if problems := collect_problems(checks, errors=(TrainerError, expdb.ExpdbError)):
+        checks.append(database_check(args.db, args.db_shared))
+    if problems := collect_problems(checks):
         fail(PROG, ConfigError(problems))
     _warn_about_mirrors(cfg, args)
 
@@ -102,8 +103,7 @@ def _warn_about_mirrors(cfg, args) -> None:
         print(f"warning: --report-to {cfg.report_to} is ignored with --no-db (the mirrors follow the "
               "database's run); drop --no-db to mirror the run", file=sys.stderr)
         return
-    from expdb.mirrors import check_report_to
-    for warning in check_report_to(cfg.report_to, cfg.out_dir):
+    for warning in find_database().mirror_warnings(cfg.report_to, cfg.out_dir):
         print(f"warning: {warning}", file=sys.stderr)
 
 
@@ -120,30 +120,12 @@ def _is_main_process() -> bool:
 
 def _open_recorder(url: str, cfg):
     """The database's recorder, with the --report-to mirrors (W&B, TensorBoard) around it."""
-    import expdb
-    from expdb.mirrors import mirrored
     try:
-        db = expdb.open(url)
-    except expdb.ExpdbError as exc:
+        return find_database().recorder(url, report_to=cfg.report_to, out_dir=cfg.out_dir,
+                                        wandb_project=cfg.wandb_project,
+                                        warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    except TrainerError as exc:
         fail(PROG, exc)
-    return mirrored(db, db.recorder(), cfg.report_to, cfg.out_dir, cfg.wandb_project,
-                    warn=lambda message: print(f"warning: {message}", file=sys.stderr))
-
-
-# -- for the trainer's other commands (python -m trainer.lr_find): this module opens the database
-def database_problems(url: str, shared: bool = False) -> list[str]:
-    """What is wrong with ``--db url`` for a command that records a run, one line each; [] if nothing.
-    ``shared``: its --db-shared (another program's tables in the file are then no problem)."""
-    import expdb
-    return collect_problems([(f"--db {url!r}: ", lambda: expdb.check_database(url, create=True, write=True,
-                                                                              shared=shared))],
-                            errors=(expdb.ExpdbError,))
-
-
-def open_recorder(url: str):
-    """A recorder on ``url`` (checked first with database_problems)."""
-    import expdb
-    return expdb.open(url).recorder()
 
 
 if __name__ == "__main__":

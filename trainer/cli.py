@@ -95,6 +95,18 @@ def collect_problems(checks: Iterable[Check], errors: tuple[type[Exception], ...
     return problems
 
 
+def database_check(url: str, shared: bool = False) -> Check:
+    """The check of ``--db url`` for a command that records a run (the database found through
+    trainer.recorder.find_database). ``shared``: its --db-shared (another program's tables in the
+    file are then no problem)."""
+    from trainer.recorder import find_database
+
+    def check() -> None:
+        if problems := find_database().problems(url, create=True, write=True, shared=shared):
+            raise ConfigError(problems)
+    return (f"--db {url!r}: ", check)
+
+
 def environment_checks(cfg: TrainConfig) -> list[Check]:
     """What every run can check before its data is prepared, beyond its config: the
     TRAINER_INJECT_* and TRAINER_SIMULATED_STEP_S settings, the device and the precision, and

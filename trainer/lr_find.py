@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(PROG, ConfigError(settings.problems() + (exc.problems if isinstance(exc, ConfigError) else [str(exc)])))
     problems = collect_problems(environment_checks(cfg) + [("", lambda: _raise(settings.problems()))])
     if not args.no_db:
-        from trainer.__main__ import database_problems     # the trainer's one door to the database
-        problems += database_problems(args.db)
+        from trainer.cli import database_check
+        problems += collect_problems([database_check(args.db)])
     if problems:
         fail(PROG, ConfigError(problems))
     return _run(cfg, settings, args)
@@ -270,14 +270,14 @@ def _run(cfg: TrainConfig, settings: FinderSettings, args) -> int:
     from trainer.cli import fail
     from trainer.data import prepare_data
     from trainer.device import place
-    from trainer.__main__ import open_recorder
+    from trainer.recorder import find_database
     from trainer.errors import TrainerError
 
     try:
         data = prepare_data(cfg)       # the first write (the token cache), after every check passed
         placement = place(cfg)
         placement.apply()
-        recorder = None if args.no_db else open_recorder(args.db)
+        recorder = None if args.no_db else find_database().recorder(args.db)
         result = find(cfg, data, placement, settings, recorder)
     except TrainerError as exc:
         fail(PROG, exc)

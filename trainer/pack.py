@@ -12,8 +12,11 @@ command for the next session. A pack is built in a temporary folder and swapped 
 whole by two renames, so a kill while packing leaves the previous pack or the new one,
 complete, and the next pack finishes the swap (``recover_pack``).
 
-This module is the format (build, read, verify, find) and the single-run pack; it imports
-expdb only inside the functions that need the database, as the command line does.
+This module is the format (build, read, verify, find) and the single-run pack; the
+database's part (checks, the --continue-from merge, the snapshot's paths) goes through
+``trainer.recorder.Database``, as the command line's does: the trainer imports no database code.
+The studies' side of sessions (a study's pack, the hand-off between sessions, the notebook's
+helpers) is studies.pack, studies.sessions and studies.notebook.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.files import TMP_PREFIX, atomic_write_json, json_safe, pause_point
+from trainer.recorder import find_database
 
 PACK_DIR = "session-pack"
 PACK_TAR = "session-pack.tar"
@@ -184,8 +188,6 @@ def describe(result: PackResult) -> str:
 def input_problems(folder: Path, flag: str, study_name: str | None = None) -> list[str]:
     """What is wrong with continuing from ``folder`` (reads only): one line each, naming the flag,
     the folder and the fix. A pack's files are all hashed against its pack.json."""
-    import expdb
-
     label = f"{flag} {str(folder)!r}"
     if not folder.is_dir():
         staging = _staging_paths(folder.parent)[0]
@@ -203,10 +205,8 @@ def input_problems(folder: Path, flag: str, study_name: str | None = None) -> li
         return [f"{label}: a pack of study {name!r}, not {study_name!r}; pass --study-name {name} to "
                 "continue it, or a pack of this study"]
     if (folder / PACK_DB).is_file():
-        try:
-            expdb.check_database(folder / PACK_DB, create=False, write=False)
-        except expdb.ExpdbError as exc:
-            return [f"{label}: {exc}"]
+        if bad := find_database().problems(folder / PACK_DB, create=False, write=False):
+            return [f"{label}: {bad[0]}"]
     elif not _has_checkpoints(folder):
         return [f"{label}: no {PACK_DB} and no checkpoints in it; pass the previous session's "
                 f"{PACK_DIR}/ or the folder it ran in"]
@@ -238,11 +238,9 @@ def continued_config(cfg, folders: list[str]):
 
 def merge_inputs(folders: list[str], into: str, log=print) -> None:
     """Merge each input's database into the working one (idempotent)."""
-    import expdb
-
     sources = [db for f in folders if (db := input_database(Path(f))) is not None]
-    for report in expdb.merge(sources, into=into) if sources else []:
-        log(f"--continue-from: merged {report.summary()}")
+    for summary in find_database().merge(sources, into=into) if sources else []:
+        log(f"--continue-from: merged {summary}")
 
 
 # -- the pack of one run (python -m trainer.pack) --------------------------------------------
@@ -265,22 +263,9 @@ def pack_run(out_dir: Path, db_path: Path | None, workdir: Path, command: str) -
         copy_into(staging, out_dir / "final_model", "run/final_model")
     if db_path is not None and db_path.is_file():
         snapshot_database(db_path, staging / PACK_DB)
-        _point_at_pack(staging / PACK_DB, out_dir, held)
+        find_database().point_at_pack(staging / PACK_DB, out_dir, held)
     return finish_pack(staging, workdir, {"kind": "run", "run": {"out_dir": str(out_dir)},
                                           "checkpoints": sorted(held.values()), "next_command": command})
-
-
-def _point_at_pack(db: Path, out_dir: Path, held: dict[str, str]) -> None:
-    """In the snapshot: the run's folder and kept checkpoint as the pack's, the rest not in it."""
-    import expdb
-    from expdb.maintenance import relocate
-
-    with expdb.open(db) as snap:
-        rows = snap.checkpoints()
-        moves = {int(r.id): held.get(str(snap.resolve_path(r.path).resolve())) for r in rows.itertuples()}
-        runs = {int(r.id): "run" for r in snap.runs().itertuples()
-                if r.out_dir and snap.resolve_path(r.out_dir).resolve() == out_dir.resolve()}
-        relocate(snap, moves, runs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,12 +1,22 @@
 """What the trainer tells the outside world, and nothing more.
 
 The trainer talks to a ``Recorder``; ``expdb`` implements it on a database, ``studies``
-wraps it to report to Optuna. The trainer never imports either.
+wraps it to report to Optuna. The trainer never imports either. Its command lines reach the
+experiment database (--db) through the ``Database`` protocol, whose implementation is found
+by name in the entry-point group ``smallgpt_lab.databases`` (``find_database``): expdb
+registers itself there in pyproject.toml, as SQLAlchemy's dialects do.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from importlib.metadata import distributions
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from trainer.errors import ConfigError
+
+DATABASES = "smallgpt_lab.databases"     # the entry-point group a database registers under
+DEFAULT_DATABASE = "expdb"
 
 # Kinds of log_event the trainer sends (expdb itself adds "resume" events on start_run).
 EVENT_CHECKPOINT_DELETED = "checkpoint_deleted"    # {"path"}: a rotated-away checkpoint
@@ -97,3 +107,38 @@ class NullRecorder:
     def log_event(self, kind: str, step: int, detail: dict[str, Any]) -> None: ...
 
     def finish(self, status: str, reason: str | None = None) -> None: ...
+
+
+class Database(Protocol):
+    """What the trainer's command lines ask of the experiment database (--db): checks before any
+    write, a recorder, the --continue-from merge and a session pack's snapshot. Errors come back
+    as problem lines (one each, without the flag: the caller names it) or as ConfigError."""
+
+    def problems(self, url: str | Path, *, create: bool, write: bool, shared: bool = False) -> list[str]:
+        """What is wrong with recording into (``write``) or reading ``url``; [] when nothing."""
+
+    def recorder(self, url: str, *, report_to: str = "none", out_dir: str | Path | None = None,
+                 wandb_project: str | None = None, warn: Callable[[str], None] = print) -> Recorder:
+        """A recorder on ``url`` (checked first with ``problems``), with the --report-to mirrors."""
+
+    def mirror_warnings(self, report_to: str, out_dir: str | Path) -> list[str]:
+        """Why a --report-to tracker would not work; warnings, never a stop."""
+
+    def merge(self, sources: list[Path], into: str) -> list[str]:
+        """Merge earlier sessions' databases into ``into``, idempotently; a summary line each."""
+
+    def point_at_pack(self, snapshot: Path, out_dir: Path, held: dict[str, str]) -> None:
+        """Rewrite a session pack's database snapshot to the pack's paths (trainer.pack)."""
+
+
+def find_database(name: str = DEFAULT_DATABASE) -> Database:
+    """The installed database registered as ``name`` in the ``smallgpt_lab.databases`` group.
+    Raises ConfigError naming --db and the fix when none is installed."""
+    # Every distribution's entry points, not importlib's first per project name: a stale
+    # smallgpt_lab.egg-info left in a checkout would otherwise hide the installed one's.
+    found = [ep for dist in distributions() for ep in dist.entry_points if ep.group == DATABASES and ep.name == name]
+    if not found:
+        raise ConfigError([f"--db: no experiment database named {name!r} is installed (the entry-point group "
+                           f"{DATABASES!r} has none): install the project with pip install -e . (or its wheel), "
+                           "or pass --no-db"])
+    return found[0].load()()
