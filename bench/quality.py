@@ -73,19 +73,20 @@ def run_ours(cfg: TrainConfig, data: PreparedData, out_dir: Path, watch: Watch) 
     from trainer.checkpoints import plan_resume
     from trainer.clock import StopClock
     from trainer.device import place
+    from trainer.distributed import World
     from trainer.interrupts import StopRequests
     from trainer.loop import Trainer
+    from trainer.setup import setup
 
-    cfg = cfg.replace(out_dir=str(out_dir))
-    loop = Trainer(cfg, data, place(cfg), WatchRecorder(watch), StopRequests(), StopClock.for_limits("", ""),
-                   log=lambda *_: None)
-    loop.restore(plan_resume(cfg))
-    watch.watch(loop.model)
+    cfg, recorder, quiet = cfg.replace(out_dir=str(out_dir)), WatchRecorder(watch), lambda *_: None
+    parts, state, _ = setup(cfg, data, place(cfg), World.from_env(), recorder, quiet, plan_resume(cfg))
+    loop = Trainer(parts, state, recorder, StopRequests(), StopClock.for_limits("", ""), log=quiet)
+    watch.watch(parts.model)
     try:
         loop.run_steps()
     finally:
-        if loop.store:
-            loop.store.drain()      # an epoch end's checkpoint in flight, before its folder goes
+        if parts.store:
+            parts.store.drain()      # an epoch end's checkpoint in flight, before its folder goes
 
 
 def run_plain_loop(cfg: TrainConfig, data: PreparedData, out_dir: Path, watch: Watch) -> None:

@@ -99,7 +99,7 @@ def test_gradient_scaler_overflows_are_skipped_and_recorded(fault_cfg, tiny_data
     # overflows half precision on a GPU. The loss itself stays finite.
     import torch
 
-    import trainer.loop
+    import trainer.setup
     from trainer.device import Placement
 
     monkeypatch.setattr(Placement, "grad_scaler", lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
@@ -113,8 +113,8 @@ def test_gradient_scaler_overflows_are_skipped_and_recorded(fault_cfg, tiny_data
         model.transformer.wte.weight.register_hook(overflow)
         return model
 
-    build_model = trainer.loop.build_model
-    monkeypatch.setattr(trainer.loop, "build_model", build_overflowing_model)
+    build_model = trainer.setup.build_model
+    monkeypatch.setattr(trainer.setup, "build_model", build_overflowing_model)
     result, db = run(fault_cfg, tiny_data, tmp_path, "scaler", monkeypatch)
     assert result.status == "completed" and result.steps == 12
     events = db.events(result.run_id)

@@ -260,18 +260,18 @@ def test_the_gradient_scaler_skips_an_overflowing_step_without_touching_either_s
 
 def test_a_run_with_an_enabled_scaler_records_its_skips(muon_cfg, tiny_data, monkeypatch):
     # As tests/test_faults.py: gradients that overflow in the first 3 optimizer steps.
-    import trainer.loop
+    import trainer.setup
     from trainer.device import Placement
 
     monkeypatch.setattr(Placement, "grad_scaler", lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
-    real_build, calls = trainer.loop.build_model, []
+    real_build, calls = trainer.setup.build_model, []
 
     def build_overflowing_model(*args, **kwargs):
         model = real_build(*args, **kwargs)
         model.transformer.wte.weight.register_hook(
             lambda grad: calls.append(1) or (grad * math.inf if len(calls) <= 3 else grad))
         return model
-    monkeypatch.setattr(trainer.loop, "build_model", build_overflowing_model)
+    monkeypatch.setattr(trainer.setup, "build_model", build_overflowing_model)
     rec = ListRecorder()
     result = train(muon_cfg.replace(max_steps=8), rec, data=tiny_data, **QUIET)
     assert result.status == "completed" and result.steps == 8

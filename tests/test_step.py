@@ -93,6 +93,7 @@ def test_out_of_memory_before_the_last_backward_is_agreed_and_the_step_stops_the
 
 
 def test_the_finder_and_the_trainer_take_the_same_first_step(tiny_cfg, tiny_data):
+    from trainer.checkpoints import plan_resume
     from trainer.clock import StopClock
     from trainer.device import place
     from trainer.distributed import share
@@ -100,19 +101,20 @@ def test_the_finder_and_the_trainer_take_the_same_first_step(tiny_cfg, tiny_data
     from trainer.loop import Trainer
     from trainer.lr_find import _batch_ids, _step
     from trainer.schedule import lr_at
+    from trainer.setup import setup
 
     cfg = tiny_cfg.replace(micro_batch=2, grad_accum=4)
-    placement = place(cfg)
-    trainer = Trainer(cfg, tiny_data, placement, ListRecorder(), StopRequests(), StopClock.for_limits("", ""),
-                      log=lambda *_: None)
-    model = copy.deepcopy(trainer.model)         # the same initial weights
-    ids = _batch_ids(trainer.train_blocks, cfg, 0)
+    placement, quiet = place(cfg), lambda *_: None
+    parts, state, _ = setup(cfg, tiny_data, placement, World(), ListRecorder(), quiet, plan_resume(cfg))
+    trainer = Trainer(parts, state, ListRecorder(), StopRequests(), StopClock.for_limits("", ""), log=quiet)
+    model = copy.deepcopy(parts.model)           # the same initial weights
+    ids = _batch_ids(parts.train_blocks, cfg, 0)
     assert list(ids) == list(share(trainer._next_sample_ids(), World()))     # the same first sequences
-    finder_loss = _step(model, build_optimizer(model, cfg), placement.grad_scaler(), trainer.train_blocks, ids,
-                        cfg, placement, lr_at(0, cfg, trainer.total_steps))
+    finder_loss = _step(model, build_optimizer(model, cfg), placement.grad_scaler(), parts.train_blocks, ids,
+                        cfg, placement, lr_at(0, cfg, parts.total_steps))
     result = trainer.optimizer_step(ids)
     assert result.loss == finder_loss
-    for a, b in zip(trainer.model.parameters(), model.parameters()):
+    for a, b in zip(parts.model.parameters(), model.parameters()):
         assert torch.equal(a, b)
 
 

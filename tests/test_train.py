@@ -99,6 +99,7 @@ def test_a_corrupt_checkpoint_is_refused(tiny_cfg, tiny_data):
 
 def test_a_step_reads_the_device_once_and_logs_the_summed_micro_batch_losses(tiny_cfg, tiny_data, monkeypatch):
     """4 micro-batches: no .item() per micro-batch or for the gradient norm, one read of both per step."""
+    import trainer.setup
     from trainer.loop import Trainer
 
     reads = {"item": 0, "tolist": 0}
@@ -110,13 +111,13 @@ def test_a_step_reads_the_device_once_and_logs_the_summed_micro_batch_losses(tin
             return _original(self, *a, **kw)
         monkeypatch.setattr(torch.Tensor, name, counted)
     micro_losses = []
-    original_loss_of = Trainer._loss_of
+    original_loss_of = trainer.setup.micro_batch_loss
 
-    def loss_of(self, *a, **kw):
-        loss = original_loss_of(self, *a, **kw)
+    def loss_of(*a, **kw):
+        loss = original_loss_of(*a, **kw)
         micro_losses.append(loss.detach() / 4)     # its share of the step's loss, as the step divides it
         return loss
-    monkeypatch.setattr(Trainer, "_loss_of", loss_of)
+    monkeypatch.setattr(trainer.setup, "micro_batch_loss", loss_of)
     counting = Trainer.optimizer_step
     per_step = []
 

@@ -1,6 +1,7 @@
 """The training loop: optimizer steps, and what happens between two of them.
 
-``Trainer.run_steps`` is the loop. The optimizer step reads top to bottom in
+``Trainer.run_steps`` is the loop, over the parts trainer.setup built (the model, optimizer,
+data and checkpoint store): the loop builds nothing. The optimizer step reads top to bottom in
 trainer.step.train_step, which ``Trainer.optimizer_step`` runs on this rank's share of the
 step's sequences (redone at a smaller micro-batch after an out-of-memory error); what
 happens between two steps (logging, evaluation, epoch end, checkpoint, a reload after
@@ -15,40 +16,32 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainer.data.batches import PackedBlocks, to_device
 from trainer.batching import Batching
-from trainer.checkpoints import CheckpointStore, ResumePlan, load_checkpoint, resume_notes
 from trainer.clock import StopClock
-from trainer.config import TrainConfig
-from trainer.data import PreparedData
-from trainer.device import Placement
-from trainer.distributed import (World, agree_stop, copy_from_main, from_main, resumed_batching, share,
-                                 spread_from_main, step_seed, sum_over_ranks, wrap)
-from trainer.errors import DataError, StopTraining
+from trainer.data.batches import to_device
+from trainer.data.text_measure import bits_per_byte, text_counts, word_perplexity
+from trainer.distributed import agree_stop, copy_from_main, share, spread_from_main, step_seed, sum_over_ranks
 from trainer.early_stop import EarlyStop, decide
-from trainer.fault_injection import FaultInjector
-from trainer.faults import count_nonfinite, oom_past_agreement, pick_micro_batch, reload_before_streak, remedy_after_oom
-from trainer.interrupts import StopRequests
-from trainer.memory import (clear_cache_if_due, enable_gradient_checkpointing, epoch_memory, free_memory,
-                            gradient_checkpointing_on, memory_report, reset_peak)
-from trainer.flops import flops_per_token, utilisation
+from trainer.errors import StopTraining
+from trainer.faults import count_nonfinite, oom_past_agreement, reload_before_streak, remedy_after_oom
+from trainer.flops import utilisation
 from trainer.gpu_monitor import GpuMonitor, gpu_epoch_metrics
+from trainer.interrupts import StopRequests
+from trainer.memory import clear_cache_if_due, epoch_memory, free_memory
 from trainer.metrics import perplexity
-from trainer.model import (LanguageModelLoss, build_model, build_optimizer, compiled, count_parameters,
-                           next_token_loss)
+from trainer.model import next_token_loss
 from trainer.recorder import EVENT_SCALER_SKIP, Recorder
 from trainer.rng import seed_device
-from trainer.schedule import lr_at, steps_per_epoch, total_steps
+from trainer.schedule import lr_at
+from trainer.setup import RunParts, apply_gradient_checkpointing
 from trainer.state import TrainState
-from trainer.step import StepOutcome, StepParts, train_step, with_micro_batch_retries
-from trainer.data.text_measure import bits_per_byte, text_counts, token_text, word_perplexity
+from trainer.step import StepOutcome, with_micro_batch_retries
 
 TIME = "time"     # a Halt's cause when the time budget or deadline is near
 EARLY_STOP = "early_stop"   # a Halt's cause when --early-stop-patience is used up (trainer.early_stop)
@@ -89,104 +82,21 @@ class Evaluation:
 
 
 class Trainer:
-    """One run's model, optimizer, data position and checkpoints, stepped by ``run_steps``."""
+    """Steps one run's parts (built by trainer.setup) from its state to the end, or to a Halt."""
 
-    def __init__(self, cfg: TrainConfig, data: PreparedData, placement: Placement, recorder: Recorder,
-                 stops: StopRequests, clock: StopClock, log=print, world: World | None = None,
-                 gpu_monitor: GpuMonitor | None = None):
-        self.cfg, self.data, self.placement, self.recorder, self.log = cfg, data, placement, recorder, log
+    def __init__(self, parts: RunParts, state: TrainState, recorder: Recorder, stops: StopRequests,
+                 clock: StopClock, log=print, gpu_monitor: GpuMonitor | None = None):
+        self.parts, self.state, self.recorder, self.log = parts, state, recorder, log
         self.stops, self.clock = stops, clock
         self.gpu_monitor = gpu_monitor      # samples on its own thread; the epoch end only reads it
-        self.device = placement.device
-        reset_peak(self.device)      # not an earlier run's peak on this GPU (a study's previous trial)
-        # Only one process writes files and records when several train together (torchrun).
-        self.world = world or World.from_env()
-        self.is_main = self.world.is_main
-        self.train_blocks = PackedBlocks(data.train, cfg.block_size)
-        self.val_blocks = PackedBlocks(data.val, cfg.block_size)
-        self._check_data_fits()
-        self.model = build_model(cfg, data.vocab_size, data.tokenizer.eos_token_id).to(self.device)
-        # The text each token id stands for, once, on the device: every evaluation's bytes and words
-        # are table lookups there (sized to the model's vocabulary, which may be padded past the tokenizer).
-        self._token_text = token_text(data.tokenizer, self.model.config.vocab_size).to(self.device)
-        # Dropout's stream: this device's generator alone (trainer.rng), each rank its own masks.
-        seed_device(self.device, step_seed(cfg.seed, self.world, 0))
-        # What the steps run: the model and its (chunked) loss as one module, DDP over it with several
-        # ranks, compiled with --compile. self.model stays the Hugging Face model that is saved.
-        self._ddp = wrap(LanguageModelLoss(self.model, placement.autocast), self.world, self.device)
-        self.train_model = compiled(self._ddp, cfg.compile)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.scaler = placement.grad_scaler()
-        self.state = TrainState(gradient_checkpointing=cfg.gradient_checkpointing == "true")
-        self.state.batching = Batching.from_config(cfg, self.world.size)
-        self._apply_gradient_checkpointing()
-        self._count_steps()
-        self.out_dir = Path(cfg.out_dir)
-        self.store = CheckpointStore(self.out_dir / "checkpoints", cfg, recorder, log) if self.is_main else None
-        self.tokens_per_s = math.nan
-        self._step_parts = StepParts(self._loss_of, self.model, self.optimizer, self.scaler, cfg.grad_clip, self.device,
-                                     self._ddp if self.world.parallel else None, self.world)
-        faults = FaultInjector.from_env()   # TRAINER_INJECT_OOM and the others, for the tests (trainer.fault_injection)
-        self._train_step = faults.around(train_step) if faults.armed() else train_step
+        self.tokens_per_s = math.nan        # the last step's
         self.steps_taken = 0            # optimizer steps taken by this process (a step may be retaken)
-        self._order: tuple[int, np.ndarray] | None = None
-        if cfg.auto_micro_batch:     # rank 0 probes, every rank takes its answer
-            self.state.batching = from_main(self.world, lambda: pick_micro_batch(
-                self.model, self.train_blocks, placement, self.state.batching, log))
-        self.log(memory_report(self.device))
-        self._checkpoint_bytes = 4 * count_parameters(self.model) * (3 if cfg.save_optimizer_state else 1)
-        self._flops_per_token = flops_per_token(self.model, cfg.block_size)    # 6 N + attention (trainer.flops)
+        self._order: tuple[int, np.ndarray] | None = None     # (epoch, its order of the training blocks)
 
     @property
     def step_batch(self) -> int:
         """Sequences per optimizer step, all ranks together: micro-batch x accumulation x world size."""
         return self.state.batching.per_step
-
-    def _count_steps(self) -> None:
-        self.steps_per_epoch = steps_per_epoch(len(self.data.train), self.cfg, self.state.batching)
-        self.total_steps = total_steps(len(self.data.train), self.cfg, self.state.batching)
-
-    def _check_data_fits(self) -> None:
-        cfg = self.cfg
-        if len(self.train_blocks) < Batching.from_config(cfg, self.world.size).per_step:
-            raise DataError(
-                f"the training split has {len(self.train_blocks)} blocks of {cfg.block_size} tokens, fewer than "
-                f"one optimizer step needs (--micro-batch {cfg.micro_batch} x --grad-accum {cfg.grad_accum} x "
-                f"{self.world.size} process(es)); "
-                "use more data (--subset 1.0) or a smaller --block-size / --micro-batch")
-        if len(self.val_blocks) == 0:
-            raise DataError(f"the validation split has fewer than {cfg.block_size + 1} tokens; "
-                            "use a larger --val-fraction or a smaller --block-size")
-
-    # -- resume -----------------------------------------------------------------------
-    def restore(self, plan: ResumePlan) -> list[str]:
-        """Continue from ``plan.path`` (verified again as it is read), or start fresh.
-
-        Returns the warnings of a resume: what makes it differ from an uninterrupted run.
-        """
-        if plan.path is None:
-            if self.cfg.resume == "auto":
-                self.log(plan.reason)
-            if self.store:
-                self.store.open(None)
-            return []
-        self.state, saved = load_checkpoint(plan.path, model=self.model, optimizer=self.optimizer,
-                                            scaler=self.scaler)
-        # The batching to go on with: the checkpoint's, shared anew if the number of processes changed.
-        self.state.batching, world_note = resumed_batching(
-            self.state.batching, Batching(saved.get("micro_batch"), saved.get("grad_accum")),
-            Batching.from_config(self.cfg, self.world.size))
-        self._count_steps()
-        if self.cfg.gradient_checkpointing != "auto":   # an explicit setting wins over what auto turned on
-            self.state.gradient_checkpointing = self.cfg.gradient_checkpointing == "true"
-        self._apply_gradient_checkpointing()
-        notes = resume_notes(plan, saved, self.cfg) + ([world_note] if world_note else [])
-        if self.store:
-            self.store.open(plan.path)
-        self.log(f"resuming from {plan.path}: {plan.reason}")
-        for note in notes:
-            self.log(f"warning: {note}")
-        return notes
 
     # -- the steps ------------------------------------------------------------------------
     def run_steps(self) -> Halt | None:
@@ -194,11 +104,12 @@ class Trainer:
 
         Raises StopTraining when a recorder prunes the run or a fault ends it.
         """
-        bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
-                   mininterval=1.0, disable=not (self.cfg.progress and self.is_main))
+        cfg = self.parts.cfg
+        bar = tqdm(total=self.parts.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+                   mininterval=1.0, disable=not (cfg.progress and self.parts.world.is_main))
         in_step = False
         try:
-            while self.state.step < self.total_steps and self.state.epoch < self.cfg.epochs:
+            while self.state.step < self.parts.total_steps and self.state.epoch < cfg.epochs:
                 halt = self._halt()
                 if halt:
                     return halt
@@ -225,7 +136,7 @@ class Trainer:
     def _next_sample_ids(self) -> np.ndarray:
         state = self.state
         if self._order is None or self._order[0] != state.epoch:
-            self._order = (state.epoch, self.train_blocks.epoch_order(self.cfg.seed, state.epoch))
+            self._order = (state.epoch, self.parts.train_blocks.epoch_order(self.parts.cfg.seed, state.epoch))
         return self._order[1][state.sample_pos:state.sample_pos + self.step_batch]
 
     def optimizer_step(self, sample_ids: np.ndarray) -> StepResult:
@@ -234,16 +145,16 @@ class Trainer:
         Out of memory: the micro-batch is halved, or gradient checkpointing turned on, and the
         whole step redone (trainer.faults.remedy_after_oom).
         """
-        step = self.state.step + 1
+        parts, step = self.parts, self.state.step + 1
         lr = self._set_lr()
-        mine = share(sample_ids, self.world)           # this rank's part of the step's sequences
+        mine = share(sample_ids, parts.world)           # this rank's part of the step's sequences
 
         def take(batching: Batching) -> StepOutcome:
-            if self.world.parallel and self.cfg.dropout:   # each rank its own masks, a function of the step
-                seed_device(self.device, step_seed(self.cfg.seed, self.world, step))
-            return self._train_step(self._step_parts, batching.micro_batches(mine), step)
+            if parts.world.parallel and parts.cfg.dropout:   # each rank its own masks, a function of the step
+                seed_device(parts.device, step_seed(parts.cfg.seed, parts.world, step))
+            return parts.train_step(parts.step_parts, batching.micro_batches(mine), step)
 
-        outcome = with_micro_batch_retries(take, self.state.batching, self.world, self._after_oom,
+        outcome = with_micro_batch_retries(take, self.state.batching, parts.world, self._after_oom,
                                            self._oom_past_agreement)
         reload = self._count_outcome(outcome)
         self.state.step += 1
@@ -251,60 +162,53 @@ class Trainer:
 
     def _set_lr(self) -> float:
         """Each param group's lr for this step, from its own peak (--lr, or --muon-lr for Muon's); --lr's."""
-        cfg, step, scale = self.cfg, self.state.step, self.state.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg, self.total_steps, group["base_lr"]) * scale
-        return lr_at(step, cfg, self.total_steps) * scale
-
-    def _loss_of(self, ids: np.ndarray) -> torch.Tensor:
-        """One micro-batch's mean loss (LanguageModelLoss: trainer.model.next_token_loss)."""
-        return self.train_model(to_device(self.train_blocks.get(ids), self.device))      # (B, T+1) in
+        cfg, total, step, scale = self.parts.cfg, self.parts.total_steps, self.state.step, self.state.lr_scale
+        for group in self.parts.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg, total, group["base_lr"]) * scale
+        return lr_at(step, cfg, total) * scale
 
     def _count_outcome(self, outcome: StepOutcome) -> bool:
         """The state's and the recorder's record of a step taken; True when a streak of non-finite
         steps calls for a reload (trainer.faults)."""
         state = self.state
         if not outcome.updated:
-            return count_nonfinite(state, outcome.loss, outcome.grad_norm, self.cfg.max_nonfinite_steps, self.recorder)
+            return count_nonfinite(state, outcome.loss, outcome.grad_norm, self.parts.cfg.max_nonfinite_steps,
+                                   self.recorder)
         if outcome.scaler_skipped:
             state.scaler_skips += 1
             self.recorder.log_event(EVENT_SCALER_SKIP, state.step + 1,
-                                    {"scale": self.scaler.get_scale(), "total": state.scaler_skips})
+                                    {"scale": self.parts.scaler.get_scale(), "total": state.scaler_skips})
         state.nonfinite_streak = 0
         return False
 
     def _after_oom(self, batching: Batching, error: str) -> Batching:
         """The batching to redo the step with (the next rung of trainer.faults' memory ladder)."""
-        self.optimizer.zero_grad(set_to_none=True)   # the failed step's half-accumulated gradients
-        free_memory(self.device)
+        self.parts.optimizer.zero_grad(set_to_none=True)   # the failed step's half-accumulated gradients
+        free_memory(self.parts.device)
         remedy = remedy_after_oom(batching.split, self.state.step + 1, error,
-                                  checkpointing=self.cfg.gradient_checkpointing,
+                                  checkpointing=self.parts.cfg.gradient_checkpointing,
                                   checkpointing_on=self.state.gradient_checkpointing,
                                   recorder=self.recorder, log=self.log)
         self.state.batching = Batching.of(remedy.split, batching.world_size)
         self.state.gradient_checkpointing = remedy.gradient_checkpointing
-        self._apply_gradient_checkpointing()
+        apply_gradient_checkpointing(self.parts.model, self.state)
         self.state.oom_recoveries += 1
         return self.state.batching
 
     def _oom_past_agreement(self, batching: Batching, error: str) -> Exception:
-        return oom_past_agreement(batching.split, self.state.step + 1, self.world.rank, error,
+        return oom_past_agreement(batching.split, self.state.step + 1, self.parts.world.rank, error,
                                   self.state.gradient_checkpointing)
 
-    def _apply_gradient_checkpointing(self) -> None:
-        if self.state.gradient_checkpointing and not gradient_checkpointing_on(self.model):
-            enable_gradient_checkpointing(self.model)
-
     def _advance(self, n_samples: int, loss: float, seconds: float) -> None:
-        state = self.state
+        state, block_size = self.state, self.parts.cfg.block_size
         state.sample_pos += n_samples
-        state.tokens_seen += n_samples * self.cfg.block_size
+        state.tokens_seen += n_samples * block_size
         state.epoch_losses.append(loss)
         state.epoch_seconds += seconds
-        self.tokens_per_s = n_samples * self.cfg.block_size / seconds
+        self.tokens_per_s = n_samples * block_size / seconds
 
     def _after_step(self, bar: tqdm, step: StepResult) -> None:
-        cfg, state = self.cfg, self.state
+        parts, cfg, state = self.parts, self.parts.cfg, self.state
         bar.update(1)
         if not bar.disable:      # formatting the postfix costs more than the bar itself
             bar.set_postfix(loss=f"{step.loss:.3f}", lr=f"{step.lr:.2e}", tok_s=f"{self.tokens_per_s:,.0f}",
@@ -320,43 +224,44 @@ class Trainer:
         if epoch_ended:
             self._end_epoch()
         self._checkpoint_if_due(evaluated or epoch_ended, epoch_ended)
-        clear_cache_if_due(state.step, cfg.clear_cache_every, self.device)
+        clear_cache_if_due(state.step, cfg.clear_cache_every, parts.device)
         if step.reload:     # here, between steps, where the weights and the data position agree
-            reloaded = reload_before_streak(state, self.store, model=self.model, optimizer=self.optimizer,
-                                            scaler=self.scaler, recorder=self.recorder, log=self.log)
+            reloaded = reload_before_streak(state, parts.store, model=parts.model, optimizer=parts.optimizer,
+                                            scaler=parts.scaler, recorder=self.recorder, log=self.log)
             # Rank 0 alone has the checkpoint store: every rank continues from what it reloaded.
-            self.state = copy_from_main(self.world, self.model, self.optimizer, self.scaler, reloaded)
+            # A new state object: whoever reads the run's state after the steps reads self.state.
+            self.state = copy_from_main(parts.world, parts.model, parts.optimizer, parts.scaler, reloaded)
 
     def _after_step_everywhere(self, bar: tqdm, step: StepResult) -> None:
         """_after_step; with several ranks, a stop that rank 0's recorder asked for (a study's
         pruner) ends every rank after this same step."""
-        stop = None
+        stop, world = None, self.parts.world
         try:
             self._after_step(bar, step)
         except StopTraining as exc:
-            if not self.world.parallel:
+            if not world.parallel:
                 raise
             stop = (exc.status, exc.reason)
-        stop = spread_from_main(self.world, stop, self.device)
+        stop = spread_from_main(world, stop, self.parts.device)
         if stop is not None:
             raise StopTraining(*stop)
 
     def _epoch_used_up(self) -> bool:
-        return self.state.sample_pos + self.step_batch > self.steps_per_epoch * self.step_batch
+        return self.state.sample_pos + self.step_batch > self.parts.steps_per_epoch * self.step_batch
 
     def _end_epoch(self) -> None:
-        state = self.state
+        parts, state = self.parts, self.state
         val = self._evaluate_and_report()
         losses = [x for x in state.epoch_losses if math.isfinite(x)]
-        seconds, tokens = state.epoch_seconds, state.sample_pos * self.cfg.block_size
+        seconds, tokens = state.epoch_seconds, state.sample_pos * parts.cfg.block_size
         metrics = {
             "train_loss": float(np.mean(losses)) if losses else math.nan,
             **val.metrics(),
-            "lr": self.optimizer.param_groups[0]["lr"], "step": state.step,
+            "lr": parts.optimizer.param_groups[0]["lr"], "step": state.step,
             "epoch_seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
-            "mfu": utilisation(self._flops_per_token, tokens / seconds if seconds > 0 else math.nan,
-                               self.device, self.world.size, self.placement.autocast_dtype),
-            **epoch_memory(self.device),      # each epoch's own GPU peak
+            "mfu": utilisation(parts.flops_per_token, tokens / seconds if seconds > 0 else math.nan,
+                               parts.device, parts.world.size, parts.placement.autocast_dtype),
+            **epoch_memory(parts.device),      # each epoch's own GPU peak
             # the samples since the last epoch end (None on the CPU, or when none fell in this epoch)
             **gpu_epoch_metrics(self.gpu_monitor.read() if self.gpu_monitor else {}),
         }
@@ -372,17 +277,18 @@ class Trainer:
     def evaluate(self) -> Evaluation:
         """Mean validation loss per token over the fixed validation batches, shared by the ranks,
         and the bits per byte and word perplexity of the text their targets hold."""
-        self.model.eval()
+        parts, model, device, world = self.parts, self.parts.model, self.parts.device, self.parts.world
+        model.eval()
         # (loss summed over tokens, tokens, bytes, words) of the targets, all ranks' added up
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        batches = self.val_blocks.sequential(self.state.micro_batch, self.cfg.eval_batches)
-        for ids in batches[self.world.rank::self.world.size]:
-            batch = to_device(self.val_blocks.get(ids), self.device)
-            sums[0] += next_token_loss(self.model, batch, self.placement.autocast, reduction="sum")
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        batches = parts.val_blocks.sequential(self.state.micro_batch, parts.cfg.eval_batches)
+        for ids in batches[world.rank::world.size]:
+            batch = to_device(parts.val_blocks.get(ids), device)
+            sums[0] += next_token_loss(model, batch, parts.placement.autocast, reduction="sum")
             sums[1] += batch[:, 1:].numel()
-            sums[2:] += text_counts(self._token_text, batch)
-        self.model.train()
-        nats, tokens, n_bytes, words = sum_over_ranks(sums, self.world).tolist()   # one host sync per evaluation
+            sums[2:] += text_counts(parts.token_text, batch)
+        model.train()
+        nats, tokens, n_bytes, words = sum_over_ranks(sums, world).tolist()   # one host sync per evaluation
         return Evaluation.from_sums(nats, tokens, n_bytes, words)
 
     def _evaluate_and_report(self) -> Evaluation:
@@ -404,42 +310,37 @@ class Trainer:
 
     # -- checkpoints and stopping ---------------------------------------------------------
     def _checkpoint_if_due(self, evaluated: bool, epoch_ended: bool) -> None:
-        cfg, state = self.cfg, self.state
-        if self.store is None:
+        parts, cfg, state, store = self.parts, self.parts.cfg, self.state, self.parts.store
+        if store is None:
             return
-        self.store.prepare(self.model, self.optimizer)      # once: the buffers the first save copies into
+        store.prepare(parts.model, parts.optimizer)      # once: the buffers the first save copies into
         due = (cfg.save_every and state.step % cfg.save_every == 0) or epoch_ended or (cfg.save_on_eval and evaluated)
         # Early stopping exports the best checkpoint, so each new best is saved (rotation keeps it).
         due = due or bool(cfg.early_stop_patience and state.evaluated_now and state.best_step == state.step)
-        if due and state.step < self.total_steps:     # at the last step the final save follows
-            self.save("best" if state.evaluated_now and state.best_step == state.step else "periodic")
-        for saved in self.store.poll():
+        if due and state.step < parts.total_steps:     # at the last step the final save follows
+            kind = "best" if state.evaluated_now and state.best_step == state.step else "periodic"
+            parts.save(kind, state, self.steps_taken)
+        for saved in store.poll():
             self.clock.record_write(saved.seconds)
-
-    def save(self, kind: str) -> str | None:
-        """Start writing a checkpoint of this step (main process only); its path."""
-        if self.store is None or self.state.step == 0:
-            return None
-        return self.store.save(kind, self.steps_taken, model=self.model, optimizer=self.optimizer,
-                               scaler=self.scaler, state=self.state, config=self.cfg.to_dict())
 
     def _early_stop(self) -> EarlyStop | None:
         """--early-stop-patience used up by an evaluation of this step, with steps left to save."""
-        state = self.state
-        if state.last_eval_step != state.step or state.step >= self.total_steps:
+        state, cfg = self.state, self.parts.cfg
+        if state.last_eval_step != state.step or state.step >= self.parts.total_steps:
             return None
-        return decide(state.eval_history, self.cfg.early_stop_patience, self.cfg.early_stop_min_delta)
+        return decide(state.eval_history, cfg.early_stop_patience, cfg.early_stop_min_delta)
 
     def _halt(self) -> Halt | None:
         """Stop before this step? With several ranks, rank 0's clock decides for the time limit,
         and a signal to any rank stops them all, after the same step."""
-        time_up = self.is_main and self.clock.should_stop(self._eval_due_next(), self._checkpoint_bytes)
-        cause = agree_stop(self.world, self.stops.signal_name, TIME if time_up else None, (TIME,), self.device)
+        world = self.parts.world
+        time_up = world.is_main and self.clock.should_stop(self._eval_due_next(), self.parts.checkpoint_bytes)
+        cause = agree_stop(world, self.stops.signal_name, TIME if time_up else None, (TIME,), self.parts.device)
         return Halt(cause) if cause else None
 
     def time_needed(self) -> float:
         """Seconds one more step (with its evaluation, if due) and a checkpoint would take."""
-        return self.clock.needed(self._eval_due_next(), self._checkpoint_bytes)
+        return self.clock.needed(self._eval_due_next(), self.parts.checkpoint_bytes)
 
     def _eval_due_next(self) -> bool:
-        return (self.state.step + 1) % self.cfg.eval_every == 0
+        return (self.state.step + 1) % self.parts.cfg.eval_every == 0
