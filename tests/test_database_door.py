@@ -68,3 +68,47 @@ def test_a_recorder_on_a_bad_url_is_a_config_error(tmp_path):
     bad.write_text("not sqlite")
     with pytest.raises(ConfigError):
         find_database().recorder(str(bad))
+
+
+@pytest.fixture
+def nothing_installed(monkeypatch):
+    """As in a checkout used without installing the project: no distribution, so no entry point
+    (the metadata lookup answers nothing; the commands themselves are real)."""
+    import trainer.recorder
+    monkeypatch.setattr(trainer.recorder, "distributions", lambda: [])
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_python_m_trainer_without_a_database_installed_exits_2_having_written_nothing(
+        nothing_installed, tmp_path, monkeypatch, capsys):
+    from trainer.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text to train on\n" * 50)
+    before = _listing(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["--preset", "quick", "--data-files", str(corpus), "--db", "runs.db", "--out", "out"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--db 'runs.db': --db: no experiment database named 'expdb' is installed" in err
+    assert "pip install -e ." in err and "--no-db" in err
+    assert _listing(tmp_path) == before
+
+
+def test_trainer_pack_without_a_database_installed_exits_2_having_written_nothing(
+        nothing_installed, tmp_path, capsys):
+    from trainer.pack import main
+
+    (tmp_path / "run" / "final_model").mkdir(parents=True)
+    (tmp_path / "run" / "final_model" / "config.json").write_text("{}")
+    sqlite3.connect(tmp_path / "experiments.db").close()
+    before = _listing(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path / "run"), "--db", str(tmp_path / "experiments.db"), "--workdir", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "no experiment database named 'expdb' is installed" in capsys.readouterr().err
+    assert _listing(tmp_path) == before

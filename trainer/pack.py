@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.errors import ConfigError
 from trainer.files import TMP_PREFIX, atomic_write_json, json_safe, pause_point
 from trainer.recorder import find_database
 
@@ -245,10 +246,12 @@ def merge_inputs(folders: list[str], into: str, log=print) -> None:
 
 # -- the pack of one run (python -m trainer.pack) --------------------------------------------
 def pack_run(out_dir: Path, db_path: Path | None, workdir: Path, command: str) -> PackResult:
-    """A run's pack: its newest valid checkpoint, its final model, and the database."""
+    """A run's pack: its newest valid checkpoint, its final model, and the database. Raises
+    ConfigError, before anything is written, when the database cannot be reached (not installed)."""
     from trainer.checkpoints import scan, verify_checkpoint
     from trainer.errors import CheckpointError
 
+    database = find_database() if db_path is not None and db_path.is_file() else None
     staging = start_pack(workdir)
     held: dict[str, str] = {}
     for info in scan(out_dir / "checkpoints"):
@@ -261,9 +264,9 @@ def pack_run(out_dir: Path, db_path: Path | None, workdir: Path, command: str) -
         break
     if (out_dir / "final_model").is_dir():
         copy_into(staging, out_dir / "final_model", "run/final_model")
-    if db_path is not None and db_path.is_file():
+    if database is not None:
         snapshot_database(db_path, staging / PACK_DB)
-        find_database().point_at_pack(staging / PACK_DB, out_dir, held)
+        database.point_at_pack(staging / PACK_DB, out_dir, held)
     return finish_pack(staging, workdir, {"kind": "run", "run": {"out_dir": str(out_dir)},
                                           "checkpoints": sorted(held.values()), "next_command": command})
 
@@ -281,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.cli import fail
+
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if not (out / "checkpoints").is_dir() and not (out / "final_model").is_dir():
@@ -288,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
               "folder of a training run (python -m trainer --out DIR)", file=sys.stderr)
         return 2
     command = f"python -m trainer --out {args.out} --resume auto --continue-from {Path(args.workdir) / PACK_DIR}"
-    result = pack_run(out, Path(args.db), Path(args.workdir), command)
+    try:
+        result = pack_run(out, Path(args.db), Path(args.workdir), command)
+    except ConfigError as exc:
+        fail("python -m trainer.pack", exc)
     print(describe(result))
     return 0
 
