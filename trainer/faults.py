@@ -1,8 +1,11 @@
-"""Recovering in place from memory faults and non-finite losses: decisions, not actions.
+"""Recovering in place from memory faults and non-finite losses: decisions, for the loop to apply.
 
 Each function is given what it looks at (the micro-batch split, the train state, the
 checkpoint store, the model's parts) and returns what the training loop should do next;
-the loop applies it where the weights and the data position agree.
+the loop applies it where the weights and the data position agree. One function acts as
+well as decides: ``reload_before_streak`` loads the checkpoint it chose into the model,
+optimizer and scaler, and returns the state that goes with them. The memory probe of
+--micro-batch auto is set-up (trainer.setup), not recovery.
 
 - Out of memory in a forward or backward pass: ``remedy_after_oom`` climbs the memory
   ladder. First it halves the micro-batch and doubles the accumulation (the effective
@@ -20,19 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from trainer.data.batches import PackedBlocks
 from trainer.batching import Batching, Split
 from trainer.checkpoints import CheckpointStore, load_checkpoint
-from trainer.device import Placement
 from trainer.errors import RankLost, StopTraining
 from trainer.files import json_float
-from trainer.memory import free_memory, largest_micro_batch, optimizer_state_bytes
-from trainer.model import next_token_loss
 from trainer.recorder import EVENT_NONFINITE, EVENT_OOM, Recorder
 from trainer.state import TrainState
 
@@ -147,20 +145,3 @@ def reload_before_streak(state: TrainState, store: CheckpointStore | None, *, mo
     recorder.log_event(EVENT_NONFINITE, streak_end, {"action": "reload", "detail": how,
                                                      "lr_scale": reloaded.lr_scale})
     return reloaded
-
-
-def pick_micro_batch(model: torch.nn.Module, blocks: PackedBlocks, placement: Placement, batching: Batching,
-                     log: Callable[[str], None]) -> Batching:
-    """--micro-batch auto: the largest micro-batch that fits, at the same sequences per rank."""
-    def try_batch(n: int) -> None:
-        batch = blocks.get(np.arange(n) % len(blocks)).to(placement.device)
-        next_token_loss(model, batch, placement.autocast).backward()
-        model.zero_grad(set_to_none=True)
-
-    micro = largest_micro_batch(try_batch, batching.per_rank, placement.device, batching.micro_batch,
-                                later_bytes=optimizer_state_bytes(model))
-    picked = batching.with_micro_batch(micro)
-    free_memory(placement.device)
-    log(f"--micro-batch auto: {picked.micro_batch} x {picked.grad_accum} accumulation steps"
-        + ("" if placement.device.type == "cuda" else " (no GPU memory to probe: the configured micro-batch)"))
-    return picked

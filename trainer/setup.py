@@ -37,10 +37,10 @@ from trainer.device import Placement
 from trainer.distributed import World, from_main, resumed_batching, step_seed, wrap
 from trainer.errors import DataError
 from trainer.fault_injection import FaultInjector
-from trainer.faults import pick_micro_batch
 from trainer.flops import flops_per_token
-from trainer.memory import enable_gradient_checkpointing, gradient_checkpointing_on, memory_report, reset_peak
-from trainer.model import LanguageModelLoss, build_model, build_optimizer, compiled, count_parameters
+from trainer.memory import (enable_gradient_checkpointing, free_memory, gradient_checkpointing_on,
+                            largest_micro_batch, memory_report, optimizer_state_bytes, reset_peak)
+from trainer.model import LanguageModelLoss, build_model, build_optimizer, compiled, count_parameters, next_token_loss
 from trainer.recorder import Recorder
 from trainer.rng import seed_device
 from trainer.schedule import steps_per_epoch, total_steps
@@ -234,3 +234,20 @@ def restore(plan: ResumePlan, state: TrainState, cfg: TrainConfig, step_parts: S
     for note in notes:
         log(f"warning: {note}")
     return resumed, notes
+
+
+def pick_micro_batch(model: torch.nn.Module, blocks: PackedBlocks, placement: Placement, batching: Batching,
+                     log: Callable[[str], None]) -> Batching:
+    """--micro-batch auto: the largest micro-batch that fits, at the same sequences per rank."""
+    def try_batch(n: int) -> None:
+        batch = blocks.get(np.arange(n) % len(blocks)).to(placement.device)
+        next_token_loss(model, batch, placement.autocast).backward()
+        model.zero_grad(set_to_none=True)
+
+    micro = largest_micro_batch(try_batch, batching.per_rank, placement.device, batching.micro_batch,
+                                later_bytes=optimizer_state_bytes(model))
+    picked = batching.with_micro_batch(micro)
+    free_memory(placement.device)
+    log(f"--micro-batch auto: {picked.micro_batch} x {picked.grad_accum} accumulation steps"
+        + ("" if placement.device.type == "cuda" else " (no GPU memory to probe: the configured micro-batch)"))
+    return picked
