@@ -76,6 +76,9 @@ def nothing_installed(monkeypatch):
     (the metadata lookup answers nothing; the commands themselves are real)."""
     import trainer.recorder
     monkeypatch.setattr(trainer.recorder, "distributions", lambda: [])
+    trainer.recorder.find_database.cache_clear()      # not the answer an earlier test's lookup kept
+    yield
+    trainer.recorder.find_database.cache_clear()
 
 
 def _listing(folder: Path) -> list[str]:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from trainer.cli import (Parser, add_config_flags, collect_problems, config_from_args, database_check,
-                         environment_checks, fail)
+                         environment_checks, fail, raise_problems)
 from trainer.errors import EXIT_FAILED, EXIT_TIME_BUDGET, ConfigError, RankLost, TrainerError, TrainingInterrupted
 from trainer.recorder import find_database
 
@@ -86,7 +86,7 @@ def refuse_before_writing(cfg, args) -> None:
     checks = environment_checks(cfg) + [("", lambda: precheck_resume(cfg))]   # a bad --resume or --out
     if args.continue_from:
         from trainer.pack import input_problems
-        checks += [("", lambda d=d: _raise_all(input_problems(Path(d), "--continue-from")))
+        checks += [("", lambda d=d: raise_problems(input_problems(Path(d), "--continue-from")))
                    for d in args.continue_from]
     if not args.no_db and _is_main_process():
         checks.append(database_check(args.db, args.db_shared))
@@ -105,11 +105,6 @@ def _warn_about_mirrors(cfg, args) -> None:
         return
     for warning in find_database().mirror_warnings(cfg.report_to, cfg.out_dir):
         print(f"warning: {warning}", file=sys.stderr)
-
-
-def _raise_all(problems: list[str]) -> None:
-    if problems:
-        raise ConfigError(problems)
 
 
 def _is_main_process() -> bool:

@@ -95,16 +95,20 @@ def collect_problems(checks: Iterable[Check], errors: tuple[type[Exception], ...
     return problems
 
 
+def raise_problems(problems: list[str]) -> None:
+    """A check's body for a function that returns its problems: raise them as one ConfigError."""
+    if problems:
+        raise ConfigError(problems)
+
+
 def database_check(url: str, shared: bool = False) -> Check:
     """The check of ``--db url`` for a command that records a run (the database found through
     trainer.recorder.find_database). ``shared``: its --db-shared (another program's tables in the
     file are then no problem)."""
     from trainer.recorder import find_database
 
-    def check() -> None:
-        if problems := find_database().problems(url, create=True, write=True, shared=shared):
-            raise ConfigError(problems)
-    return (f"--db {url!r}: ", check)
+    return (f"--db {url!r}: ", lambda: raise_problems(find_database().problems(url, create=True, write=True,
+                                                                               shared=shared)))
 
 
 def environment_checks(cfg: TrainConfig) -> list[Check]:

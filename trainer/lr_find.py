@@ -248,7 +248,7 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.cli import collect_problems, config_from_args, environment_checks, fail
+    from trainer.cli import collect_problems, config_from_args, environment_checks, fail, raise_problems
     from trainer.errors import TrainerError
 
     args = build_parser().parse_args(argv)
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args, out_dir=args.out)
     except TrainerError as exc:
         fail(PROG, ConfigError(settings.problems() + (exc.problems if isinstance(exc, ConfigError) else [str(exc)])))
-    problems = collect_problems(environment_checks(cfg) + [("", lambda: _raise(settings.problems()))])
+    problems = collect_problems(environment_checks(cfg) + [("", lambda: raise_problems(settings.problems()))])
     if not args.no_db:
         from trainer.cli import database_check
         problems += collect_problems([database_check(args.db)])
@@ -286,11 +286,6 @@ def _run(cfg: TrainConfig, settings: FinderSettings, args) -> int:
     print(f"suggested learning rate: {s.lr:.3g} ({s.rule} of the smoothed loss; minimum at {s.minimum_lr:.3g}); "
           f"the config's lr is {cfg.lr:g}\ntrain with: --lr {s.lr:.3g}{muon}\nplot: {result.plot_file}")
     return 0
-
-
-def _raise(problems: list[str]) -> None:
-    if problems:
-        raise ConfigError(problems)
 
 
 if __name__ == "__main__":

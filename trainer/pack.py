@@ -240,7 +240,7 @@ def continued_config(cfg, folders: list[str]):
 def merge_inputs(folders: list[str], into: str, log=print) -> None:
     """Merge each input's database into the working one (idempotent)."""
     sources = [db for f in folders if (db := input_database(Path(f))) is not None]
-    for summary in find_database().merge(sources, into=into) if sources else []:
+    for summary in find_database().merge(sources, into=into):     # no sources: nothing, no file
         log(f"--continue-from: merged {summary}")
 
 

@@ -9,6 +9,7 @@ registers itself there in pyproject.toml, as SQLAlchemy's dialects do.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from importlib.metadata import distributions
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -131,6 +132,7 @@ class Database(Protocol):
         """Rewrite a session pack's database snapshot to the pack's paths (trainer.pack)."""
 
 
+@cache      # one lookup per process: a command asks for it at each check, merge and recorder
 def find_database(name: str = DEFAULT_DATABASE) -> Database:
     """The installed database registered as ``name`` in the ``smallgpt_lab.databases`` group.
     Raises ConfigError naming --db and the fix when none is installed."""
